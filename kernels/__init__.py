@@ -1,0 +1,1 @@
+"""Triton kernels for ProGrad (installed as prograd_fast.kernels)."""

@@ -1,0 +1,134 @@
+"""Backend registry and the one place where a group's step is dispatched.
+
+A backend is a module-level object with ``name``, ``available() -> str | None`` (``None``
+when usable, else why not), ``unsupported(step) -> str | None`` (why this particular group
+cannot run on it) and ``step(step: GroupStep) -> ProGradStats``.  ``"auto"`` picks the first
+backend in ``AUTO_ORDER[device type]`` that is available and supports the group; a backend
+named explicitly (argument or ``PROGRAD_FAST_BACKEND``) that cannot run raises
+:class:`BackendUnavailableError` -- never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..functional import ProGradStats
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "GroupStep",
+    "available_backends",
+    "get_backend",
+    "select_backend",
+]
+
+ENV_VAR = "PROGRAD_FAST_BACKEND"
+BACKENDS = ("torch", "triton", "cuda", "cpp")
+# Fastest first, per device type; "torch" always closes the list.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+_MODULES = {
+    "torch": ".torch_backend",
+    "triton": ".triton_backend",
+    "cuda": ".cuda_backend",
+    "cpp": ".cpp_backend",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here (or on these tensors)."""
+
+
+@dataclass
+class GroupStep:
+    """Everything a backend needs for one parameter group's step (lists are aligned)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    general_grads: list[Tensor | None]
+    momentum_buffers: list[Tensor | None]  # updated in place: None -> new buffer
+    lr: float | Tensor
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+    lam: float = 1.0
+    granularity: str = "global"
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+    extra: dict = field(default_factory=dict)  # per-group cache a backend may keep
+
+    def hyper(self) -> dict:
+        return dict(
+            lr=self.lr, momentum=self.momentum, dampening=self.dampening,
+            weight_decay=self.weight_decay, nesterov=self.nesterov, maximize=self.maximize,
+            lam=self.lam, granularity=self.granularity,
+            grad_scale=self.grad_scale, found_inf=self.found_inf,
+        )
+
+
+_loaded: dict = {}
+
+
+def get_backend(name: str):
+    """Import and return the backend object called ``name``."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    if name not in _loaded:
+        module = importlib.import_module(_MODULES[name], __name__)
+        _loaded[name] = module.BACKEND
+    return _loaded[name]
+
+
+def available_backends() -> dict[str, str | None]:
+    """``{name: None if usable here else the reason}`` for every backend."""
+    out = {}
+    for name in BACKENDS:
+        try:
+            out[name] = get_backend(name).available()
+        except Exception as exc:  # an import failure is a reason, not a crash
+            out[name] = f"import failed: {exc}"
+    return out
+
+
+def requested_backend(name: str = "auto") -> str:
+    """The backend name in force: the environment variable overrides ``"auto"`` only."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if name == "auto" and env:
+        name = env
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    return name
+
+
+def select_backend(name: str, step: GroupStep):
+    """The backend object that will run ``step`` (see module docstring for the rules)."""
+    name = requested_backend(name)
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.available() or backend.unsupported(step)
+        if reason:
+            raise BackendUnavailableError(f"backend {name!r} cannot run this step: {reason}")
+        return backend
+    device_type = step.params[0].device.type
+    for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+        try:
+            backend = get_backend(candidate)
+        except Exception:
+            continue
+        if backend.available() is None and backend.unsupported(step) is None:
+            return backend
+    raise BackendUnavailableError("no backend can run this step")  # torch always can
+
+
+def run_step(name: str, step: GroupStep) -> ProGradStats:
+    return select_backend(name, step).step(step)

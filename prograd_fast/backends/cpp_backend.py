@@ -1,0 +1,19 @@
+"""Placeholder until the cpp kernels land: reports itself unavailable."""
+
+from __future__ import annotations
+
+
+class _Missing:
+    name = "cpp"
+
+    def available(self) -> str | None:
+        return "the cpp backend is not built in this version"
+
+    def unsupported(self, step) -> str | None:
+        return self.available()
+
+    def step(self, step):
+        raise RuntimeError(self.available())
+
+
+BACKEND = _Missing()

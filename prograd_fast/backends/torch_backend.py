@@ -1,0 +1,22 @@
+"""The pure-PyTorch backend: runs the reference in ``prograd_fast.functional`` as is."""
+
+from __future__ import annotations
+
+from ..functional import ProGradStats, prograd_sgd
+
+
+class TorchBackend:
+    name = "torch"
+
+    def available(self) -> str | None:
+        return None
+
+    def unsupported(self, step) -> str | None:
+        return None
+
+    def step(self, step) -> ProGradStats:
+        return prograd_sgd(step.params, step.grads, step.general_grads, step.momentum_buffers,
+                           **step.hyper())
+
+
+BACKEND = TorchBackend()

@@ -1,0 +1,201 @@
+"""ProGradSGD: SGD on the ProGrad (prompt-aligned) gradient, as a ``torch.optim.Optimizer``.
+
+The class is thin: it validates options, gathers each group's tensors and hands them to
+one backend (``prograd_fast.backends``); the math lives in ``prograd_fast.functional``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .backends import BACKENDS, GroupStep, run_step
+from .functional import GRANULARITIES, ProGradStats
+
+__all__ = ["ProGradSGD"]
+
+GENERAL_KEY = "general_grad"
+
+
+def _check_grad(p: Tensor, grad: Tensor, what: str) -> None:
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise RuntimeError(f"ProGradSGD does not support sparse {what} gradients")
+    if grad.is_complex() or p.is_complex():
+        raise RuntimeError(f"ProGradSGD does not support complex {what} gradients or parameters")
+    if grad.shape != p.shape:
+        raise RuntimeError(f"{what} gradient of shape {tuple(grad.shape)} does not match "
+                           f"its parameter's shape {tuple(p.shape)}")
+    if grad.device != p.device:
+        raise RuntimeError(f"{what} gradient on {grad.device} but its parameter is on {p.device}")
+    if grad.dtype != p.dtype:
+        raise RuntimeError(f"{what} gradient of dtype {grad.dtype} but its parameter is {p.dtype}")
+
+
+class ProGradSGD(Optimizer):
+    r"""SGD (momentum, dampening, weight decay, nesterov, maximize) on the ProGrad gradient.
+
+    Each step projects the domain gradient ``G_d`` (``p.grad``) against the general gradient
+    ``G_g`` (stored with :meth:`store_general_grads` or :func:`prograd_fast.backward`)::
+
+        u = G_d - lam * <G_d, G_g> / ||G_g||^2 * G_g   if <G_d, G_g> < 0   else G_d
+
+    over the whole group (``granularity="global"``, the paper) or tensor by tensor
+    (``"tensor"``, the official ProGrad code), then applies ``torch.optim.SGD``'s update to
+    ``u``.  General gradients are consumed by the step: a step without fresh ones is a
+    plain SGD step (a warning says so once when ``lam > 0``); a parameter with a domain
+    gradient but no general gradient gets the plain SGD update; a parameter without a
+    domain gradient is skipped.  ``backend`` is ``"auto"`` or one of
+    ``prograd_fast.backends.BACKENDS``; the step never synchronises with the host.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        lam: float = 1.0,
+        granularity: str = "global",
+        backend: str = "auto",
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1] (1 is ProGrad), got {lam}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, lam=lam, granularity=granularity,
+                        backend=backend)
+        super().__init__(params, defaults)
+        self._stats: list[ProGradStats | None] = [None] * len(self.param_groups)
+        self._warned_no_general = False
+        # GradScaler hands grad_scale / found_inf to step() (see torch.amp.GradScaler.step).
+        self._step_supports_amp_scaling = True
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("lam", 1.0)
+            group.setdefault("granularity", "global")
+            group.setdefault("backend", "auto")
+        self.__dict__.setdefault("_stats", [None] * len(self.param_groups))
+        self.__dict__.setdefault("_warned_no_general", False)
+        self.__dict__.setdefault("_step_supports_amp_scaling", True)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_stats"):
+            self._stats.append(None)
+
+    # ---------------------------------------------------------------- general gradients
+    def _params_in_order(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def has_general_grads(self) -> bool:
+        """True when general gradients are stored and waiting for the next step."""
+        return any(GENERAL_KEY in self.state[p] for p in self._params_in_order() if p in self.state)
+
+    @torch.no_grad()
+    def store_general_grads(self, grads: list[Tensor | None] | None = None) -> None:
+        """Store the general (zero-shot KL) gradients for the next :meth:`step`.
+
+        ``grads=None`` moves every parameter's ``.grad`` into the optimizer (no copy) and
+        sets ``.grad`` to ``None``: call it after ``general_loss.backward(retain_graph=True)``
+        and before ``task_loss.backward()`` (with ``.grad`` zeroed/None before the first).
+        Otherwise ``grads`` is a list aligned with the optimizer's parameters (groups in
+        order; ``None`` for no gradient).  Tensors are kept by reference, not copied: do not
+        modify them before the step.  Storing twice before a step accumulates.
+        """
+        params = self._params_in_order()
+        if grads is None:
+            taken = []
+            for p in params:
+                taken.append(p.grad)
+                p.grad = None
+            grads = taken
+        else:
+            grads = list(grads)
+            if len(grads) != len(params):
+                raise ValueError(f"store_general_grads got {len(grads)} gradients for "
+                                 f"{len(params)} parameters")
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if not isinstance(g, Tensor):
+                raise TypeError(f"general gradients must be tensors or None, got {type(g).__name__}")
+            _check_grad(p, g, "general")
+            state = self.state[p]
+            if GENERAL_KEY in state:
+                state[GENERAL_KEY] = state[GENERAL_KEY].add_(g.detach())
+            else:
+                state[GENERAL_KEY] = g.detach()
+
+    def stats(self) -> list[dict[str, Tensor] | None]:
+        """Per group, the last step's device tensors: ``cos``, ``conflict``, ``coef``,
+        ``dot``, ``general_norm_sq``, ``domain_norm_sq``, ``skipped`` (0-d for
+        ``granularity="global"``, one entry per stepped tensor for ``"tensor"``).
+        ``None`` for a group that has not stepped.  Reading them is the caller's sync."""
+        return [s.as_dict() if s is not None else None for s in self._stats]
+
+    # ---------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Perform one ProGrad-SGD step (``closure`` re-evaluates the loss, as in torch)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        any_general = False
+        for index, group in enumerate(self.param_groups):
+            params, grads, generals, bufs = [], [], [], []
+            for p in group["params"]:
+                state = self.state[p]
+                general = state.pop(GENERAL_KEY, None)  # consumed: never stale
+                if p.grad is None:
+                    continue
+                _check_grad(p, p.grad, "domain")
+                params.append(p)
+                grads.append(p.grad)
+                generals.append(general)
+                bufs.append(state.get("momentum_buffer"))
+                any_general |= general is not None
+            if not params:
+                continue
+            step = GroupStep(params, grads, generals, bufs, lr=group["lr"],
+                             momentum=group["momentum"], dampening=group["dampening"],
+                             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                             maximize=group["maximize"], lam=group["lam"],
+                             granularity=group["granularity"], grad_scale=grad_scale,
+                             found_inf=found_inf)
+            self._stats[index] = run_step(group["backend"], step)
+            if group["momentum"] != 0:
+                for p, buf in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = buf
+        if not any_general and not self._warned_no_general and any(
+                g["lam"] > 0 for g in self.param_groups):
+            self._warned_no_general = True
+            warnings.warn("ProGradSGD.step() ran without general gradients: this was a plain "
+                          "SGD step. Call store_general_grads() or prograd_fast.backward() "
+                          "before step() to get ProGrad.", stacklevel=2)
+        return loss
