@@ -86,6 +86,8 @@ class ProGradSGD(Optimizer):
                         backend=backend)
         super().__init__(params, defaults)
         self._stats: list[ProGradStats | None] = [None] * len(self.param_groups)
+        # Per-group scratch a backend may keep between steps (launch metadata, chosen backend).
+        self._backend_cache: list[dict] = [{} for _ in self.param_groups]
         self._warned_no_general = False
         # GradScaler hands grad_scale / found_inf to step() (see torch.amp.GradScaler.step).
         self._step_supports_amp_scaling = True
@@ -99,12 +101,14 @@ class ProGradSGD(Optimizer):
             group.setdefault("backend", "auto")
         self.__dict__.setdefault("_stats", [None] * len(self.param_groups))
         self.__dict__.setdefault("_warned_no_general", False)
+        self.__dict__.setdefault("_backend_cache", [{} for _ in self.param_groups])
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_stats"):
             self._stats.append(None)
+            self._backend_cache.append({})
 
     # ---------------------------------------------------------------- general gradients
     def _params_in_order(self) -> list[Tensor]:
@@ -187,7 +191,7 @@ class ProGradSGD(Optimizer):
                              weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                              maximize=group["maximize"], lam=group["lam"],
                              granularity=group["granularity"], grad_scale=grad_scale,
-                             found_inf=found_inf)
+                             found_inf=found_inf, extra=self._backend_cache[index])
             self._stats[index] = run_step(group["backend"], step)
             if group["momentum"] != 0:
                 for p, buf in zip(params, bufs):
