@@ -42,7 +42,7 @@ class ProGradStats:
     ``conflict``: ``dot < 0`` with a finite, non-zero general gradient;
     ``coef``: the coefficient applied, ``u = d - coef * g``;
     ``dot``, ``general_norm_sq``, ``domain_norm_sq``: the raw reductions (unscaled);
-    ``skipped``: True where the whole update was skipped (AMP found an inf/NaN).
+    ``skipped``: 0-d, True when the whole update was skipped (AMP found an inf/NaN).
     """
 
     dot: Tensor
