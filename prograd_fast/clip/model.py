@@ -1,0 +1,76 @@
+"""CoOp/ProGrad model wrapper: one image pass gives the student's and the teacher's logits."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .prompt import PromptLearner
+from .teacher import ZeroShotTeacher
+from .tower import TextTower, normalize
+
+__all__ = ["PromptedCLIP"]
+
+
+class PromptedCLIP(nn.Module):
+    """A frozen open_clip model, a :class:`PromptLearner` and a :class:`ZeroShotTeacher`.
+
+    ``forward(images)`` returns ``(logits, zeroshot_logits)``: the image encoder runs once
+    and its features serve both heads (the teacher is the same frozen CLIP, so a second
+    image pass as in the paper's loop would recompute the same features).  Only the
+    prompt learner's parameters require grad.
+    """
+
+    def __init__(self, clip_model: nn.Module, classnames: Sequence[str],
+                 tokenizer: Callable | None = None, templates: str | Sequence[str] | None = None,
+                 **prompt_kwargs) -> None:
+        super().__init__()
+        self.tower = TextTower.from_model(clip_model)
+        self.clip = clip_model
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+        self.clip.eval()
+        self.prompt_learner = PromptLearner(self.tower, classnames, tokenizer, **prompt_kwargs)
+        self.teacher = ZeroShotTeacher(self.tower, classnames, templates, tokenizer)
+        self.classnames = list(self.prompt_learner.classnames)
+
+    def train(self, mode: bool = True) -> "PromptedCLIP":
+        super().train(mode)
+        self.clip.eval()  # frozen: dropout / norm statistics never change
+        return self
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.clip.logit_scale.detach().exp()
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Normalised image features, without grad (the image tower is frozen)."""
+        with torch.no_grad():
+            dtype = next(self.clip.visual.parameters()).dtype
+            return normalize(self.clip.encode_image(images.to(dtype)))
+
+    def text_features(self) -> Tensor:
+        """Unnormalised text features of the learned prompts (C, D), with grad."""
+        embeddings, eot = self.prompt_learner()
+        return self.tower.encode_embeddings(embeddings, eot)
+
+    def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """Scaled cosine logits from normalised image features and raw text features."""
+        return self._scaled(image_features, normalize(text_features))
+
+    def zeroshot_logits(self, image_features: Tensor) -> Tensor:
+        """The teacher's logits (no grad: its features are a buffer)."""
+        return self._scaled(image_features, self.teacher())
+
+    def _scaled(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        dtype = image_features.dtype
+        out = self.logit_scale.to(dtype) * image_features @ text_features.to(dtype).t()
+        bias = getattr(self.clip, "logit_bias", None)
+        return out + bias.detach().to(dtype) if bias is not None else out
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        image_features = self.encode_image(images)
+        return (self.logits(image_features, self.text_features()),
+                self.zeroshot_logits(image_features))

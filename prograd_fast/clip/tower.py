@@ -1,0 +1,141 @@
+"""The CLIP causal text tower of an open_clip model, and its truncated encoder.
+
+CoOp-style prompt tuning feeds learned embeddings straight into the text transformer, so
+the package needs the tower's parts, not only ``encode_text``.  Only towers that are the
+CLIP causal transformer are supported: every token attends to itself and earlier tokens
+only (``attn_mask`` causal) and the feature is read at the end-of-text token
+(``text_pool_type`` ``"argmax"`` or ``"eos"``).  For such a tower the output at position
+``t`` depends on tokens ``<= t`` only, so cutting every prompt after the longest
+end-of-text position gives exactly the features of the full 77-token encoding for a
+fraction of the work (DESIGN.md section 2).
+
+Refused, with the reason in the error: Hugging Face text towers (``hf_model_name``:
+bidirectional encoders, no embedding-level entry point), CoCa (its contrastive feature is a
+CLS token appended after the padding), SigLIP-style towers (``no_causal_mask``, pooled at
+the last position: every token, padding included, changes the feature), and any tower
+with a class embedding or pooling other than the end-of-text token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TextTower", "UnsupportedTextTowerError"]
+
+
+class UnsupportedTextTowerError(TypeError):
+    """The model's text tower is not a CLIP causal transformer (see module docstring)."""
+
+
+def _refuse(reason: str) -> UnsupportedTextTowerError:
+    return UnsupportedTextTowerError(
+        f"prograd_fast.clip supports open_clip models whose text tower is the CLIP causal "
+        f"transformer (causal attn_mask, features read at the end-of-text token); {reason}")
+
+
+def _is_causal(mask: Tensor) -> bool:
+    n = mask.shape[-1]
+    if mask.dim() != 2 or mask.shape[0] != n:
+        return False
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask.cpu(), torch.ones(n, n, dtype=torch.bool).triu(1)))
+    m = mask.detach().float().cpu()
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    return bool(torch.isneginf(m[upper]).all() and (m[~upper] == 0).all())
+
+
+@dataclass(eq=False)
+class TextTower:
+    """References to the parts of a CLIP causal text tower (no copies, no parameters)."""
+
+    token_embedding: nn.Embedding
+    positional_embedding: Tensor
+    transformer: nn.Module
+    ln_final: nn.Module
+    text_projection: Tensor | nn.Module | None
+    attn_mask: Tensor
+    pool_type: str
+    eos_id: int | None
+    context_length: int
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "TextTower":
+        """The text tower of an open_clip ``CLIP`` (or ``CustomTextCLIP`` whose ``.text`` is a
+        causal ``TextTransformer``); raises :class:`UnsupportedTextTowerError` otherwise."""
+        name = type(model).__name__
+        if name == "CoCa" or hasattr(model, "text_decoder"):
+            raise _refuse("CoCa is refused: its contrastive text feature is a CLS token appended "
+                          "after the padding, so learned prompts and truncation do not apply")
+        text = getattr(model, "text", None)
+        if text is not None and not hasattr(model, "token_embedding"):
+            if type(text).__name__ == "HFTextEncoder" or not hasattr(text, "token_embedding"):
+                raise _refuse(f"{name} has a Hugging Face / custom text tower "
+                              f"({type(text).__name__}): bidirectional, refused")
+            src, pool, eos = text, getattr(text, "pool_type", None), getattr(text, "eos_id", None)
+            if getattr(text, "cls_emb", None) is not None:
+                raise _refuse("this TextTransformer has a class embedding (CoCa-style), refused")
+        elif hasattr(model, "token_embedding") and hasattr(model, "transformer"):
+            src, pool, eos = model, getattr(model, "text_pool_type", None), getattr(model, "text_eos_id", None)
+        else:
+            raise _refuse(f"{name} has no open_clip text transformer")
+        mask = getattr(src, "attn_mask", None)
+        if mask is None or not _is_causal(mask):
+            raise _refuse("this tower is not causal (no_causal_mask, e.g. SigLIP): every token "
+                          "changes the pooled feature, so truncation would not be exact; refused")
+        if pool not in ("argmax", "eos"):
+            raise _refuse(f"text_pool_type={pool!r} is refused (only 'argmax' / 'eos', the "
+                          f"end-of-text token, are supported)")
+        if pool == "eos" and eos is None:
+            raise _refuse("text_pool_type='eos' without an eos token id")
+        return cls(src.token_embedding, src.positional_embedding, src.transformer, src.ln_final,
+                   src.text_projection, mask, pool, eos, int(src.positional_embedding.shape[0]))
+
+    @property
+    def width(self) -> int:
+        return int(self.token_embedding.weight.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the transformer computes in (open_clip's cast dtype)."""
+        get = getattr(self.transformer, "get_cast_dtype", None)
+        return get() if get is not None else self.token_embedding.weight.dtype
+
+    def eot_positions(self, tokens: Tensor) -> Tensor:
+        """Position of the end-of-text token of each tokenized prompt (the pooled position)."""
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        return (tokens == self.eos_id).int().argmax(dim=-1)
+
+    def encode_embeddings(self, x: Tensor, eot: Tensor) -> Tensor:
+        """Text features of prompts given as token embeddings ``x`` (N, L, width), read at
+        ``eot`` (N,).  ``L`` may be anything from ``eot.max() + 1`` to the context length:
+        positions and the causal mask are sliced to ``L``, which is exact."""
+        n, length, _ = x.shape
+        if length > self.context_length:
+            raise ValueError(f"{length} tokens exceed the context length {self.context_length}")
+        x = x.to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        x = x[torch.arange(n, device=x.device), eot]  # pool first: ln_final is per token
+        x = self.ln_final(x)
+        proj = self.text_projection
+        if proj is None:
+            return x
+        if isinstance(proj, nn.Module):
+            return proj(x)
+        return x @ proj
+
+    def encode_tokens(self, tokens: Tensor, truncate: bool = True) -> Tensor:
+        """Text features of token ids (N, context_length), optionally truncated."""
+        eot = self.eot_positions(tokens)
+        if truncate:
+            tokens = tokens[:, : int(eot.max()) + 1]  # one sync, outside any training step
+        return self.encode_embeddings(self.token_embedding(tokens), eot)
+
+
+def normalize(x: Tensor) -> Tensor:
+    """L2-normalise features along the last dimension."""
+    return F.normalize(x, dim=-1)

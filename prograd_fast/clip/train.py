@@ -1,0 +1,140 @@
+"""One CoOp / ProGrad training step with the least work, and CoOp's optimiser schedule.
+
+Both ProGrad gradients flow from the same forward.  The losses depend on the learned
+context only through the class text features ``T`` (C, D), so the step first takes the two
+cheap head gradients ``dce/dT`` and ``dkl/dT`` and then runs ONE backward through the text
+encoder with both as a batched grad output (``is_grads_batched``): every layer's backward
+is one matrix product with twice the rows instead of two Python-driven passes with a
+retained graph.  ``grad_mode="two_pass"`` uses :func:`prograd_fast.backward` instead (the
+fallback when a batching rule is missing).  With every group's ``lam == 0`` (plain CoOp)
+the general gradient is not computed at all.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..grads import backward as prograd_backward
+from ..losses import prograd_losses
+from ..optim import ProGradSGD
+from .model import PromptedCLIP
+
+__all__ = ["StepOutput", "train_step", "compute_grads", "build_optimizer", "coop_lr_lambda",
+           "GRAD_MODES"]
+
+GRAD_MODES = ("batched", "two_pass")
+
+
+@dataclass
+class StepOutput:
+    """Detached device tensors of one step (reading them is the caller's sync)."""
+
+    ce: Tensor
+    kl: Tensor
+    logits: Tensor
+
+
+def _trainable(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+
+def _accumulate(p: Tensor, g: Tensor) -> None:
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)
+
+
+def compute_grads(optimizer: ProGradSGD, text_features: Tensor, ce: Tensor, kl: Tensor | None,
+                  grad_mode: str = "batched") -> None:
+    """Fill ``p.grad`` with d(ce)/dp and store d(kl)/dp in ``optimizer`` (``kl=None``: CoOp).
+
+    ``text_features`` is the tensor through which both losses reach the parameters; pass
+    the already scaled losses when using a ``GradScaler``.
+    """
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    params = _trainable(optimizer)
+    if kl is None:
+        grads = torch.autograd.grad(ce, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                _accumulate(p, g)
+        return
+    if grad_mode == "two_pass":
+        prograd_backward(optimizer, ce, kl)
+        return
+    g_ce, = torch.autograd.grad(ce, text_features, retain_graph=True)
+    g_kl, = torch.autograd.grad(kl, text_features, retain_graph=True)
+    both = torch.autograd.grad(text_features, params, grad_outputs=torch.stack([g_ce, g_kl]),
+                               is_grads_batched=True, allow_unused=True)
+    general = {}
+    for p, g in zip(params, both):
+        if g is not None:
+            _accumulate(p, g[0])
+            general[p] = g[1]
+    optimizer.store_general_grads(
+        [general.get(p) for grp in optimizer.param_groups for p in grp["params"]])
+
+
+def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Tensor,
+               labels: Tensor, *, temperature: float = 1.0, scaler=None,
+               autocast_dtype: torch.dtype | None = None, grad_mode: str = "batched",
+               zero_grad: bool = True, step: bool = True) -> StepOutput:
+    """Forward once, get both gradients, step (``optimizer.step`` or ``scaler.step``).
+
+    ``autocast_dtype`` (``torch.bfloat16`` / ``torch.float16``) runs the forward under
+    autocast on the images' device; ``scaler`` (``torch.amp.GradScaler``) scales both
+    losses with the same scale.  A ``ProGradSGD`` with every ``lam == 0`` is plain CoOp;
+    another optimiser (e.g. ``torch.optim.SGD``) also gets plain CoOp.  No host sync.
+    """
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+    ctx = (torch.autocast(images.device.type, dtype=autocast_dtype)
+           if autocast_dtype is not None else nullcontext())
+    with ctx:
+        image_features = model.encode_image(images)
+        text_features = model.text_features()
+        logits = model.logits(image_features, text_features)
+        zs = model.zeroshot_logits(image_features)
+    ce, kl = prograd_losses(logits.float(), zs.float(), labels, temperature)
+    prograd = isinstance(optimizer, ProGradSGD) and any(g["lam"] > 0 for g in optimizer.param_groups)
+    scale = scaler.scale if scaler is not None else (lambda x: x)
+    compute_grads(optimizer, text_features, scale(ce), scale(kl) if prograd else None, grad_mode)
+    if step:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    return StepOutput(ce.detach(), kl.detach(), logits.detach())
+
+
+def build_optimizer(model: PromptedCLIP, lr: float = 0.002, momentum: float = 0.9,
+                    weight_decay: float = 5e-4, lam: float = 1.0, **kwargs) -> ProGradSGD:
+    """CoOp's SGD (lr 0.002, momentum 0.9, weight decay 5e-4) on the prompt learner, with
+    ProGrad's projection (``lam=1``) or plain CoOp (``lam=0``)."""
+    params = [p for p in model.prompt_learner.parameters() if p.requires_grad]
+    return ProGradSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, lam=lam,
+                      **kwargs)
+
+
+def coop_lr_lambda(max_epoch: int, warmup_epochs: int = 1, base_lr: float = 0.002,
+                   warmup_lr: float = 1e-5):
+    """Per-epoch lr factor for ``LambdaLR``: constant ``warmup_lr`` for ``warmup_epochs``,
+    then cosine decay of ``base_lr`` over ``max_epoch`` (Dassl's ConstantWarmupScheduler
+    around CosineAnnealingLR, as CoOp configures it)."""
+    if max_epoch < 1:
+        raise ValueError(f"max_epoch must be >= 1, got {max_epoch}")
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return warmup_lr / base_lr
+        return 0.5 * (1.0 + math.cos(math.pi * min(epoch, max_epoch) / max_epoch))
+
+    return factor
