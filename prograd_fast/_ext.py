@@ -1,0 +1,179 @@
+"""Just-in-time build of the C++/CUDA kernels in ``prograd_fast.csrc`` (ninja, cached).
+
+Each extension is compiled at most once per process, on first use, under a lock, with
+``torch.utils.cpp_extension.load``; torch caches the build per machine (its default
+extensions directory, or ``PROGRAD_FAST_BUILD_DIR``) and rebuilds only when a source
+changes.  When a compiler, ninja or nvcc is missing or the build fails, :func:`load`
+raises :class:`ExtensionUnavailable` and :func:`unavailable_reason` returns a one-line
+reason; the backends turn that into ``available()`` (auto then uses torch).
+``PROGRAD_FAST_NO_BUILD=1`` disables building (the backends report that as the reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+__all__ = [
+    "BUILD_DIR_ENV",
+    "NO_BUILD_ENV",
+    "ExtensionUnavailable",
+    "build_seconds",
+    "csrc_dir",
+    "cuda_build_flags",
+    "load",
+    "unavailable_reason",
+]
+
+BUILD_DIR_ENV = "PROGRAD_FAST_BUILD_DIR"
+NO_BUILD_ENV = "PROGRAD_FAST_NO_BUILD"
+
+# CPU capability -> (compiler flags, ATen's CPU_CAPABILITY macros).  The capability is part of
+# the extension name, so a cache directory shared between machines never mixes them.
+_CPU_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The extension cannot be built or loaded here; the message says why."""
+
+
+_lock = threading.Lock()
+_modules: dict[str, ModuleType] = {}
+_errors: dict[str, str] = {}
+_seconds: dict[str, float] = {}
+
+
+def csrc_dir() -> Path:
+    """The directory holding the C++/CUDA sources (the installed ``prograd_fast.csrc``)."""
+    import prograd_fast.csrc as csrc
+
+    return Path(csrc.__file__).resolve().parent
+
+
+def build_seconds() -> dict[str, float]:
+    """Seconds spent in ``load`` per extension in this process (a cache hit is fast)."""
+    return dict(_seconds)
+
+
+def _cpu_capability() -> str:
+    import torch
+
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        cap = "DEFAULT"
+    return cap if cap in _CPU_FLAGS else "DEFAULT"
+
+
+def cuda_build_flags() -> list[str]:
+    """nvcc flags: sm_90 (H200) and sm_80 code plus compute_90 PTX for newer GPUs."""
+    archs = os.environ.get("PROGRAD_FAST_CUDA_ARCHS", "80;90").split(";")
+    flags = ["-O3", "-lineinfo"]
+    for arch in archs:
+        arch = arch.strip()
+        if arch:
+            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    top = max(int(a) for a in archs if a.strip())
+    flags.append(f"-gencode=arch=compute_{top},code=compute_{top}")
+    return flags
+
+
+def _quiet_import_cpp_extension():
+    """Import torch.utils.cpp_extension without its import-time CUDA_HOME warning."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def _prerequisites(kind: str) -> str | None:
+    if os.environ.get(NO_BUILD_ENV, "").strip() not in ("", "0"):
+        return f"building C++ extensions is disabled ({NO_BUILD_ENV} is set)"
+    try:
+        cpp_extension = _quiet_import_cpp_extension()
+    except Exception as exc:  # pragma: no cover - torch without cpp_extension
+        return f"torch.utils.cpp_extension is unavailable: {exc}"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler found ({cxx!r} is not on PATH)"
+    if kind == "cuda":
+        import torch
+
+        if torch.version.cuda is None:
+            return "this torch build has no CUDA support"
+        if cpp_extension.CUDA_HOME is None or not (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists():
+            return "nvcc not found (set CUDA_HOME to a CUDA toolkit)"
+    return None
+
+
+def _build(kind: str) -> ModuleType:
+    import torch
+
+    cpp_extension = _quiet_import_cpp_extension()
+    src = csrc_dir()
+    build_dir = os.environ.get(BUILD_DIR_ENV) or None
+    if build_dir:
+        Path(build_dir).mkdir(parents=True, exist_ok=True)
+    if kind == "cpu":
+        cap = _cpu_capability()
+        name = f"prograd_fast_cpu_{cap.lower()}"
+        cflags = ["-O3", "-fopenmp", *_CPU_FLAGS.get(cap, [])]
+        return cpp_extension.load(name=name, sources=[str(src / "prograd_cpu.cpp")],
+                                  extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                                  build_directory=build_dir, verbose=False)
+    major = torch.version.cuda.split(".")[0] if torch.version.cuda else "x"
+    name = f"prograd_fast_cuda_cu{major}"
+    return cpp_extension.load(name=name, sources=[str(src / "prograd_cuda.cu")],
+                              extra_cflags=["-O3"], extra_cuda_cflags=cuda_build_flags(),
+                              build_directory=build_dir, verbose=False)
+
+
+def load(kind: str) -> ModuleType:
+    """The compiled module for ``kind`` ("cpu" or "cuda"); builds it on first use."""
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    module = _modules.get(kind)
+    if module is not None:
+        return module
+    with _lock:
+        if kind in _modules:
+            return _modules[kind]
+        if kind in _errors:
+            raise ExtensionUnavailable(_errors[kind])
+        reason = _prerequisites(kind)
+        if reason is None:
+            start = time.perf_counter()
+            try:
+                _modules[kind] = _build(kind)
+            except Exception as exc:
+                text = " ".join(str(exc).split())
+                reason = f"building the {kind} extension failed: {text[:500]}"
+            _seconds[kind] = time.perf_counter() - start
+        if reason is not None:
+            _errors[kind] = reason
+            raise ExtensionUnavailable(reason)
+        return _modules[kind]
+
+
+def unavailable_reason(kind: str) -> str | None:
+    """``None`` when the extension loads (building it if needed), else why it cannot."""
+    try:
+        load(kind)
+    except ExtensionUnavailable as exc:
+        return str(exc)
+    return None
