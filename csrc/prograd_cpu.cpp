@@ -19,7 +19,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -30,6 +32,10 @@ using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 16384;      // elements per work item (fixed: deterministic sums)
 constexpr int64_t kSerialElems = 65536;  // below this many elements, run on one thread
+
+// Tests switch this on: buffers created by the kernel start NaN-filled, so an element the
+// kernel fails to write shows up.
+std::atomic<bool> g_poison_new_buffers{false};
 
 // ------------------------------------------------------------------ loads and stores
 // Io<scalar_t, acc_t> moves kUnit elements between memory (scalar_t) and two vectors of
@@ -166,7 +172,7 @@ void update_range(scalar_t* p, const scalar_t* d, const scalar_t* g, scalar_t* b
       for (int k = 0; k < 2; ++k) {
         u[k] = u[k] * vs;
         if (g != nullptr) u[k] = u[k] - vcoef * (gv[k] * vs);
-        if (h.maximize) u[k] = V(0) - u[k];
+        if (h.maximize) u[k] = u[k].neg();
         if (h.wd != 0) u[k] = u[k] + vwd * pv[k];
         if (buf != nullptr) {
           bv[k] = first ? u[k] : bv[k] * vmom + vomd * u[k];
@@ -351,6 +357,7 @@ std::tuple<std::vector<Tensor>, std::vector<std::optional<Tensor>>> prograd_sgd_
                     "prograd_sgd_cpu: momentum buffer ", i, " must match its parameter");
       } else {
         buf = at::empty_like(p, at::MemoryFormat::Contiguous);
+        if (g_poison_new_buffers.load()) buf.fill_(std::numeric_limits<double>::quiet_NaN());
         w.first = true;
         bufs[i] = buf;
       }
@@ -398,5 +405,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("momentum_buffers"), py::arg("lr"), py::arg("lr_tensor"), py::arg("momentum"),
         py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
         py::arg("lam"), py::arg("global_"), py::arg("grad_scale"), py::arg("found_inf"));
+  m.def("set_poison_new_buffers", [](bool on) { g_poison_new_buffers.store(on); },
+        "Tests only: fill momentum buffers created by the kernel with NaN before writing them");
   m.attr("CHUNK") = kChunk;
 }
