@@ -35,6 +35,11 @@ def _import_kernels():
     return prograd_sgd
 
 
+def _new_buffer(p: Tensor) -> Tensor:
+    """A first-step momentum buffer; the kernel writes every element (tests poison it)."""
+    return torch.empty_like(p)
+
+
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -239,7 +244,7 @@ class TritonBackend:
                 first0 = 1
                 for i, b in enumerate(bufs_list):
                     if b is None:  # first step: the kernel writes buf = u
-                        bufs_list[i] = torch.empty_like(params[i])
+                        bufs_list[i] = _new_buffer(params[i])
         numels = sig[4]
         total = sum(numels)
         fused = total <= k.SMALL_MAX
