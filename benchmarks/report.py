@@ -152,6 +152,27 @@ def _scenario_order(results: list[Result]) -> list[str]:
     return sorted(sizes, key=lambda s: (sizes[s], s))
 
 
+def _pivot(steps, by, impls, scen, title: str, metric) -> list[str]:
+    """One compact scenario x implementation table of ``metric`` (seconds or None)."""
+    lines = [f"#### Optimizer step: {title}", "",
+             "| scenario | elements | tensors | 32 B/elem floor | " + " | ".join(impls)
+             + " | best prograd_fast: speed-up vs paper_style | best prograd_fast: cost vs torch_sgd |",
+             "|---|---:|---:|---:|" + "---:|" * (len(impls) + 2)]
+    for s in scen:
+        ex = next(r for r in steps if r.scenario == s).extra
+        floor = ex.get("floor_us")
+        value = {i: metric(by[(s, i)]) for i in impls if (s, i) in by}
+        cells = [fmt_time(value.get(i)) for i in impls]
+        ours = [i for i in impls if i.startswith("prograd_fast") and value.get(i)]
+        best = min(ours, key=value.__getitem__) if ours else None
+        paper, sgd = value.get(PAPER), value.get(FLOOR_IMPL)
+        cells.append(f"{fmt_ratio(paper / value[best])} ({best})" if best and paper else "-")
+        cells.append(fmt_ratio(value[best] / sgd) if best and sgd else "-")
+        lines.append(f"| {s} | {fmt_count(ex.get('elements', 0))} | {ex.get('tensors', '-')} | "
+                     f"{fmt_time(floor / 1e6) if floor else '-'} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def step_tables(results: list[Result], expected: list[str] | None = None) -> str:
     """Markdown: a compact scenario x implementation table of medians, then the details."""
     steps = [r for r in results if r.is_step]
@@ -160,23 +181,12 @@ def step_tables(results: list[Result], expected: list[str] | None = None) -> str
     by = {(r.scenario, r.implementation): r for r in steps}
     impls = _impl_order(r.implementation for r in steps)
     scen = _scenario_order(steps)
-    first = {s: next(r for r in steps if r.scenario == s) for s in scen}
-    lines = ["#### Optimizer step: median wall time per step", "",
-             "| scenario | elements | tensors | 32 B/elem floor | " + " | ".join(impls)
-             + " | best prograd_fast: speed-up vs paper_style | best prograd_fast: cost vs torch_sgd |",
-             "|---|---:|---:|---:|" + "---:|" * (len(impls) + 2)]
-    for s in scen:
-        ex = first[s].extra
-        floor = ex.get("floor_us")
-        cells = [fmt_time(by[(s, i)].median) if (s, i) in by else "-" for i in impls]
-        ours = [by[(s, i)] for i in impls if i.startswith("prograd_fast") and (s, i) in by]
-        best = min(ours, key=lambda r: r.median) if ours else None
-        paper, sgd = by.get((s, PAPER)), by.get((s, FLOOR_IMPL))
-        cells.append(f"{fmt_ratio(paper.median / best.median)} ({best.implementation})"
-                     if best and paper else "-")
-        cells.append(fmt_ratio(best.median / sgd.median) if best and sgd else "-")
-        lines.append(f"| {s} | {fmt_count(ex.get('elements', 0))} | {ex.get('tensors', '-')} | "
-                     f"{fmt_time(floor / 1e6) if floor else '-'} | " + " | ".join(cells) + " |")
+    lines = _pivot(steps, by, impls, scen, "median wall time per step", lambda r: r.median)
+    if any("device_us" in r.extra for r in steps):
+        lines += [""] + _pivot(
+            steps, by, impls, scen,
+            "time per step in a loop without synchronisation (CUDA events)",
+            lambda r: r.extra["device_us"] / 1e6 if "device_us" in r.extra else None)
     missing = sorted(set(expected or []) - set(impls))
     if missing:
         lines += ["", "Not run on this machine (skipped, `pytest -rs` says why): "

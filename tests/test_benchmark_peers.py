@@ -234,7 +234,10 @@ def _fake(name, scenario, impl, median, elements=1000, kind="optimizer_step"):
 
 def test_report_ratios_and_sections(tmp_path):
     medians = {"paper_style": 4e-3, "torch_sgd": 5e-4, "prograd_fast-torch": 1e-3}
+    loop_us = {"paper_style": 3000.0, "torch_sgd": 100.0, "prograd_fast-torch": 150.0}
     benches = [_fake("t", "dense", impl, m) for impl, m in medians.items()]
+    for bench in benches:
+        bench["extra_info"]["device_us"] = loop_us[bench["extra_info"]["implementation"]]
     benches.append(_fake("e2e", "coop_e2e", "paper_style", 0.2, kind="e2e"))
     benches.append(_fake("e2e", "coop_e2e", "prograd_fast", 0.05, kind="e2e"))
     path = tmp_path / "r.json"
@@ -246,6 +249,10 @@ def test_report_ratios_and_sections(tmp_path):
     cells = [c.strip() for c in row.split("|")]
     assert cells[5] == report.fmt_ratio(medians["paper_style"] / medians["prograd_fast-torch"])
     assert cells[6] == report.fmt_ratio(medians["prograd_fast-torch"] / medians["torch_sgd"])
+    loop = text.split("CUDA events", 1)[1]
+    loop_row = next(line for line in loop.splitlines() if line.startswith("| dense |"))
+    assert f"{report.fmt_ratio(3000 / 150)} (prograd_fast-torch)" in loop_row
+    assert report.fmt_ratio(150 / 100) in loop_row
     e2e = next(line for line in text.splitlines() if "| coop_e2e | prograd_fast |" in line)
     assert report.fmt_ratio(0.2 / 0.05) in e2e
     doc = report.replace_section("# B\n", "cpu", "first")
