@@ -16,22 +16,27 @@ Launches per group (whatever the number of tensors):
   deterministic, and writes the statistics, the coefficient and the skip flag to device
   memory, where the update kernel reads them.  The host never looks at them.
 
-Addressing many tensors: a *pointer table* (``TABLE=True``), not a flat copy.  The
-backend keeps one int64 device tensor per group holding, per tensor, the addresses of
-``p, d, g, buf`` and sizes, and per chunk ``(tensor, start)``; a program loads its row and
-casts the addresses to typed pointers.  Why: a flat buffer needs either a copy of ``d``
-and ``g`` every step (+16 B/element, which loses at every size above a few thousand
-elements) or ownership of ``.grad`` storage by the optimizer (which a user replacing
-``.grad`` or autograd allocating a fresh ``.grad`` after ``zero_grad(set_to_none=True)``
-breaks).  The table is rebuilt (one small host-to-device copy, no sync) only when an
-address changes, which the caching allocator makes rare in a steady training loop and
-which never happens inside a captured CUDA graph.  ``TRITON_INTERPRET=1`` supports the
-int64-to-pointer cast, so the very same kernels run and are tested on the CPU.  A group
-of one tensor skips the table (``TABLE=False``): its pointers travel as kernel arguments.
+Addressing many tensors: an *offset table* (``TABLE=True``), not a flat copy.  The
+backend keeps one int64 device tensor per group holding, per tensor, the element offsets
+of ``p, d, g, buf`` from ``params[0]`` (``p_ref``) and sizes, and per chunk
+``(tensor, start)``; a program loads its row and forms ``p_ref + offset``.  Why a table:
+a flat buffer needs either a copy of ``d`` and ``g`` every step (+16 B/element, a loss
+at every size above a few thousand elements) or ownership of the ``.grad`` storage by
+the optimizer (which a user replacing ``.grad``, or autograd allocating a fresh ``.grad``
+after ``zero_grad(set_to_none=True)``, breaks).  Why offsets rather than raw addresses
+cast to pointers (``TRITON_INTERPRET=1`` supports both): the compiler's alignment
+analysis follows ``pointer + multiple_of(offset)`` but not an int-to-pointer cast, so
+with offsets the table path gets 128-bit loads/stores when the host has checked
+alignment (``ALIGN``; checked by compiling for sm_90 here, no GPU run).  The table is
+rebuilt (one small host-to-device copy from pageable memory: staged, no sync) only when
+an address or size changes, which the caching allocator makes rare in a steady loop and
+which cannot happen inside a captured CUDA graph.  A group of one tensor skips the table
+(``TABLE=False``): its pointers travel as kernel arguments.
 
 Table layout (int64): rows of ``ROW`` entries per tensor
-``[p, d, g or 0, buf or 0, numel, first_chunk, n_chunks, first_step]``, then two entries
-per chunk ``[tensor, start]`` from ``chunk_base``.  Statistics buffer ``stats_f`` (fp32):
+``[p, d, g, buf (offsets), numel, first_chunk, n_chunks, bits]`` (bit 0: new momentum
+buffer, bit 1: has a general gradient), then two entries per chunk ``[tensor, start]``
+from ``chunk_base``.  Statistics buffer ``stats_f`` (fp32):
 ``[dot, nn, dd, cos, coef]`` each of length ``T`` (1 for global, tensors for "tensor");
 ``stats_b`` (uint8): ``[conflict x T, skipped]``; ``partials`` (fp32): ``[dot, nn, dd]``
 each of length ``n_parts`` (one per chunk).
@@ -74,20 +79,32 @@ def _inv_scale(grad_scale, AMP_SCALE: tl.constexpr):
 
 @triton.jit
 def _chunk(meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
-           TABLE: tl.constexpr, ROW: tl.constexpr):
+           TABLE: tl.constexpr, ALIGN: tl.constexpr, ROW: tl.constexpr):
     """Resolve chunk ``c``: tensor index, start element, typed pointers, size, flags."""
     if TABLE:
         t = tl.load(meta + chunk_base + 2 * c)
         start = tl.load(meta + chunk_base + 2 * c + 1)
         row = meta + t * ROW
-        p = tl.load(row).to(tl.pointer_type(p_ref.dtype.element_ty))
-        d = tl.load(row + 1).to(tl.pointer_type(p_ref.dtype.element_ty))
-        g_addr = tl.load(row + 2)
-        g = g_addr.to(tl.pointer_type(p_ref.dtype.element_ty))
-        b = tl.load(row + 3).to(tl.pointer_type(p_ref.dtype.element_ty))
+        p_off = tl.load(row)
+        d_off = tl.load(row + 1)
+        g_off = tl.load(row + 2)
+        b_off = tl.load(row + 3)
         numel = tl.load(row + 4)
-        has_g = g_addr != 0
-        first = tl.load(row + 7) != 0
+        bits = tl.load(row + 7)
+        if ALIGN > 1:
+            # The host checked: 16-byte aligned tensors, sizes multiples of 16 elements.
+            p_off = tl.multiple_of(p_off, ALIGN)
+            d_off = tl.multiple_of(d_off, ALIGN)
+            g_off = tl.multiple_of(g_off, ALIGN)
+            b_off = tl.multiple_of(b_off, ALIGN)
+            numel = tl.multiple_of(numel, 16)
+            start = tl.multiple_of(start, 16)
+        p = p_ref + p_off
+        d = p_ref + d_off
+        g = p_ref + g_off
+        b = p_ref + b_off
+        has_g = (bits & 2) != 0
+        first = (bits & 1) != 0
     else:
         t = 0
         start = tl.cast(c, tl.int64) * CHUNK
@@ -243,11 +260,11 @@ def _load_lr(lr, lr_ptr, LR_PTR: tl.constexpr):
 @triton.jit
 def _update_one(meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
                 stats_f, stats_b, T, inv, lr, momentum, one_minus_dampening, weight_decay,
-                GLOBAL: tl.constexpr, TABLE: tl.constexpr, AMP_SCALE: tl.constexpr,
+                GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr, AMP_SCALE: tl.constexpr,
                 MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                 WEIGHT_DECAY: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr):
     t, start, p, d, g, b, numel, has_g, first = _chunk(
-        meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK, TABLE, ROW)
+        meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK, TABLE, ALIGN, ROW)
     if GLOBAL:
         s = 0
     else:
@@ -263,14 +280,14 @@ def _update_one(meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0,
 @triton.jit(do_not_specialize=["chunk_base", "has_g0", "first0", "n_parts", "T"])
 def _reduce_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
                    partials, n_parts, counter, stats_f, stats_b, T, grad_scale, found_inf, lam,
-                   GLOBAL: tl.constexpr, TABLE: tl.constexpr, AMP: tl.constexpr,
+                   GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr, AMP: tl.constexpr,
                    AMP_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ROW: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_F: tl.constexpr, TBLOCK: tl.constexpr,
                    CBLOCK: tl.constexpr):
     c = tl.program_id(0)
     inv = _inv_scale(grad_scale, AMP_SCALE)
     t, start, p, d, g, b, numel, has_g, first = _chunk(
-        meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK, TABLE, ROW)
+        meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK, TABLE, ALIGN, ROW)
     dg, gg, dd = _reduce_chunk(d, g, start, numel, has_g, inv, CHUNK, AMP_SCALE, BLOCK)
     tl.store(partials + c, dg)
     tl.store(partials + n_parts + c, gg)
@@ -288,7 +305,7 @@ def _reduce_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0,
 def _update_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
                    stats_f, stats_b, T, grad_scale, lr, lr_ptr, momentum, one_minus_dampening,
                    weight_decay,
-                   GLOBAL: tl.constexpr, TABLE: tl.constexpr, AMP_SCALE: tl.constexpr,
+                   GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr, AMP_SCALE: tl.constexpr,
                    LR_PTR: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, ROW: tl.constexpr,
                    BLOCK: tl.constexpr):
@@ -297,14 +314,14 @@ def _update_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0,
     lr_val = _load_lr(lr, lr_ptr, LR_PTR)
     _update_one(meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
                 stats_f, stats_b, T, inv, lr_val, momentum, one_minus_dampening, weight_decay,
-                GLOBAL, TABLE, AMP_SCALE, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY, ROW, BLOCK)
+                GLOBAL, TABLE, ALIGN, AMP_SCALE, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY, ROW, BLOCK)
 
 
 @triton.jit(do_not_specialize=["chunk_base", "has_g0", "first0", "n_parts", "T"])
 def _fused_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
                   partials, n_parts, stats_f, stats_b, T, grad_scale, found_inf, lam,
                   lr, lr_ptr, momentum, one_minus_dampening, weight_decay,
-                  GLOBAL: tl.constexpr, TABLE: tl.constexpr, AMP: tl.constexpr,
+                  GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr, AMP: tl.constexpr,
                   AMP_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_PTR: tl.constexpr,
                   MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                   WEIGHT_DECAY: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
@@ -314,7 +331,7 @@ def _fused_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, 
     for c in range(0, n_parts):
         t, start, p, d, g, b, numel, has_g, first = _chunk(
             meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
-            TABLE, ROW)
+            TABLE, ALIGN, ROW)
         dg, gg, dd = _reduce_chunk(d, g, start, numel, has_g, inv, CHUNK, AMP_SCALE, BLOCK)
         tl.store(partials + c, dg)
         tl.store(partials + n_parts + c, gg)
@@ -327,7 +344,7 @@ def _fused_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, 
     for c in range(0, n_parts):
         _update_one(meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0,
                     CHUNK, stats_f, stats_b, T, inv, lr_val, momentum, one_minus_dampening,
-                    weight_decay, GLOBAL, TABLE, AMP_SCALE, MOMENTUM, NESTEROV, MAXIMIZE,
+                    weight_decay, GLOBAL, TABLE, ALIGN, AMP_SCALE, MOMENTUM, NESTEROV, MAXIMIZE,
                     WEIGHT_DECAY, ROW, BLOCK)
 
 
@@ -354,7 +371,7 @@ def launch_reduce(args: dict, flags: dict, lam: float, grad_scale, found_inf) ->
         args["numel0"], args["has_g0"], args["first0"], args["chunk"],
         args["partials"], args["n_parts"], args["counter"], args["stats_f"], args["stats_b"],
         args["T"], grad_scale, found_inf, lam,
-        GLOBAL=flags["GLOBAL"], TABLE=flags["TABLE"], AMP=flags["AMP"],
+        GLOBAL=flags["GLOBAL"], TABLE=flags["TABLE"], ALIGN=flags["ALIGN"], AMP=flags["AMP"],
         AMP_SCALE=flags["AMP_SCALE"], HAS_FOUND_INF=flags["HAS_FOUND_INF"],
         ROW=ROW, BLOCK=BLOCK, BLOCK_F=BLOCK_F, TBLOCK=TBLOCK, CBLOCK=CBLOCK,
         num_warps=NUM_WARPS)
@@ -368,7 +385,8 @@ def launch_update(args: dict, flags: dict, lr: float, lr_ptr, grad_scale, moment
         args["numel0"], args["has_g0"], args["first0"], args["chunk"],
         args["stats_f"], args["stats_b"], args["T"], grad_scale, lr, lr_ptr, momentum,
         one_minus_dampening, weight_decay,
-        GLOBAL=flags["GLOBAL"], TABLE=flags["TABLE"], AMP_SCALE=flags["AMP_SCALE"],
+        GLOBAL=flags["GLOBAL"], TABLE=flags["TABLE"], ALIGN=flags["ALIGN"],
+        AMP_SCALE=flags["AMP_SCALE"],
         LR_PTR=flags["LR_PTR"], MOMENTUM=flags["MOMENTUM"], NESTEROV=flags["NESTEROV"],
         MAXIMIZE=flags["MAXIMIZE"], WEIGHT_DECAY=flags["WEIGHT_DECAY"],
         ROW=ROW, BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -31,6 +31,7 @@ SHAPES = {
     "many_small": [(3,)] * 40,
     "big_one": [(K.SMALL_MAX + 1,)],
     "big_mixed": [(K.BLOCK - 1,), (7, 3), (K.SMALL_MAX - K.BLOCK + 5,)],
+    "aligned": [(16,), (64, 16), (32,)],  # 16-element multiples: the ALIGN hint path
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -341,8 +342,11 @@ def test_deterministic_and_no_realloc_after_first_step(path):
 def test_cache_follows_new_tensors(path):
     """Same extra dict, new tensors (addresses, sizes, count): results still right."""
     extra = {}
-    for seed, name in enumerate(["mixed", "many_small", "big_mixed", "coop", "mixed"]):
-        ps, ds, gs = make_group(SHAPES[name], torch.float32, "conflict", seed=seed)
+    for seed, name in enumerate(["mixed", "many_small", "big_mixed", "coop", "mixed", "rev"]):
+        ps, ds, gs = make_group(SHAPES["mixed" if name == "rev" else name], torch.float32,
+                                "conflict", seed=seed)
+        if name == "rev":  # params[0] allocated last: negative offsets in the table
+            ps, ds, gs = ps[::-1], ds[::-1], gs[::-1]
         n = len(ps)
         st, sr, pr = run_both(ps, ds, gs, [None] * n, [None] * n, extra, lr=0.1,
                               momentum=0.9, granularity="tensor")

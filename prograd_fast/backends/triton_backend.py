@@ -3,7 +3,7 @@
 Groups of at most ``kernels.prograd_sgd.SMALL_MAX`` elements run in ONE single-program
 launch (CoOp's 16x512 context); larger groups run a reduce launch (its last program
 finalizes the statistics on the device) and an update launch, whatever the number of
-tensors.  Many tensors are addressed through a per-group pointer table (see the kernel
+tensors.  Many tensors are addressed through a per-group offset table (see the kernel
 module's docstring for why, rather than a flat copy).
 
 Per-group state lives in ``GroupStep.extra`` (kept by the optimizer between steps): the
@@ -124,6 +124,8 @@ class TritonBackend:
                     return f"shape {tuple(t.shape)} does not match its parameter {tuple(p.shape)}"
                 if not t.is_contiguous():
                     return "non-contiguous tensors are not supported"
+                if t.data_ptr() % t.element_size():
+                    return "a tensor's address is not a multiple of its element size"
         for name in ("grad_scale", "found_inf"):
             t = getattr(step, name)
             if t is not None and (t.device != device or t.numel() != 1):
@@ -204,25 +206,37 @@ class TritonBackend:
         return layout
 
     def _table(self, extra: dict, step, sig: tuple | None, layout: dict, device,
-               firsts: list[bool]) -> Tensor:
-        """The int64 pointer table, rebuilt (one small async upload) when addresses change."""
+               firsts: list[bool]) -> tuple[Tensor, int]:
+        """The int64 offset table (element offsets from ``params[0]``), rebuilt with one small
+        async upload when addresses change, and the alignment hint ``ALIGN`` (elements per
+        16 bytes when every tensor is 16-byte aligned and every size a multiple of 16, else 1).
+        """
         table = extra.get("triton_table")
         if sig is not None and table is not None and table[0] == sig:
-            return table[1]
+            return table[1], table[2]
         k = self._k
+        params = step.params
+        size = params[0].element_size()
+        base = params[0].data_ptr()
+        aligned = True
         rows = []
         momentum = step.momentum != 0
-        for i, p in enumerate(step.params):
+        for i, p in enumerate(params):
+            g = step.general_grads[i]
             buf = step.momentum_buffers[i] if momentum else None
-            rows.extend((p.data_ptr(), step.grads[i].data_ptr(), _ptr(step.general_grads[i]),
-                         _ptr(buf), layout["numels"][i], layout["firsts"][i],
-                         layout["counts"][i], int(firsts[i])))
+            addrs = [p.data_ptr(), step.grads[i].data_ptr()]
+            addrs += [base if t is None else t.data_ptr() for t in (g, buf)]
+            aligned = aligned and all(a % 16 == 0 for a in addrs) and layout["numels"][i] % 16 == 0
+            rows.extend([(a - base) // size for a in addrs])
+            rows.extend((layout["numels"][i], layout["firsts"][i], layout["counts"][i],
+                         int(firsts[i]) | (2 if g is not None else 0)))
         meta = torch.tensor(rows + layout["chunks"], dtype=torch.int64)
         if device.type != "cpu":
             meta = meta.to(device, non_blocking=True)  # pageable source: staged, no sync
+        align = 16 // size if aligned else 1
         if sig is not None:
-            extra["triton_table"] = (sig, meta)
-        return meta
+            extra["triton_table"] = (sig, meta, align)
+        return meta, align
 
     # ------------------------------------------------------------------ the step
     def step(self, step) -> ProGradStats:
@@ -253,6 +267,7 @@ class TritonBackend:
         T = 1 if glob else n
         bufs = self._buffers(extra, T, layout["n_parts"], device, step.granularity)
         table = n > 1
+        align = 1
         args = dict(chunk=layout["chunk"], n_parts=layout["n_parts"], T=T,
                     partials=bufs["partials"], counter=bufs["counter"],
                     stats_f=bufs["stats_f"], stats_b=bufs["stats_b"])
@@ -260,7 +275,7 @@ class TritonBackend:
             # The signature taken before new buffers were made says "no buffer": a table
             # built now must not be reused, so key it on a signature that cannot recur.
             key = sig if not first0 else None
-            meta = self._table(extra, step, key, layout, device, firsts or [False] * n)
+            meta, align = self._table(extra, step, key, layout, device, firsts or [False] * n)
             p0 = params[0]
             args.update(meta=meta, chunk_base=n * k.ROW, p=p0, d=p0, g=p0, b=p0,
                         numel0=0, has_g0=0, first0=0)
@@ -278,7 +293,8 @@ class TritonBackend:
             else:  # a CPU tensor lr for device parameters: reading it is not a device sync
                 lr = float(lr)
         grad_scale, found_inf = step.grad_scale, step.found_inf
-        flags = dict(GLOBAL=glob, TABLE=table, AMP=grad_scale is not None or found_inf is not None,
+        flags = dict(GLOBAL=glob, TABLE=table, ALIGN=align,
+                     AMP=grad_scale is not None or found_inf is not None,
                      AMP_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
                      LR_PTR=lr_ptr is not None, MOMENTUM=momentum, NESTEROV=bool(step.nesterov),
                      MAXIMIZE=bool(step.maximize), WEIGHT_DECAY=step.weight_decay != 0)
