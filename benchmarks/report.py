@@ -320,8 +320,9 @@ def plot(run: Run, path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for impl in _impl_order(r.implementation for r in steps):
         pts = sorted((r.extra["elements"], r.median * 1e6) for r in steps if r.implementation == impl)
         style = "--" if impl in PEER_ORDER else "-"
@@ -333,10 +334,12 @@ def plot(run: Run, path: Path) -> bool:
                     / r.extra["elements"] for r in steps}
         ax.plot(xs, [x * per_elem[x] / (copy_gbs * 1e9) * 1e6 for x in xs], "k:", linewidth=2,
                 label=f"byte floor ({per_elem[xs[0]]:.0f} B/elem at {copy_gbs:.0f} GB/s)")
-    for scenario in _scenario_order(steps):
-        x = next(r.extra["elements"] for r in steps if r.scenario == scenario)
-        ax.annotate(scenario, (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
-                    textcoords="offset points", rotation=90, fontsize=7, color="0.4")
+    ax.set_xscale("log")
+    names = _scenario_order(steps)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([next(r.extra["elements"] for r in steps if r.scenario == n) for n in names],
+                   names, fontsize=7, rotation=30)
+    top.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("elements in the parameter group")
@@ -344,7 +347,7 @@ def plot(run: Run, path: Path) -> bool:
     ax.set_title(f"ProGrad-SGD step, {run.label}: {run.facts.get('device_name', '')}"[:90],
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
