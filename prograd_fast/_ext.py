@@ -26,6 +26,7 @@ __all__ = [
     "build_seconds",
     "csrc_dir",
     "cuda_build_flags",
+    "cuda_compile_command",
     "load",
     "unavailable_reason",
 ]
@@ -99,6 +100,49 @@ def _quiet_import_cpp_extension():
     return cpp_extension
 
 
+def cuda_include_dirs() -> list[str]:
+    """The CUDA toolkit include directory (the one holding cuda_runtime.h), if found.
+
+    torch infers CUDA_HOME from the nvcc on PATH; when that is e.g. /usr/local (nvcc linked
+    into /usr/local/bin) the headers live elsewhere, so look in the usual places too."""
+    cpp_extension = _quiet_import_cpp_extension()
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+             "/usr/local/cuda"]
+    for root in roots:
+        if not root:
+            continue
+        for sub in ("include", "targets/x86_64-linux/include", "targets/sbsa-linux/include"):
+            inc = Path(root) / sub
+            if (inc / "cuda_runtime.h").exists():
+                return [str(inc)]
+    return []
+
+
+def cuda_compile_command(output: str, archs: str | None = None) -> list[str]:
+    """The nvcc command that compiles ``prograd_cuda.cu`` to an object file with torch's
+    include paths and the flags the JIT build uses (a CI compile check without a GPU)."""
+    import sysconfig
+
+    cpp_extension = _quiet_import_cpp_extension()
+    nvcc = str(Path(cpp_extension.CUDA_HOME or "/usr/local/cuda") / "bin" / "nvcc")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths(device_type="cuda")]
+    includes += [f"-I{p}" for p in cuda_include_dirs()]
+    includes.append(f"-I{sysconfig.get_paths()['include']}")
+    if archs is not None:
+        os.environ["PROGRAD_FAST_CUDA_ARCHS"], saved = archs, os.environ.get("PROGRAD_FAST_CUDA_ARCHS")
+    try:
+        flags = cuda_build_flags()
+    finally:
+        if archs is not None:
+            if saved is None:
+                os.environ.pop("PROGRAD_FAST_CUDA_ARCHS", None)
+            else:
+                os.environ["PROGRAD_FAST_CUDA_ARCHS"] = saved
+    return [nvcc, "-c", str(csrc_dir() / "prograd_cuda.cu"), "-o", output, *includes,
+            *cpp_extension.COMMON_NVCC_FLAGS, "-std=c++20", "--compiler-options", "-fPIC",
+            "-DTORCH_EXTENSION_NAME=prograd_cuda_check", *flags]
+
+
 def _prerequisites(kind: str) -> str | None:
     if os.environ.get(NO_BUILD_ENV, "").strip() not in ("", "0"):
         return f"building C++ extensions is disabled ({NO_BUILD_ENV} is set)"
@@ -138,7 +182,9 @@ def _build(kind: str) -> ModuleType:
                                   build_directory=build_dir, verbose=False)
     major = torch.version.cuda.split(".")[0] if torch.version.cuda else "x"
     name = f"prograd_fast_cuda_cu{major}"
-    return cpp_extension.load(name=name, sources=[str(src / "prograd_cuda.cu")],
+    return cpp_extension.load(name=name, sources=[str(src / "prograd_cuda.cu"),
+                                                  str(src / "prograd_cuda_bind.cpp")],
+                              extra_include_paths=cuda_include_dirs(),
                               extra_cflags=["-O3"], extra_cuda_cflags=cuda_build_flags(),
                               build_directory=build_dir, verbose=False)
 
