@@ -54,7 +54,8 @@ def bench_gpu(names, steps=50, repeats=5):
         def timed(fn):
             out = []
             for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize()
                 start.record()
                 for _ in range(steps):

@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ROW", "SMALL_MAX", "BLOCK", "INTERPRET", "launch_fused", "launch_reduce", "launch_update"]
+__all__ = ["ROW", "SMALL_MAX", "BLOCK", "INTERPRET", "chunk_size",
+           "launch_fused", "launch_reduce", "launch_update"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 ROW = 8                 # int64 entries per tensor row of the table
@@ -196,7 +197,8 @@ def _finalize(partials, n_parts, meta, T, stats_f, stats_b, found_inf, lam,
                 idx = c0[:, None] + js[None, :]
                 a_dg += tl.load(partials + idx, mask=m, other=0.0, cache_modifier=".cg")
                 a_gg += tl.load(partials + n_parts + idx, mask=m, other=0.0, cache_modifier=".cg")
-                a_dd += tl.load(partials + 2 * n_parts + idx, mask=m, other=0.0, cache_modifier=".cg")
+                a_dd += tl.load(partials + 2 * n_parts + idx, mask=m, other=0.0,
+                                cache_modifier=".cg")
             dot = tl.sum(a_dg, 1)
             nn = tl.sum(a_gg, 1)
             dd = tl.sum(a_dd, 1)
@@ -260,11 +262,13 @@ def _load_lr(lr, lr_ptr, LR_PTR: tl.constexpr):
 @triton.jit
 def _update_one(meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
                 stats_f, stats_b, T, inv, lr, momentum, one_minus_dampening, weight_decay,
-                GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr, AMP_SCALE: tl.constexpr,
-                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-                WEIGHT_DECAY: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+                GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr,
+                AMP_SCALE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, ROW: tl.constexpr,
+                BLOCK: tl.constexpr):
     t, start, p, d, g, b, numel, has_g, first = _chunk(
-        meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK, TABLE, ALIGN, ROW)
+        meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK, TABLE,
+        ALIGN, ROW)
     if GLOBAL:
         s = 0
     else:
@@ -280,14 +284,15 @@ def _update_one(meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0,
 @triton.jit(do_not_specialize=["chunk_base", "has_g0", "first0", "n_parts", "T"])
 def _reduce_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
                    partials, n_parts, counter, stats_f, stats_b, T, grad_scale, found_inf, lam,
-                   GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr, AMP: tl.constexpr,
-                   AMP_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ROW: tl.constexpr,
-                   BLOCK: tl.constexpr, BLOCK_F: tl.constexpr, TBLOCK: tl.constexpr,
-                   CBLOCK: tl.constexpr):
+                   GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr,
+                   AMP: tl.constexpr, AMP_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                   ROW: tl.constexpr, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr,
+                   TBLOCK: tl.constexpr, CBLOCK: tl.constexpr):
     c = tl.program_id(0)
     inv = _inv_scale(grad_scale, AMP_SCALE)
     t, start, p, d, g, b, numel, has_g, first = _chunk(
-        meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK, TABLE, ALIGN, ROW)
+        meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK, TABLE,
+        ALIGN, ROW)
     dg, gg, dd = _reduce_chunk(d, g, start, numel, has_g, inv, CHUNK, AMP_SCALE, BLOCK)
     tl.store(partials + c, dg)
     tl.store(partials + n_parts + c, gg)
@@ -305,27 +310,29 @@ def _reduce_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0,
 def _update_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
                    stats_f, stats_b, T, grad_scale, lr, lr_ptr, momentum, one_minus_dampening,
                    weight_decay,
-                   GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr, AMP_SCALE: tl.constexpr,
-                   LR_PTR: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, ROW: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr,
+                   AMP_SCALE: tl.constexpr, LR_PTR: tl.constexpr, MOMENTUM: tl.constexpr,
+                   NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                   ROW: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     inv = _inv_scale(grad_scale, AMP_SCALE)
     lr_val = _load_lr(lr, lr_ptr, LR_PTR)
     _update_one(meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
                 stats_f, stats_b, T, inv, lr_val, momentum, one_minus_dampening, weight_decay,
-                GLOBAL, TABLE, ALIGN, AMP_SCALE, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY, ROW, BLOCK)
+                GLOBAL, TABLE, ALIGN, AMP_SCALE, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY,
+                ROW, BLOCK)
 
 
 @triton.jit(do_not_specialize=["chunk_base", "has_g0", "first0", "n_parts", "T"])
 def _fused_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
                   partials, n_parts, stats_f, stats_b, T, grad_scale, found_inf, lam,
                   lr, lr_ptr, momentum, one_minus_dampening, weight_decay,
-                  GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr, AMP: tl.constexpr,
-                  AMP_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LR_PTR: tl.constexpr,
-                  MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  WEIGHT_DECAY: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
-                  BLOCK_F: tl.constexpr, TBLOCK: tl.constexpr, CBLOCK: tl.constexpr):
+                  GLOBAL: tl.constexpr, TABLE: tl.constexpr, ALIGN: tl.constexpr,
+                  AMP: tl.constexpr, AMP_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                  LR_PTR: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, ROW: tl.constexpr,
+                  BLOCK: tl.constexpr, BLOCK_F: tl.constexpr, TBLOCK: tl.constexpr,
+                  CBLOCK: tl.constexpr):
     """The whole step in one program: reduce every chunk, finalize, update every chunk."""
     inv = _inv_scale(grad_scale, AMP_SCALE)
     for c in range(0, n_parts):
@@ -392,7 +399,7 @@ def launch_update(args: dict, flags: dict, lr: float, lr_ptr, grad_scale, moment
         ROW=ROW, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-def chunk_size(total: int, n_tensors: int, target_programs: int = 1024) -> int:
+def chunk_size(total: int, target_programs: int = 1024) -> int:
     """Elements per chunk (a multiple of ``BLOCK``, at most 64K): enough programs to fill
     an H200 (132 SMs) a few times over, few enough that the finalize stays short."""
     per = max(1, total // max(1, target_programs))

@@ -248,7 +248,8 @@ def test_none_and_zero_general_gradients(granularity, path):
                 assert float(st.general_norm_sq[i]) == 0 and not bool(st.conflict[i])
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf/inf in cos, as torch
+# inf/inf in the cosine, as in torch
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("granularity", ["global", "tensor"])
 def test_nonfinite_general_gradient_without_amp_is_a_select(granularity, path):
     """An inf in g makes nn non-finite: coef = 0 and u = d exactly (no 0*inf NaN)."""
@@ -263,7 +264,8 @@ def test_nonfinite_general_gradient_without_amp_is_a_select(granularity, path):
     assert not bool(st.skipped)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf/inf in cos, as torch
+# inf/inf in the cosine, as in torch
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("granularity", ["global", "tensor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_amp_unscale_and_skip(granularity, dtype, path, poisoned_buffers):
@@ -441,7 +443,8 @@ def test_optimizer_with_grad_scaler_equals_torch():
             pf.backward(o, sc.scale(ce), sc.scale(kl))
             sc.step(o)
             sc.update()
-        assert bool(opts[0].stats()[0]["skipped"]) == (s == 2) == bool(opts[1].stats()[0]["skipped"])
+        skipped = [bool(o.stats()[0]["skipped"]) for o in opts]
+        assert skipped == [s == 2, s == 2]
         for a, b in zip(models[0].parameters(), models[1].parameters()):
             close(a, a64(b), torch.float32, what=f"step {s}")
 
@@ -474,7 +477,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     plain = dict(full, GLOBAL=True, TABLE=False, ALIGN=1, AMP=False, AMP_SCALE=False,
                  HAS_FOUND_INF=False, LR_PTR=False, NESTEROV=False)
     for fn in (k._fused_kernel, k._reduce_kernel, k._update_kernel):
-        vec = [build(fn, full), build(fn, plain, none=("meta", "grad_scale", "found_inf", "lr_ptr"))]
+        none = ("meta", "grad_scale", "found_inf", "lr_ptr")
+        vec = [build(fn, full), build(fn, plain, none=none)]
         assert min(vec) > 0, (fn, vec)  # 128-bit accesses on both paths
     print("ok")
 """)

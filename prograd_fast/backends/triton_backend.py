@@ -203,7 +203,7 @@ class TritonBackend:
             return layout
         k = self._k
         total = sum(numels)
-        chunk = k.SMALL_MAX if fused else k.chunk_size(total, len(numels))
+        chunk = k.SMALL_MAX if fused else k.chunk_size(total)
         counts = [(n + chunk - 1) // chunk for n in numels]
         firsts, acc = [], 0
         for c in counts:
@@ -313,12 +313,22 @@ class TritonBackend:
                      MAXIMIZE=bool(step.maximize), WEIGHT_DECAY=step.weight_decay != 0)
         lam = float(step.lam)
         mom, omd, wd = float(step.momentum), 1.0 - float(step.dampening), float(step.weight_decay)
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):  # Triton launches on the current device
+                self._launch(fused, args, flags, lam, float(lr), lr_ptr, grad_scale, found_inf,
+                             mom, omd, wd)
+        else:
+            self._launch(fused, args, flags, lam, float(lr), lr_ptr, grad_scale, found_inf,
+                         mom, omd, wd)
+        return bufs["stats"]
+
+    def _launch(self, fused, args, flags, lam, lr, lr_ptr, grad_scale, found_inf, mom, omd, wd):
+        k = self._k
         if fused:
-            k.launch_fused(args, flags, lam, float(lr), lr_ptr, grad_scale, found_inf, mom, omd, wd)
+            k.launch_fused(args, flags, lam, lr, lr_ptr, grad_scale, found_inf, mom, omd, wd)
         else:
             k.launch_reduce(args, flags, lam, grad_scale, found_inf)
-            k.launch_update(args, flags, float(lr), lr_ptr, grad_scale, mom, omd, wd)
-        return bufs["stats"]
+            k.launch_update(args, flags, lr, lr_ptr, grad_scale, mom, omd, wd)
 
 
 BACKEND = TritonBackend()
