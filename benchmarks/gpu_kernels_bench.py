@@ -125,11 +125,18 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_runner(fn, device, iters, warmup=3, rounds=5):
-    """(median wall us per step, median device us per step or None)."""
+def time_runner(fn, device, budget_s, quick, warmup=3, rounds=5):
+    """(median wall us per step, median device us per step or None, iterations per round).
+
+    Iterations per round follow the measured cost of one step, so slow peers stay cheap."""
     for _ in range(warmup):
         fn()
     sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    one = time.perf_counter() - t0
+    iters = 3 if quick else int(max(3, min(500, budget_s / max(one, 1e-6))))
     walls, devs = [], []
     for _ in range(rounds):
         if device.type == "cuda":
@@ -138,13 +145,13 @@ def time_runner(fn, device, iters, warmup=3, rounds=5):
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
+        if device.type == "cuda":
+            end.record()
         sync(device)
         walls.append((time.perf_counter() - t0) / iters * 1e6)
         if device.type == "cuda":
-            end.record()
-            end.synchronize()
             devs.append(start.elapsed_time(end) / iters * 1e3)
-    return statistics.median(walls), (statistics.median(devs) if devs else None)
+    return statistics.median(walls), (statistics.median(devs) if devs else None), iters
 
 
 def copy_bandwidth(device, elements=64 * 2**20):
@@ -162,14 +169,6 @@ def copy_bandwidth(device, elements=64 * 2**20):
     return 2 * src.numel() * 4 * n / (time.perf_counter() - t0)
 
 
-def iterations(elements, device, quick):
-    if quick:
-        return 3
-    budget = 2e-2 if device.type == "cuda" else 0.05  # seconds per round, roughly
-    per_elem = 32 / (3e12 if device.type == "cuda" else 1e10)
-    return int(max(3, min(500, budget / max(per_elem * elements, 1e-5))))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few iterations (smoke test)")
@@ -185,7 +184,6 @@ def main(argv=None) -> int:
     for scen, shapes in scenarios.items():
         elements = sum(math.prod(s) for s in shapes)
         floor_us = 32 * elements / bw * 1e6
-        iters = iterations(elements, device, args.quick)
         impls = {}
         for b in backends:
             impls[f"prograd_fast-{b}"] = (lambda b=b: ProGradRunner(b, *make_group(shapes, device), args.granularity))
@@ -200,8 +198,9 @@ def main(argv=None) -> int:
                 continue
             try:
                 runner = make()
-                wall, dev = time_runner(runner, device, iters,
-                                        rounds=5 if device.type == "cuda" else 3)
+                wall, dev, iters = time_runner(
+                    runner, device, budget_s=0.02 if device.type == "cuda" else 0.1,
+                    quick=args.quick, rounds=5 if device.type == "cuda" else 3)
             except Exception as exc:  # report, keep going
                 results.append(dict(scenario=scen, impl=name, error=f"{type(exc).__name__}: {exc}"))
                 continue

@@ -131,6 +131,7 @@ __device__ void accumulate(const scalar_t* d, const scalar_t* g, int64_t lo, int
   int64_t i = lo;
   if (aligned && ((lo % V) == 0)) {
     const int64_t vend = lo + ((hi - lo) / V) * V;
+#pragma unroll 4
     for (int64_t j = lo + static_cast<int64_t>(threadIdx.x) * V; j < vend;
          j += static_cast<int64_t>(blockDim.x) * V) {
       const Pack<scalar_t, V> dp = *reinterpret_cast<const Pack<scalar_t, V>*>(d + j);
@@ -190,6 +191,7 @@ __device__ void update_range(const Table& t, int k, int64_t lo, int64_t hi, bool
   if (t.aligned[k] && (lo % V) == 0) {
     const int64_t vend = lo + ((hi - lo) / V) * V;
     using P = Pack<scalar_t, V>;
+#pragma unroll 4
     for (int64_t j = lo + static_cast<int64_t>(threadIdx.x) * V; j < vend;
          j += static_cast<int64_t>(blockDim.x) * V) {
       const P dp = *reinterpret_cast<const P*>(d + j);

@@ -118,6 +118,18 @@ def cuda_include_dirs() -> list[str]:
     return []
 
 
+def cuda_library_dirs() -> list[str]:
+    """The CUDA toolkit library directory holding libcudart.so, next to the headers found."""
+    out = []
+    for inc in cuda_include_dirs():
+        root = Path(inc).parent
+        for sub in ("lib64", "lib"):
+            if (root / sub / "libcudart.so").exists():
+                out.append(str(root / sub))
+                break
+    return out
+
+
 def cuda_compile_command(output: str, archs: str | None = None) -> list[str]:
     """The nvcc command that compiles ``prograd_cuda.cu`` to an object file with torch's
     include paths and the flags the JIT build uses (a CI compile check without a GPU)."""
@@ -185,6 +197,7 @@ def _build(kind: str) -> ModuleType:
     return cpp_extension.load(name=name, sources=[str(src / "prograd_cuda.cu"),
                                                   str(src / "prograd_cuda_bind.cpp")],
                               extra_include_paths=cuda_include_dirs(),
+                              extra_ldflags=[f"-L{d}" for d in cuda_library_dirs()],
                               extra_cflags=["-O3"], extra_cuda_cflags=cuda_build_flags(),
                               build_directory=build_dir, verbose=False)
 
@@ -208,7 +221,9 @@ def load(kind: str) -> ModuleType:
                 _modules[kind] = _build(kind)
             except Exception as exc:
                 text = " ".join(str(exc).split())
-                reason = f"building the {kind} extension failed: {text[:500]}"
+                if len(text) > 1200:  # the command lines come first, the error last
+                    text = text[:300] + " ... " + text[-900:]
+                reason = f"building the {kind} extension failed: {text}"
             _seconds[kind] = time.perf_counter() - start
         if reason is not None:
             _errors[kind] = reason
