@@ -207,6 +207,39 @@ def test_step_matches_reference_and_float64(shape_name, dtype, granularity, path
             assert not bool(st.conflict.any()) and not bool(st.coef.any())
 
 
+@pytest.fixture
+def tiny_tiles(monkeypatch):
+    """Shrink every tile so small groups walk all loops: many chunks per tensor (> CBLOCK),
+    tensors per finalize tile (> TBLOCK), partial blocks (> BLOCK_F), vector steps."""
+    for name, value in (("BLOCK", 16), ("BLOCK_F", 4), ("TBLOCK", 4), ("CBLOCK", 2)):
+        monkeypatch.setattr(K, name, value)
+
+
+@pytest.mark.parametrize("shape_name", ["mixed", "many_small", "aligned", "with_empty"])
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tiny_tiles(shape_name, granularity, dtype, path, tiny_tiles, poisoned_buffers):
+    shapes = SHAPES[shape_name]
+    ps, ds, gs = make_group(shapes, dtype, "random", seed=21, none_general=(1,))
+    n = len(ps)
+    bufs_t, bufs_r = [None] * n, [None] * n
+    extra = {}
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, lam=0.5, granularity=granularity)
+    for _ in range(2):
+        p0, b0 = clone(ps), clone(bufs_t)
+        poison_extra(extra)
+        st, sr, pr = run_both(ps, ds, gs, bufs_t, bufs_r, extra, **hyper)
+        want_p, want_b, dots, *_ = f64_step(p0, ds, gs, b0, **hyper)
+        for i in range(n):
+            close(ps[i], want_p[i], dtype)
+            close(ps[i], a64(pr[i]), dtype)
+            close(bufs_t[i], want_b[i], dtype)
+        for name in ("dot", "general_norm_sq", "domain_norm_sq", "coef", "cos"):
+            np.testing.assert_allclose(a64(getattr(st, name)), a64(getattr(sr, name)),
+                                       rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_array_equal(a64(st.conflict), a64(sr.conflict))
+
+
 @pytest.mark.parametrize("hyper", HYPERS, ids=[str(i) for i in range(len(HYPERS))])
 @pytest.mark.parametrize("granularity", ["global", "tensor"])
 def test_hyperparameter_variants(hyper, granularity, path):
