@@ -1,0 +1,213 @@
+"""The ``prograd-fast`` console command: ``train`` (prompt tuning on a data set) and ``demo``
+(base-to-new zero-shot vs CoOp vs ProGrad on the embedded digits default)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="few-shot prompt tuning (zero-shot / CoOp / ProGrad)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="digits",
+                   help="'digits' (embedded default), an ImageFolder root (train/<class>/..., "
+                        "val/ or test/), a CoOp split_*.json or a folder holding one")
+    p.add_argument("--model", default=None,
+                   help="open_clip model name (e.g. ViT-B-16), a JSON model config, or 'digits' "
+                        "(the embedded tiny CLIP; the default for --data digits)")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip pretrained tag (e.g. openai) or a checkpoint file; "
+                        "omitted: random weights (only meaningful for tests)")
+    p.add_argument("--method", choices=["zeroshot", "coop", "prograd"], default="prograd")
+    p.add_argument("--shots", type=int, default=16, help="training images per class (<=0: all)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--subsample", choices=["all", "base", "new"], default="all",
+                   help="CoOp base-to-new protocol: train and test on these classes")
+    p.add_argument("--eval-new", action="store_true",
+                   help="with --subsample base: also test the learned context on the new classes")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--warmup-lr", type=float, default=1e-5)
+    p.add_argument("--lam", type=float, default=1.0, help="ProGrad's lambda")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--granularity", choices=["global", "tensor"], default="global")
+    p.add_argument("--backend", default="auto", help="ProGradSGD backend")
+    p.add_argument("--n-ctx", type=int, default=16)
+    p.add_argument("--ctx-init", default=None, help="initial context words, e.g. 'a photo of a'")
+    p.add_argument("--class-specific", action="store_true")
+    p.add_argument("--class-token-position", choices=["end", "middle", "front"], default="end")
+    p.add_argument("--templates", default=None,
+                   help="teacher template: a dataset name (e.g. OxfordPets), 'openai_imagenet', "
+                        "or a string with {} ; comma-free list via repeated use is not needed")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast dtype (fp16 adds a GradScaler)")
+    p.add_argument("--grad-mode", choices=["batched", "two_pass"], default="batched")
+    p.add_argument("--shift", default="occlude", help="digits only: the downstream shift")
+    p.add_argument("--device", default=None, help="default: cuda if available else cpu")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--output-dir", default=None, help="default: runs/<data>_<method>_<shots>shot_seed<seed>")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_demo(sub) -> None:
+    from .clip.demo import DEMO_DEFAULTS as D
+
+    p = sub.add_parser("demo", help="base-to-new on the embedded digits: zero-shot vs CoOp vs "
+                       "ProGrad (table + PNG)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output-dir", default="prograd_demo")
+    p.add_argument("--shots", type=int, nargs="+", default=list(D["shots"]))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(D["seeds"]))
+    p.add_argument("--epochs", type=int, default=D["epochs"])
+    p.add_argument("--lr", type=float, default=D["lr"])
+    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--shift", default=D["shift"], choices=["occlude", "noise", "thick", "none"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prograd-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _load_model(args, device):
+    """``(clip_model, tokenizer, image_size, mean, std)``."""
+    import open_clip
+    import torch
+
+    from .clip import default_tokenizer
+    from .clip import digits as D
+    from .clip.data import OPENAI_MEAN, OPENAI_STD
+
+    name = args.model or ("digits" if args.data == "digits" else None)
+    if name is None:
+        raise SystemExit("--model is required with --data other than 'digits' (e.g. ViT-B-16 "
+                         "--pretrained openai)")
+    if name == "digits":
+        model, _ = D.load_tiny_clip()
+        cfg = D.TINY_CLIP_CONFIG
+        return (model.to(device), default_tokenizer(cfg["text_cfg"]["context_length"]),
+                cfg["vision_cfg"]["image_size"], D.MEAN, D.STD)
+    if name.endswith(".json"):
+        cfg = json.loads(Path(name).read_text())
+        cfg = cfg.get("model_cfg", cfg)
+        cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
+        model = cls(**cfg)
+        if args.pretrained:
+            state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state))
+        ctx_len = cfg.get("text_cfg", {}).get("context_length", 77)
+        size = cfg.get("vision_cfg", {}).get("image_size", 224)
+        return model.to(device).eval(), default_tokenizer(ctx_len), size, OPENAI_MEAN, OPENAI_STD
+    model = open_clip.create_model(name, pretrained=args.pretrained or None, device=device)
+    pre = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = pre.get("size", getattr(model.visual, "image_size", 224))
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = pre.get("mean", getattr(model.visual, "image_mean", None) or OPENAI_MEAN)
+    std = pre.get("std", getattr(model.visual, "image_std", None) or OPENAI_STD)
+    return model.eval(), open_clip.get_tokenizer(name), int(size), tuple(mean), tuple(std)
+
+
+def _digits_split(args):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from .clip import digits as D
+    from .clip.data import Item, Split, subsample_classes
+
+    task = D.DigitsTask(args.shift)
+    split = Split([Item(i, int(y)) for i, y in enumerate(task.train[1])], [],
+                  [Item(i, int(y)) for i, y in enumerate(task.test[1])], list(D.DIGIT_NAMES))
+
+    def to_ds(items, source):
+        idx = torch.tensor([it.path for it in items], dtype=torch.long)
+        return TensorDataset(source[0][idx], torch.tensor([it.label for it in items]))
+
+    return split, subsample_classes, (lambda items, train: to_ds(items, task.train if train else task.test))
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .clip import PromptedCLIP
+    from .clip.data import (ImageDataset, coop_transforms, few_shot, load_dataset,
+                            subsample_classes)
+    from .clip.trainer import TrainConfig, Trainer, evaluate, transfer_context
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    clip, tokenizer, size, mean, std = _load_model(args, device)
+    if args.data == "digits":
+        full, _, make = _digits_split(args)
+    else:
+        full = load_dataset(args.data)
+        train_tf = coop_transforms(size, mean, std, augment=True)
+        test_tf = coop_transforms(size, mean, std, augment=False)
+
+        def make(items, train):
+            return ImageDataset(items, train_tf if train else test_tf)
+    split = subsample_classes(full, args.subsample)
+    train_items = few_shot(split.train, args.shots, args.seed)
+    templates = args.templates or ("digits" if args.data == "digits" else None)
+    model = PromptedCLIP(clip, split.classnames, tokenizer=tokenizer, templates=templates,
+                         n_ctx=args.n_ctx, ctx_init=args.ctx_init,
+                         class_specific=args.class_specific,
+                         class_token_position=args.class_token_position)
+    data_name = "digits" if args.data == "digits" else Path(args.data).stem
+    out = Path(args.output_dir or f"runs/{data_name}_{args.method}_{args.shots}shot_seed{args.seed}")
+    cfg = TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                      warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, lam=args.lam,
+                      temperature=args.temperature, granularity=args.granularity,
+                      backend=args.backend, precision=args.precision, grad_mode=args.grad_mode,
+                      seed=args.seed, num_workers=args.num_workers, output_dir=str(out),
+                      progress=not args.no_progress)
+    print(f"{args.method}: {len(split.classnames)} classes, {len(train_items)} training images "
+          f"({args.shots} shots, seed {args.seed}), {len(split.test)} test images, "
+          f"prompt length {model.prompt_learner.length} tokens, device {device}")
+    trainer = Trainer(model, make(train_items, True), make(split.test, False), cfg, device)
+    history = trainer.fit(resume=not args.no_resume)
+    result = {"method": args.method, "acc": history[-1]["acc"], "output_dir": str(out)}
+    if args.eval_new:
+        if args.subsample != "base":
+            raise SystemExit("--eval-new needs --subsample base")
+        new = subsample_classes(full, "new")
+        other = transfer_context(model, new.classnames, tokenizer=tokenizer)
+        loader = torch.utils.data.DataLoader(make(new.test, False), batch_size=100)
+        result["new_acc"] = evaluate(other, loader, device, zeroshot=args.method == "zeroshot")
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    print(f"test accuracy {result['acc']:.2f}%"
+          + (f", new classes {result['new_acc']:.2f}%" if "new_acc" in result else "")
+          + f"  (log: {out}/log.csv, plot: {out}/curves.png)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .clip.demo import run_base_to_new
+
+    run_base_to_new(args.output_dir, shots=args.shots, seeds=args.seeds, epochs=args.epochs,
+                    lr=args.lr, lam=args.lam, shift=args.shift)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    return cmd_demo(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

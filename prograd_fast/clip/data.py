@@ -1,0 +1,195 @@
+"""Few-shot data for prompt tuning: ImageFolder trees, CoOp split JSON, CoOp augmentation."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["Item", "Split", "load_image_folder", "load_coop_split", "load_dataset",
+           "few_shot", "subsample_classes", "ImageDataset", "coop_transforms"]
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labelled image: a file path (or any object the dataset's loader understands)."""
+
+    path: object
+    label: int
+
+
+@dataclass
+class Split:
+    """Train / val / test items and the class names (label ``i`` is ``classnames[i]``)."""
+
+    train: list[Item]
+    val: list[Item]
+    test: list[Item]
+    classnames: list[str]
+
+
+def _folder_items(root: Path, classnames: list[str]) -> list[Item]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    index = {c: i for i, c in enumerate(classnames)}
+    present = sorted(d.name for d in root.iterdir() if d.is_dir())
+    unknown = set(present) - set(index)
+    if unknown:
+        raise ValueError(f"{root} has classes not in {root.parent}/train: {sorted(unknown)}")
+    samples = make_dataset(str(root), {c: index[c] for c in present}, extensions=IMG_EXTENSIONS,
+                           allow_empty=True)
+    return [Item(p, y) for p, y in samples]
+
+
+def load_image_folder(root: str | Path) -> Split:
+    """``root/train/<class>/*.jpg`` plus ``root/val`` and/or ``root/test`` (either stands in
+    for the other when missing).  Classes are the sorted folder names of ``train``."""
+    root = Path(root)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{root} has no train/ folder (expected root/train/<class>/...)")
+    classnames = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    if not classnames:
+        raise ValueError(f"{train_dir} has no class folders")
+    train = _folder_items(train_dir, classnames)
+    val = _folder_items(root / "val", classnames) if (root / "val").is_dir() else []
+    test = _folder_items(root / "test", classnames) if (root / "test").is_dir() else []
+    if not val and not test:
+        raise FileNotFoundError(f"{root} needs a val/ or test/ folder for evaluation")
+    return Split(train, val or test, test or val, classnames)
+
+
+def load_coop_split(split_json: str | Path, image_dir: str | Path | None = None) -> Split:
+    """CoOp's split file (``{"train"|"val"|"test": [[impath, label, classname], ...]}``, paths
+    relative to ``image_dir``, by default the JSON's folder or its ``images/`` sibling)."""
+    split_json = Path(split_json)
+    data = json.loads(split_json.read_text())
+    if image_dir is None:
+        image_dir = split_json.parent / "images"
+        if not image_dir.is_dir():
+            image_dir = split_json.parent
+    image_dir = Path(image_dir)
+    names: dict[int, str] = {}
+    parts = {}
+    for key in ("train", "val", "test"):
+        rows = data.get(key, [])
+        items = []
+        for row in rows:
+            if len(row) != 3:
+                raise ValueError(f"{split_json}: {key} rows must be [impath, label, classname]")
+            path, label, name = row
+            label = int(label)
+            if names.setdefault(label, name) != name:
+                raise ValueError(f"{split_json}: label {label} is both {names[label]!r} and {name!r}")
+            items.append(Item(str(image_dir / path), label))
+        parts[key] = items
+    if not parts["train"]:
+        raise ValueError(f"{split_json} has no train items")
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"{split_json}: labels must be 0..{len(names) - 1}")
+    val = parts["val"] or parts["test"]
+    return Split(parts["train"], val, parts["test"] or val, [names[i] for i in range(len(names))])
+
+
+def load_dataset(root: str | Path) -> Split:
+    """An ImageFolder root (has ``train/``), a CoOp split JSON file, or a folder holding one
+    (``split_*.json``)."""
+    root = Path(root)
+    if root.is_file() and root.suffix == ".json":
+        return load_coop_split(root)
+    if (root / "train").is_dir():
+        return load_image_folder(root)
+    splits = sorted(root.glob("split_*.json")) if root.is_dir() else []
+    if len(splits) == 1:
+        return load_coop_split(splits[0])
+    raise FileNotFoundError(f"{root}: not an ImageFolder root (train/<class>/...) nor a CoOp "
+                            f"split JSON (found {len(splits)} split_*.json)")
+
+
+def few_shot(items: Sequence[Item], shots: int, seed: int) -> list[Item]:
+    """``shots`` items per class drawn without replacement, reproducibly from ``seed``
+    (all of a class's items when it has fewer).  ``shots <= 0`` keeps everything."""
+    if shots <= 0:
+        return list(items)
+    by_label: dict[int, list[Item]] = defaultdict(list)
+    for it in items:
+        by_label[it.label].append(it)
+    rng = random.Random(seed)
+    out = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        out.extend(rng.sample(group, shots) if len(group) > shots else group)
+    return out
+
+
+def subsample_classes(split: Split, which: str) -> Split:
+    """CoOp's base-to-new protocol: ``"base"`` is the first half of the labels (rounded
+    up), ``"new"`` the rest, relabelled from 0; ``"all"`` keeps everything."""
+    if which == "all":
+        return split
+    n = len(split.classnames)
+    m = math.ceil(n / 2)
+    if which == "base":
+        keep = list(range(m))
+    elif which == "new":
+        keep = list(range(m, n))
+    else:
+        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {which!r}")
+    remap = {old: new for new, old in enumerate(keep)}
+
+    def sub(items):
+        return [Item(it.path, remap[it.label]) for it in items if it.label in remap]
+
+    return Split(sub(split.train), sub(split.val), sub(split.test),
+                 [split.classnames[i] for i in keep])
+
+
+class ImageDataset(Dataset):
+    """Items -> ``(transform(image), label)``; images opened as RGB with PIL."""
+
+    def __init__(self, items: Sequence[Item], transform: Callable | None = None,
+                 loader: Callable | None = None) -> None:
+        self.items = list(items)
+        self.transform = transform
+        self.loader = loader or _pil_rgb
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        it = self.items[index]
+        image = self.loader(it.path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, torch.tensor(it.label)
+
+
+def _pil_rgb(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def coop_transforms(image_size: int, mean: Sequence[float] = OPENAI_MEAN,
+                    std: Sequence[float] = OPENAI_STD, augment: bool = True):
+    """CoOp's train pipeline (random resized crop, horizontal flip, normalise) or its test
+    pipeline (resize, centre crop, normalise); bicubic resizing as in CLIP."""
+    from torchvision import transforms as T
+
+    bicubic = T.InterpolationMode.BICUBIC
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    if augment:
+        return T.Compose([T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=bicubic),
+                          T.RandomHorizontalFlip(), *norm])
+    return T.Compose([T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), *norm])

@@ -1,0 +1,273 @@
+"""Few-shot prompt-tuning trainer: zero-shot / CoOp / ProGrad, logs, plot, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .model import PromptedCLIP
+from .train import build_optimizer, coop_lr_lambda, train_step
+
+__all__ = ["TrainConfig", "Trainer", "evaluate", "transfer_context", "METHODS", "PRECISIONS"]
+
+METHODS = ("zeroshot", "coop", "prograd")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Options of one run (CoOp's defaults for the optimiser and schedule)."""
+
+    method: str = "prograd"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    lam: float = 1.0
+    temperature: float = 1.0
+    granularity: str = "global"
+    backend: str = "auto"
+    precision: str = "fp32"
+    grad_mode: str = "batched"
+    seed: int = 1
+    num_workers: int = 0
+    log_every: int = 20
+    eval_every: int = 1
+    output_dir: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+
+
+@torch.no_grad()
+def evaluate(model: PromptedCLIP, loader: Sequence, device: torch.device | str = "cpu",
+             zeroshot: bool = False, autocast_dtype: torch.dtype | None = None) -> float:
+    """Top-1 accuracy (in %) of the prompted model (or its zero-shot teacher)."""
+    device = torch.device(device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else torch.autocast(device.type, enabled=False))
+    with ctx:
+        text = None if zeroshot else model.text_features()
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            feats = model.encode_image(images)
+            logits = model.zeroshot_logits(feats) if zeroshot else model.logits(feats, text)
+            correct += (logits.argmax(-1) == labels).sum()
+            total += labels.numel()
+    return 100.0 * correct.item() / max(total, 1)
+
+
+def transfer_context(model: PromptedCLIP, classnames: Sequence[str], templates=None,
+                     tokenizer=None) -> PromptedCLIP:
+    """The same CLIP with the learned (generic) context on other class names: base-to-new."""
+    pl = model.prompt_learner
+    if pl.class_specific:
+        raise ValueError("a class-specific context cannot be transferred to new classes")
+    other = PromptedCLIP(model.clip, classnames, tokenizer=tokenizer,
+                         templates=templates if templates is not None else model.teacher.templates,
+                         n_ctx=pl.n_ctx, class_token_position=pl.class_token_position,
+                         dtype=pl.ctx.dtype, truncate=pl.truncate)
+    with torch.no_grad():
+        other.prompt_learner.ctx.copy_(pl.ctx)
+    return other
+
+
+class Trainer:
+    """Trains ``model``'s prompt on ``train_set`` and evaluates on ``eval_set`` every epoch.
+
+    Writes to ``config.output_dir``: ``log.json`` and ``log.csv`` (one row per epoch:
+    lr, cross-entropy, KL, conflict rate, accuracy), ``curves.png``, and
+    ``checkpoint.pt`` (context, optimiser, scheduler, scaler, history) which
+    :meth:`fit` resumes from.  Device statistics (losses, ``optimizer.stats()``) are
+    accumulated on the device and read once per epoch and every ``log_every`` steps.
+    """
+
+    def __init__(self, model: PromptedCLIP, train_set: Dataset, eval_set: Dataset | None,
+                 config: TrainConfig, device: torch.device | str = "cpu") -> None:
+        self.model, self.config = model, config
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self._shuffle = torch.Generator().manual_seed(config.seed)
+        self.train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
+                                       drop_last=False, generator=self._shuffle,
+                                       num_workers=config.num_workers)
+        self.eval_loader = (DataLoader(eval_set, batch_size=max(config.batch_size, 100),
+                                       num_workers=config.num_workers) if eval_set is not None else None)
+        lam = config.lam if config.method == "prograd" else 0.0
+        self.optimizer = build_optimizer(model, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay, lam=lam,
+                                         granularity=config.granularity, backend=config.backend)
+        self._lr_factor = coop_lr_lambda(max(config.epochs, 1), config.warmup_epochs,
+                                         config.lr, config.warmup_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.autocast = PRECISIONS[config.precision]
+        self.scaler = (torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None)
+        self.history: list[dict] = []
+        self.epoch = 0
+        self.out = Path(config.output_dir) if config.output_dir else None
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"ctx": self.model.prompt_learner.ctx.detach().cpu(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "epoch": self.epoch, "history": self.history,
+                "rng": torch.get_rng_state(), "shuffle_rng": self._shuffle.get_state(),
+                "config": asdict(self.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.model.prompt_learner.ctx.copy_(state["ctx"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+        # the schedule follows this run's config (e.g. more epochs than the checkpoint's run)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self._lr_factor(self.epoch)
+        torch.set_rng_state(state["rng"])
+        self._shuffle.set_state(state["shuffle_rng"])
+
+    def _checkpoint_path(self) -> Path | None:
+        return self.out / "checkpoint.pt" if self.out else None
+
+    def save(self) -> None:
+        path = self._checkpoint_path()
+        if path:
+            tmp = path.with_suffix(".tmp")
+            torch.save(self.state_dict(), tmp)
+            tmp.replace(path)
+
+    def maybe_resume(self) -> bool:
+        """Load ``output_dir/checkpoint.pt`` when present; True if resumed."""
+        path = self._checkpoint_path()
+        if not path or not path.exists():
+            return False
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        return True
+
+    # ---------------------------------------------------------------- loop
+    def evaluate(self, zeroshot: bool = False) -> float | None:
+        if self.eval_loader is None:
+            return None
+        return evaluate(self.model, self.eval_loader, self.device, zeroshot, self.autocast)
+
+    def _epoch(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, dev = self.config, self.device
+        self.model.train()
+        sums = torch.zeros(3, device=dev)  # ce, kl, conflict
+        n = 0
+        bar = tqdm(self.train_loader, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=False)
+        for i, (images, labels) in enumerate(bar):
+            out = train_step(self.model, self.optimizer, images.to(dev, non_blocking=True),
+                             labels.to(dev, non_blocking=True), temperature=cfg.temperature,
+                             scaler=self.scaler, autocast_dtype=self.autocast,
+                             grad_mode=cfg.grad_mode)
+            stats = self.optimizer.stats()[0]
+            conflict = (stats["conflict"].float().mean() if stats is not None
+                        else torch.zeros((), device=dev))
+            sums += torch.stack([out.ce, out.kl, conflict.to(dev)])
+            n += 1
+            if cfg.progress and (i + 1) % cfg.log_every == 0:  # the only in-epoch sync
+                ce, kl, cf = (sums / n).tolist()
+                bar.set_postfix(ce=f"{ce:.3f}", kl=f"{kl:.3f}", conflict=f"{cf:.2f}")
+        ce, kl, cf = (sums / max(n, 1)).tolist()
+        return {"ce": ce, "kl": kl, "conflict_rate": cf if cfg.method == "prograd" else None}
+
+    def fit(self, resume: bool = True, stop_after: int | None = None) -> list[dict]:
+        """Train for ``config.epochs`` (resuming from a checkpoint); returns the history.
+        ``stop_after``: return after that many epochs in this call (time-sliced jobs)."""
+        cfg = self.config
+        done = 0
+        if resume:
+            self.maybe_resume()
+        if cfg.method == "zeroshot" or cfg.epochs == 0:
+            if not self.history:
+                self.history.append({"epoch": 0, "lr": 0.0, "ce": None, "kl": None,
+                                     "conflict_rate": None,
+                                     "acc": self.evaluate(zeroshot=cfg.method == "zeroshot")})
+                self._write()
+            return self.history
+        while self.epoch < cfg.epochs and (stop_after is None or done < stop_after):
+            done += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            row = {"epoch": self.epoch + 1, "lr": lr, **self._epoch()}
+            self.scheduler.step()
+            self.epoch += 1
+            last = self.epoch == cfg.epochs
+            row["acc"] = self.evaluate() if (last or self.epoch % cfg.eval_every == 0) else None
+            self.history.append(row)
+            self.save()
+            self._write()
+        return self.history
+
+    def _write(self) -> None:
+        if not self.out:
+            return
+        (self.out / "log.json").write_text(json.dumps(
+            {"config": asdict(self.config), "history": self.history}, indent=1))
+        keys = ["epoch", "lr", "ce", "kl", "conflict_rate", "acc"]
+        with open(self.out / "log.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for row in self.history:
+                w.writerow({k: row.get(k) for k in keys})
+        plot_history(self.history, self.out / "curves.png", title=self.config.method)
+
+
+def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
+    """Accuracy, losses and conflict rate per epoch as a PNG; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ep = [r["epoch"] for r in history]
+
+    def series(key):
+        pts = [(e, r[key]) for e, r in zip(ep, history) if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, keys, name in ((axes[0], ["acc"], "accuracy (%)"), (axes[1], ["ce", "kl"], "loss"),
+                           (axes[2], ["conflict_rate"], "conflict rate")):
+        for k in keys:
+            x, y = series(k)
+            ax.plot(x, y, marker="o", ms=3, label=k)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        if len(keys) > 1:
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
