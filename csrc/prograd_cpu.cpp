@@ -143,11 +143,15 @@ Sums<acc_t> reduce_range(const scalar_t* d, const scalar_t* g, int64_t n, acc_t 
 }
 
 // ------------------------------------------------------------------ pass 2: update
+// The update mirrors the reference's tensor ops rounding for rounding: torch's CPU
+// ``add(x, alpha=a)`` is a fused multiply-add, ``mul`` / ``sub`` are not; so with float
+// lr and no general gradient the result equals torch.optim.SGD(foreach=False) bit for bit.
 template <typename acc_t>
 struct Hyper {
   acc_t s;        // 1 / grad_scale (1 without AMP)
   acc_t lr, wd, mom, omd;  // omd = 1 - dampening
   bool nesterov, maximize;
+  bool lr_tensor;  // the reference computes p - lr*u for a tensor lr, p + (-lr)*u for a float
 };
 
 // One range of one tensor.  g == nullptr: no projection (no general gradient or no
@@ -159,7 +163,7 @@ void update_range(scalar_t* p, const scalar_t* d, const scalar_t* g, scalar_t* b
   using V = Vectorized<acc_t>;
   int64_t i = 0;
   if constexpr (IO::kVec) {
-    const V vs(h.s), vcoef(coef), vlr(h.lr), vwd(h.wd), vmom(h.mom), vomd(h.omd);
+    const V vs(h.s), vcoef(coef), vlr(h.lr), vnlr(-h.lr), vwd(h.wd), vmom(h.mom), vomd(h.omd);
     const int64_t nvec = n - n % IO::kUnit;
     for (; i < nvec; i += IO::kUnit) {
       V u[2], pv[2];
@@ -173,12 +177,12 @@ void update_range(scalar_t* p, const scalar_t* d, const scalar_t* g, scalar_t* b
         u[k] = u[k] * vs;
         if (g != nullptr) u[k] = u[k] - vcoef * (gv[k] * vs);
         if (h.maximize) u[k] = u[k].neg();
-        if (h.wd != 0) u[k] = u[k] + vwd * pv[k];
+        if (h.wd != 0) u[k] = at::vec::fmadd(pv[k], vwd, u[k]);
         if (buf != nullptr) {
-          bv[k] = first ? u[k] : bv[k] * vmom + vomd * u[k];
-          u[k] = h.nesterov ? u[k] + vmom * bv[k] : bv[k];
+          bv[k] = first ? u[k] : at::vec::fmadd(u[k], vomd, bv[k] * vmom);
+          u[k] = h.nesterov ? at::vec::fmadd(bv[k], vmom, u[k]) : bv[k];
         }
-        pv[k] = pv[k] - vlr * u[k];
+        pv[k] = h.lr_tensor ? pv[k] - vlr * u[k] : at::vec::fmadd(u[k], vnlr, pv[k]);
       }
       IO::store(p + i, pv[0], pv[1]);
       if (buf != nullptr) IO::store(buf + i, bv[0], bv[1]);
@@ -189,13 +193,13 @@ void update_range(scalar_t* p, const scalar_t* d, const scalar_t* g, scalar_t* b
     const acc_t pv = static_cast<acc_t>(p[i]);
     if (g != nullptr) u = u - coef * (static_cast<acc_t>(g[i]) * h.s);
     if (h.maximize) u = -u;
-    if (h.wd != 0) u = u + h.wd * pv;
+    if (h.wd != 0) u = std::fma(pv, h.wd, u);
     if (buf != nullptr) {
-      const acc_t b = first ? u : static_cast<acc_t>(buf[i]) * h.mom + h.omd * u;
+      const acc_t b = first ? u : std::fma(u, h.omd, static_cast<acc_t>(buf[i]) * h.mom);
       buf[i] = static_cast<scalar_t>(b);
-      u = h.nesterov ? u + h.mom * b : b;
+      u = h.nesterov ? std::fma(b, h.mom, u) : b;
     }
-    p[i] = static_cast<scalar_t>(pv - h.lr * u);
+    p[i] = static_cast<scalar_t>(h.lr_tensor ? pv - h.lr * u : std::fma(u, -h.lr, pv));
   }
 }
 
@@ -383,13 +387,15 @@ std::tuple<std::vector<Tensor>, std::vector<std::optional<Tensor>>> prograd_sgd_
   const bool inf = found_inf.has_value() && found_inf->item<double>() != 0.0;
   std::vector<Tensor> stats;
   if (any_double) {
-    Hyper<double> h{inv_scale, lr_value, weight_decay, momentum, 1.0 - dampening, nesterov, maximize};
+    Hyper<double> h{inv_scale, lr_value, weight_decay, momentum, 1.0 - dampening, nesterov,
+                    maximize, lr_tensor.has_value()};
     stats = group_step<double>(work, has_momentum, lam, global, h, amp, inf, at::kDouble);
   } else {
     // Hyper-parameters rounded to float32 as the reference's float32 tensor math does.
     Hyper<float> h{static_cast<float>(inv_scale), static_cast<float>(lr_value),
                    static_cast<float>(weight_decay), static_cast<float>(momentum),
-                   static_cast<float>(1.0 - dampening), nesterov, maximize};
+                   static_cast<float>(1.0 - dampening), nesterov, maximize,
+                   lr_tensor.has_value()};
     stats = group_step<float>(work, has_momentum, static_cast<float>(lam), global, h, amp, inf,
                               at::kFloat);
   }

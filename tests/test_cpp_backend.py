@@ -126,8 +126,28 @@ def test_tensor_lr_equals_float_lr():
     ps, ds, gs = make_group((257, 16385), torch.float32, "cpu")
     a = run_case("cpp", ps, ds, gs, [None, None], lr=torch.tensor(0.05), momentum=0.9)
     b = run_case("cpp", ps, ds, gs, [None, None], lr=0.05, momentum=0.9)
-    for x, y in zip(a[0], b[0]):
-        assert torch.equal(x, y)
+    for x, y in zip(a[0], b[0]):  # p - lr*u vs p + (-lr)*u (fused): as the reference rounds
+        torch.testing.assert_close(x, y, rtol=EPS[torch.float32], atol=EPS[torch.float32])
+
+
+@pytest.mark.parametrize("hyper", [dict(lr=0.1), dict(lr=0.1, momentum=0.9, dampening=0.2),
+                                   dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+                                   dict(lr=0.1, maximize=True, weight_decay=1e-2, momentum=0.5)])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_without_general_grads_equals_torch_sgd_bitwise(hyper, dtype):
+    shapes = [(16, 512), (7,), (33, 5)]
+    p1 = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    p2 = [torch.nn.Parameter(p.detach().clone()) for p in p1]
+    o1 = ProGradSGD(p1, lam=0.0, backend="cpp", **hyper)
+    o2 = torch.optim.SGD(p2, foreach=False, **hyper)
+    for _ in range(4):
+        grads = [torch.randn(s, dtype=dtype) for s in shapes]
+        for a, b, g in zip(p1, p2, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    for a, b in zip(p1, p2):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
