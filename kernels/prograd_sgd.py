@@ -60,7 +60,7 @@ NUM_WARPS = 8
 SMALL_MAX = 16384       # largest group (elements) handled by the single-program kernel
 BLOCK_F = 1024          # partials per finalize step (global)
 TBLOCK = 32             # tensors per finalize tile ("tensor" granularity)
-CBLOCK = 32             # chunks per finalize tile ("tensor" granularity)
+CBLOCK = 32             # chunks per finalize tile ("tensor"; 32x32 keeps the reduce at 64 regs)
 
 
 @triton.jit

@@ -414,6 +414,17 @@ def test_unsupported_reasons():
     with pytest.raises(BackendUnavailableError, match="float64"):
         select_backend("triton", GroupStep(p64, [d.double() for d in ds], [None] * 5,
                                            [None] * 5, lr=0.1))
+    # AMP tensors and a tensor lr are checked every step, not only when addresses change
+    extra = {}
+    assert BACKEND.unsupported(GroupStep(ps, ds, gs, [None] * 5, lr=0.1, extra=extra)) is None
+    two = torch.ones(2, device=DEVICE)
+    assert "grad_scale" in BACKEND.unsupported(
+        GroupStep(ps, ds, gs, [None] * 5, lr=0.1, grad_scale=two, extra=extra))
+    assert "lr" in BACKEND.unsupported(GroupStep(ps, ds, gs, [None] * 5, lr=two, extra=extra))
+    with pytest.raises(ValueError, match="lam"):
+        BACKEND.step(GroupStep(ps, ds, gs, [None] * 5, lr=0.1, lam=1.5, extra=extra))
+    with pytest.raises(ValueError, match="granularity"):
+        BACKEND.step(GroupStep(ps, ds, gs, [None] * 5, lr=0.1, granularity="layer", extra=extra))
     # a cached "valid" verdict does not survive a layout change at new addresses
     extra = {}
     assert BACKEND.unsupported(GroupStep(ps, ds, gs, [None] * 5, lr=0.1, extra=extra)) is None

@@ -24,7 +24,7 @@ from itertools import repeat
 import torch
 from torch import Tensor
 
-from ..functional import GRANULARITIES, ProGradStats
+from ..functional import ProGradStats, _check_options
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _data_ptr = Tensor.data_ptr
@@ -102,13 +102,6 @@ class TritonBackend:
 
     def _full_check(self, step) -> str | None:
         params = step.params
-        if not params:
-            return "empty group"
-        if step.granularity not in GRANULARITIES:
-            return f"unknown granularity {step.granularity!r}"
-        if not (len(params) == len(step.grads) == len(step.general_grads)
-                == len(step.momentum_buffers)):
-            return "params, grads, general_grads and momentum_buffers differ in length"
         device, dtype = params[0].device, params[0].dtype
         if device.type == "cpu" and not self._k.INTERPRET:
             return "CPU tensors need TRITON_INTERPRET=1 (set before import)"
@@ -139,6 +132,18 @@ class TritonBackend:
                     return "non-contiguous tensors are not supported"
                 if t.data_ptr() % t.element_size():
                     return "a tensor's address is not a multiple of its element size"
+        return None
+
+    @staticmethod
+    def _scalars_check(step) -> str | None:
+        """Checks that run every step (cheap): list lengths, AMP tensors, a tensor lr."""
+        params = step.params
+        if not params:
+            return "empty group"
+        if not (len(params) == len(step.grads) == len(step.general_grads)
+                == len(step.momentum_buffers)):
+            return "params, grads, general_grads and momentum_buffers differ in length"
+        device = params[0].device
         for name in ("grad_scale", "found_inf"):
             t = getattr(step, name)
             if t is not None and (t.device != device or t.numel() != 1):
@@ -159,9 +164,8 @@ class TritonBackend:
         reason = self.available()
         sig = None
         if reason is None:
-            if not step.params:
-                reason = "empty group"
-            else:
+            reason = self._scalars_check(step)
+            if reason is None:
                 sig = self._signature(step)
                 extra = step.extra
                 if extra.get("triton_valid") != sig:
@@ -253,6 +257,7 @@ class TritonBackend:
 
     # ------------------------------------------------------------------ the step
     def step(self, step) -> ProGradStats:
+        _check_options(step.lam, step.granularity)  # ValueError, as the reference
         reason, sig = self._check(step)
         if reason is not None:
             raise RuntimeError(f"triton backend cannot run this step: {reason}")
