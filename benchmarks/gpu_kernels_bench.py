@@ -2,9 +2,11 @@
 
 On CUDA: CoOp 16x512, 27 tensors / 3.6M (MaPLe-like), one 8.2M tensor, dense 64M and 256M,
 fp32, for every available backend (torch reference, triton, cuda) and for
-``torch.optim.SGD(fused=True)`` alone (no ProGrad).  Per implementation: median wall time of
-one step in a loop (host clock, synchronised once around the loop) and device time from
-CUDA events.  Also a measured device-to-device copy bandwidth and the 32 B/element floor.
+``torch.optim.SGD(fused=True)`` alone (no ProGrad); the cuda backend also with each launch
+plan forced.  Per implementation: median wall time of one step in a loop (host clock,
+synchronised once around the loop) and the CUDA-event time of the same loop divided by the
+step count (it includes GPU idle gaps, so it approaches the wall time when the host is the
+bottleneck and the kernel time when the GPU is).  Also a measured device-to-device copy bandwidth and the 32 B/element floor.
 On a CPU (no CUDA device): 1M and 16M element groups plus CoOp and MaPLe, for the torch
 reference, a no-sync ``torch._foreach`` version, the C++ backend and ``torch.optim.SGD``
 (foreach); the ratio reference / cpp is printed.
@@ -31,6 +33,7 @@ import prograd_fast
 from prograd_fast.backends import available_backends
 
 HYPER = dict(lr=0.002, momentum=0.9, weight_decay=5e-4, lam=1.0)
+PLAN_NAMES = {1: "small", 2: "coop", 3: "two_pass"}
 
 
 def maple_shapes() -> list[tuple[int, ...]]:
@@ -70,17 +73,28 @@ def make_group(shapes, device, dtype=torch.float32, seed=0):
 
 
 class ProGradRunner:
-    """ProGradSGD on one backend, called as a training loop does."""
+    """ProGradSGD on one backend, called as a training loop does; ``plan`` forces a CUDA
+    launch plan (PROGRAD_FAST_CUDA_PLAN) for the duration of each step."""
 
-    def __init__(self, backend, ps, ds, gs, granularity):
+    def __init__(self, backend, ps, ds, gs, granularity, plan=None):
         self.opt = prograd_fast.ProGradSGD(ps, granularity=granularity, backend=backend, **HYPER)
-        self.gs = gs
+        self.gs, self.plan = gs, plan
         for p, d in zip(ps, ds):
             p.grad = d
 
     def __call__(self):
-        self.opt.store_general_grads(self.gs)
-        self.opt.step()
+        saved = os.environ.get("PROGRAD_FAST_CUDA_PLAN")
+        if self.plan:
+            os.environ["PROGRAD_FAST_CUDA_PLAN"] = self.plan
+        try:
+            self.opt.store_general_grads(self.gs)
+            self.opt.step()
+        finally:
+            if self.plan:
+                if saved is None:
+                    os.environ.pop("PROGRAD_FAST_CUDA_PLAN", None)
+                else:
+                    os.environ["PROGRAD_FAST_CUDA_PLAN"] = saved
 
 
 class ForeachRunner:
@@ -187,12 +201,18 @@ def main(argv=None) -> int:
         impls = {}
         for b in backends:
             impls[f"prograd_fast-{b}"] = (lambda b=b: ProGradRunner(b, *make_group(shapes, device), args.granularity))
+            if b == "cuda":  # each launch plan on its own (a refused plan shows as n/a)
+                for plan in ("small", "coop", "two_pass"):
+                    if plan == "small" and elements > 65536:
+                        continue
+                    impls[f"prograd_fast-cuda[{plan}]"] = (lambda plan=plan: ProGradRunner(
+                        "cuda", *make_group(shapes, device), args.granularity, plan=plan))
         if device.type == "cpu":
             impls["foreach (torch, no sync)"] = lambda: ForeachRunner(*make_group(shapes, device), args.granularity)
         impls["torch SGD fused alone" if device.type == "cuda" else "torch SGD foreach alone"] = (
             lambda: SGDRunner(*make_group(shapes, device)[:2], fused=device.type == "cuda"))
         for name, make in impls.items():
-            backend = name.split("-", 1)[1] if name.startswith("prograd_fast-") else None
+            backend = name.split("-", 1)[1].split("[")[0] if name.startswith("prograd_fast-") else None
             if backend and reasons.get(backend):
                 results.append(dict(scenario=scen, impl=name, skipped=reasons[backend]))
                 continue
@@ -207,6 +227,9 @@ def main(argv=None) -> int:
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if isinstance(runner, ProGradRunner) and backend == "cuda":
+                plan = runner.opt._backend_cache[0].get("cuda", {}).get("plan")
+                name = f"{name} plan={PLAN_NAMES.get(plan, plan)}" if "[" not in name else name
             results.append(dict(scenario=scen, impl=name, tensors=len(shapes), elements=elements,
                                 wall_us=wall, device_us=dev, floor_us=floor_us, iters=iters))
     print(f"\n## ProGrad-SGD step, {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}),"

@@ -162,19 +162,29 @@ __device__ void accumulate(const scalar_t* d, const scalar_t* g, int64_t lo, int
   }
 }
 
+// Explicitly rounded arithmetic: the update mirrors the reference's tensor ops (torch's
+// add(x, alpha=a) is a fused multiply-add on CUDA, mul and sub are single roundings), so
+// nvcc's contraction cannot make it differ from the reference by more than the reductions.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+
 // The projected SGD update of one element (all in acc_t).  dv, gv are already unscaled.
 template <typename acc_t>
 __device__ __forceinline__ void sgd_element(acc_t dv, acc_t gv, bool project, acc_t coef,
                                             acc_t& pv, acc_t& bv, bool first,
                                             const Hyper<acc_t>& h, acc_t lr) {
-  acc_t u = project ? dv - coef * gv : dv;
+  acc_t u = project ? sub_rn(dv, mul_rn(coef, gv)) : dv;
   if (h.maximize) u = -u;
-  if (h.wd != acc_t(0)) u = u + h.wd * pv;
+  if (h.wd != acc_t(0)) u = fma_rn(pv, h.wd, u);
   if (h.has_momentum) {
-    bv = first ? u : bv * h.mom + h.omd * u;
-    u = h.nesterov ? u + h.mom * bv : bv;
+    bv = first ? u : fma_rn(u, h.omd, mul_rn(bv, h.mom));
+    u = h.nesterov ? fma_rn(bv, h.mom, u) : bv;
   }
-  pv = pv - lr * u;
+  pv = h.lr_ptr != nullptr ? sub_rn(pv, mul_rn(lr, u)) : fma_rn(u, -lr, pv);
 }
 
 // Update elements [lo, hi) of tensor k (thread-strided), reading d and g from memory.
@@ -203,8 +213,8 @@ __device__ void update_range(const Table& t, int k, int64_t lo, int64_t hi, bool
       for (int v = 0; v < V; ++v) {
         acc_t pv = static_cast<acc_t>(pp.v[v]);
         acc_t bv = (buf != nullptr && !first) ? static_cast<acc_t>(bp.v[v]) : acc_t(0);
-        const acc_t gv = project ? static_cast<acc_t>(gp.v[v]) * s : acc_t(0);
-        sgd_element<acc_t>(static_cast<acc_t>(dp.v[v]) * s, gv, project, coef, pv, bv, first, h, lr);
+        const acc_t gv = project ? mul_rn(static_cast<acc_t>(gp.v[v]), s) : acc_t(0);
+        sgd_element<acc_t>(mul_rn(static_cast<acc_t>(dp.v[v]), s), gv, project, coef, pv, bv, first, h, lr);
         pp.v[v] = static_cast<scalar_t>(pv);
         bp.v[v] = static_cast<scalar_t>(bv);
       }
@@ -216,8 +226,8 @@ __device__ void update_range(const Table& t, int k, int64_t lo, int64_t hi, bool
   for (int64_t j = i + threadIdx.x; j < hi; j += blockDim.x) {
     acc_t pv = static_cast<acc_t>(p[j]);
     acc_t bv = (buf != nullptr && !first) ? static_cast<acc_t>(buf[j]) : acc_t(0);
-    const acc_t gv = project ? static_cast<acc_t>(g[j]) * s : acc_t(0);
-    sgd_element<acc_t>(static_cast<acc_t>(d[j]) * s, gv, project, coef, pv, bv, first, h, lr);
+    const acc_t gv = project ? mul_rn(static_cast<acc_t>(g[j]), s) : acc_t(0);
+    sgd_element<acc_t>(mul_rn(static_cast<acc_t>(d[j]), s), gv, project, coef, pv, bv, first, h, lr);
     p[j] = static_cast<scalar_t>(pv);
     if (buf != nullptr) buf[j] = static_cast<scalar_t>(bv);
   }

@@ -78,7 +78,7 @@ def _cpu_capability() -> str:
 def cuda_build_flags() -> list[str]:
     """nvcc flags: sm_90 (H200) and sm_80 code plus compute_90 PTX for newer GPUs."""
     archs = os.environ.get("PROGRAD_FAST_CUDA_ARCHS", "80;90").split(";")
-    flags = ["-O3", "-lineinfo"]
+    flags = ["-O3", "-lineinfo", "--threads", "0"]  # --threads: the archs compile in parallel
     for arch in archs:
         arch = arch.strip()
         if arch:
