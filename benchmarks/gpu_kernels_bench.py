@@ -168,6 +168,30 @@ def time_runner(fn, device, budget_s, quick, warmup=3, rounds=5):
     return statistics.median(walls), (statistics.median(devs) if devs else None), iters
 
 
+def paired_ratios(shapes, device, granularity, rounds=15):
+    """Median over rounds of (reference step time / cpp step time) and (foreach / cpp), the
+    three steps timed back to back in each round."""
+    if available_backends().get("cpp"):
+        return None
+    ref = ProGradRunner("torch", *make_group(shapes, device), granularity)
+    cpp = ProGradRunner("cpp", *make_group(shapes, device), granularity)
+    fe = ForeachRunner(*make_group(shapes, device), granularity)
+    for fn in (ref, cpp, fe):
+        fn()
+        fn()
+    r_ref, r_fe = [], []
+    for _ in range(rounds):
+        times = []
+        for fn in (ref, cpp, fe):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        r_ref.append(times[0] / times[1])
+        r_fe.append(times[2] / times[1])
+    return dict(reference_over_cpp=statistics.median(r_ref),
+                foreach_over_cpp=statistics.median(r_fe), rounds=rounds)
+
+
 def copy_bandwidth(device, elements=64 * 2**20):
     """Measured device-to-device copy bandwidth in bytes/s (read + write)."""
     src = torch.empty(elements, device=device)
@@ -245,7 +269,17 @@ def main(argv=None) -> int:
             why = r.get("skipped") or r.get("error")
             print(f"| {r['scenario']} | {r['impl']} | n/a: {why[:80]} | | | |")
     if device.type == "cpu":
-        print()
+        print("\npaired (one step of each, alternating; median of per-round ratios: robust to load"
+              " drift on a shared machine):")
+        for scen in ("dense 1M", "dense 16M"):
+            ratios = paired_ratios(scenarios[scen], device, args.granularity,
+                                   rounds=5 if args.quick else 15)
+            if ratios is None:
+                continue
+            results.append(dict(scenario=scen, impl="paired ratios", **ratios))
+            print(f"{scen}: reference / cpp = {ratios['reference_over_cpp']:.2f}x,"
+                  f" foreach / cpp = {ratios['foreach_over_cpp']:.2f}x")
+        print("\nfrom the table:")
         for scen in scenarios:
             ref = next((r for r in results if r["scenario"] == scen and r["impl"] == "prograd_fast-torch" and "wall_us" in r), None)
             fe = next((r for r in results if r["scenario"] == scen and r["impl"].startswith("foreach") and "wall_us" in r), None)

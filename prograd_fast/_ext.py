@@ -47,6 +47,7 @@ class ExtensionUnavailable(RuntimeError):
     """The extension cannot be built or loaded here; the message says why."""
 
 
+_log = logging.getLogger("prograd_fast")
 _lock = threading.Lock()
 _modules: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
@@ -216,6 +217,7 @@ def load(kind: str) -> ModuleType:
             raise ExtensionUnavailable(_errors[kind])
         reason = _prerequisites(kind)
         if reason is None:
+            _log.info("loading the prograd_fast %s extension (compiled on first use, then cached)", kind)
             start = time.perf_counter()
             try:
                 _modules[kind] = _build(kind)
