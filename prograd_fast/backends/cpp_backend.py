@@ -36,20 +36,22 @@ class CppBackend:
     def unsupported(self, step) -> str | None:
         if step.granularity not in GRANULARITIES:
             return f"unknown granularity {step.granularity!r}"
-        # Metadata checks are cached per group: same tensors object identity, same answer.
-        key = tuple(id(t) for t in step.params)
+        # The checks are cached per group: the same tensor objects as last step give the
+        # same answer (the kernel re-checks devices, dtypes and shapes anyway).
+        key = tuple(map(id, step.params)) + tuple(map(id, step.grads)) + \
+            tuple(map(id, step.general_grads)) + tuple(map(id, step.momentum_buffers))
         cached = step.extra.get("cpp_checked")
         if cached is not None and cached[0] == key:
-            params_ok = cached[1]
-        else:
-            params_ok = None
-            for i, p in enumerate(step.params):
-                params_ok = _tensor_problem(p, "parameter", i, None)
-                if params_ok:
-                    break
-            step.extra["cpp_checked"] = (key, params_ok)
-        if params_ok:
-            return params_ok
+            return cached[1]
+        problem = self._check(step)
+        step.extra["cpp_checked"] = (key, problem)
+        return problem
+
+    def _check(self, step) -> str | None:
+        for i, p in enumerate(step.params):
+            problem = _tensor_problem(p, "parameter", i, None)
+            if problem:
+                return problem
         for name, tensors in (("grad", step.grads), ("general grad", step.general_grads),
                               ("momentum buffer", step.momentum_buffers)):
             for i, (t, p) in enumerate(zip(tensors, step.params)):

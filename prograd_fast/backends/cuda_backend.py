@@ -52,6 +52,18 @@ class CudaBackend:
     def unsupported(self, step) -> str | None:
         if step.granularity not in GRANULARITIES:
             return f"unknown granularity {step.granularity!r}"
+        # Cached per group: the same tensor objects as last step give the same answer (the
+        # kernel re-checks devices, dtypes and shapes anyway).
+        key = tuple(map(id, step.params)) + tuple(map(id, step.grads)) + \
+            tuple(map(id, step.general_grads)) + tuple(map(id, step.momentum_buffers))
+        cached = step.extra.get("cuda_checked")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        problem = self._check(step)
+        step.extra["cuda_checked"] = (key, problem)
+        return problem
+
+    def _check(self, step) -> str | None:
         device = step.params[0].device
         for i, p in enumerate(step.params):
             problem = _tensor_problem(p, "parameter", i, None)
