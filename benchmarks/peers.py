@@ -37,8 +37,10 @@ __all__ = [
     "Problem",
     "Unavailable",
     "build",
+    "disagreement",
     "implementation_names",
     "make_problem",
+    "reference_state",
     "synchronize",
 ]
 
@@ -101,9 +103,19 @@ def synchronize(device: torch.device) -> None:
 
 
 class Implementation:
-    """Base: ``step()`` runs one optimizer step; ``info`` goes to the benchmark's extra_info."""
+    """Base: ``step()`` runs one optimizer step; ``info`` goes to the benchmark's extra_info.
+
+    ``setup_steps``: steps already taken when construction returns; ``projects``: whether it
+    computes ProGrad (False: plain SGD); :attr:`granularity`: the projection it computes.
+    """
 
     name = "?"
+    setup_steps = 0
+    projects = True
+
+    @property
+    def granularity(self) -> str:
+        return self.problem.granularity
 
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
@@ -132,6 +144,10 @@ class PaperStyle(_TorchOptimizerMixin, Implementation):
     """The official ProGrad trainer's update, tensor by tensor, with its host syncs."""
 
     name = "paper_style"
+
+    @property
+    def granularity(self) -> str:
+        return "tensor"
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
@@ -183,6 +199,7 @@ class Compiled(Implementation):
     """``torch.compile`` of the reference step; the first (compiling) call is timed apart."""
 
     name = "compile"
+    setup_steps = 2  # one eager step (creates buffers), one compiling step
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
@@ -219,6 +236,7 @@ class TorchSGD(_TorchOptimizerMixin, Implementation):
     """``torch.optim.SGD`` on the domain gradient only: no ProGrad at all (the floor)."""
 
     name = "torch_sgd"
+    projects = False
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
@@ -259,6 +277,60 @@ class ProGradFast(Implementation):
 
     def momentum_buffers(self) -> list[Tensor | None]:
         return [self.opt.state[p].get("momentum_buffer") for p in self.problem.params]
+
+
+def reference_state(problem: Problem, steps: int, granularity: str | None = None,
+                    project: bool = True, dtype: torch.dtype = torch.float64,
+                    ) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Parameters and momentum buffers after ``steps`` steps of the pure-PyTorch reference,
+    computed in ``dtype`` (float64: free of fp32 reduction error) on a copy of ``problem``."""
+    hyper = dict(problem.hyper)
+    lam = hyper.pop("lam")
+    params = [p.detach().to(dtype, copy=True) for p in problem.params]
+    domain = [d.to(dtype) for d in problem.domain]
+    generals = [g.to(dtype) for g in problem.general] if project else [None] * len(params)
+    bufs: list[Tensor | None] = [None] * len(params)
+    for _ in range(steps):
+        prograd_sgd(params, domain, generals, bufs, lam=lam,
+                    granularity=granularity or problem.granularity, **hyper)
+    return params, bufs
+
+
+def disagreement(implementation: Implementation, expected, rtol: float, atol: float,
+                 coef_tol: float = 0.05) -> str | None:
+    """Why ``implementation``'s parameters and buffers differ from ``expected`` (float64
+    reference), or None when they agree.
+
+    Agreement allows (a) elementwise rounding within ``atol + rtol*|expected|`` and (b) per
+    tensor a multiple of the general gradient ``g`` up to ``coef_tol``: summing millions of
+    fp32 products in a different order moves the projection coefficient by up to ~1e-3
+    relative (torch's own CPU reductions do), which shifts every element along ``g``.  An
+    unwritten tail, a missing term or a wrong coefficient does not fit that pattern.
+    Reads device values: call it in setup, never in a timed step.
+    """
+    exp_params, exp_bufs = expected
+    got_bufs = implementation.momentum_buffers()
+    pairs = [("param", implementation.problem.params, exp_params), ("buffer", got_bufs, exp_bufs)]
+    for i, g in enumerate(implementation.problem.general):
+        g32 = g.detach().reshape(-1).float()  # fp32 is plenty for a check of this resolution
+        gg = float(g32 @ g32)
+        for what, got_list, exp_list in pairs:
+            got, want = got_list[i], exp_list[i]
+            if got is None or want is None:
+                if (got is None) != (want is None):
+                    return f"{what} {i}: {'missing' if got is None else 'unexpected'} buffer"
+                continue
+            want = want.detach().reshape(-1).float()
+            r = got.detach().reshape(-1).float() - want
+            alpha = float(r @ g32) / gg if gg > 0 else 0.0
+            if not abs(alpha) <= coef_tol:
+                return f"{what} {i}: off by {alpha:.3g} x the general gradient"
+            rest = (r.sub_(g32, alpha=alpha)).abs_()
+            bad = ~(rest <= atol + rtol * want.abs())
+            if bool(bad.any()):
+                return (f"{what} {i}: {int(bad.sum())} of {bad.numel()} elements differ, "
+                        f"up to {float(rest.nan_to_num(float('inf')).max()):.3g}")
+    return None
 
 
 PEERS: dict[str, Callable[[Problem], Implementation]] = {

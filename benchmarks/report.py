@@ -38,7 +38,7 @@ class Result:
     name: str
     group: str
     implementation: str
-    median: float
+    time: float  # the chosen statistic (median by default), seconds
     iqr: float
     rounds: int
     extra: dict = field(default_factory=dict)
@@ -63,6 +63,7 @@ class Run:
     date: str
     files: list[str]
     results: list[Result]
+    stat: str = "median"
 
 
 def _implementation(bench: dict) -> str:
@@ -73,8 +74,14 @@ def _implementation(bench: dict) -> str:
     return str(param) if param else bench["name"]
 
 
-def load(path: str | os.PathLike) -> tuple[dict, list[Result]]:
-    """Parse one pytest-benchmark JSON file: ``(header, results)``."""
+STATS = ("median", "min", "mean")
+
+
+def load(path: str | os.PathLike, stat: str = "median") -> tuple[dict, list[Result]]:
+    """Parse one pytest-benchmark JSON file: ``(header, results)``; ``stat`` picks the time
+    (``median``; ``min`` is steadier on a busy shared machine, where noise only adds)."""
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
     if "benchmarks" not in data:
@@ -82,10 +89,10 @@ def load(path: str | os.PathLike) -> tuple[dict, list[Result]]:
     results = []
     for bench in data["benchmarks"]:
         stats = bench.get("stats") or {}
-        if "median" not in stats:
+        if stat not in stats:
             continue  # --benchmark-disable runs leave no timings
         results.append(Result(
-            name=bench["name"], group=bench.get("group") or "", median=float(stats["median"]),
+            name=bench["name"], group=bench.get("group") or "", time=float(stats[stat]),
             implementation=_implementation(bench), iqr=float(stats.get("iqr", 0.0)),
             rounds=int(stats.get("rounds", 0)), extra=dict(bench.get("extra_info") or {})))
     header = {k: data.get(k) for k in ("machine_info", "commit_info", "datetime", "version")}
@@ -98,17 +105,17 @@ def _label(header: dict) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def gather(paths: list[str], label: str | None = None) -> list[Run]:
+def gather(paths: list[str], label: str | None = None, stat: str = "median") -> list[Run]:
     """Load ``paths`` and merge them into one :class:`Run` per label."""
     runs: dict[str, Run] = {}
     for path in paths:
-        header, results = load(path)
+        header, results = load(path, stat)
         key = label or _label(header)
         machine = header.get("machine_info") or {}
         if key not in runs:
             runs[key] = Run(key, machine, machine.get("prograd_bench") or {},
                             header.get("commit_info") or {}, str(header.get("datetime") or ""),
-                            [], [])
+                            [], [], stat)
         runs[key].files.append(str(path))
         runs[key].results.extend(results)
     return list(runs.values())
@@ -173,15 +180,16 @@ def _pivot(steps, by, impls, scen, title: str, metric) -> list[str]:
     return lines
 
 
-def step_tables(results: list[Result], expected: list[str] | None = None) -> str:
-    """Markdown: a compact scenario x implementation table of medians, then the details."""
+def step_tables(results: list[Result], expected: list[str] | None = None, stat: str = "median",
+                copy_gbs: float | None = None) -> str:
+    """Markdown: compact scenario x implementation tables of times, then the details."""
     steps = [r for r in results if r.is_step]
     if not steps:
         return ""
     by = {(r.scenario, r.implementation): r for r in steps}
     impls = _impl_order(r.implementation for r in steps)
     scen = _scenario_order(steps)
-    lines = _pivot(steps, by, impls, scen, "median wall time per step", lambda r: r.median)
+    lines = _pivot(steps, by, impls, scen, f"{stat} wall time per step", lambda r: r.time)
     if any("device_us" in r.extra for r in steps):
         lines += [""] + _pivot(
             steps, by, impls, scen,
@@ -193,10 +201,11 @@ def step_tables(results: list[Result], expected: list[str] | None = None) -> str
                   + ", ".join(f"`{m}`" for m in missing) + "."]
     cuda = any("device_us" in r.extra for r in steps)
     lines += ["", "#### Optimizer step: details", "",
-              "Speed-up = paper_style median / this median; cost vs torch_sgd = this median / "
-              "torch_sgd median (torch's own SGD without ProGrad, the floor a user already "
-              "pays). GB/s = the fused design's bytes per step / median.", "",
-              "| scenario | implementation | median | IQR | speed-up vs paper_style | "
+              f"Times are the {stat} over rounds. Speed-up = paper_style time / this time; "
+              "cost vs torch_sgd = this time / torch_sgd time (torch's own SGD without ProGrad, "
+              "the floor a user already pays). GB/s = the fused design's bytes per step / time.",
+              "",
+              f"| scenario | implementation | {stat} | IQR | speed-up vs paper_style | "
               "cost vs torch_sgd | GB/s | % of copy bw |" + (" loop device time |" if cuda else "")
               + " notes |",
               "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---|"]
@@ -207,8 +216,9 @@ def step_tables(results: list[Result], expected: list[str] | None = None) -> str
             if r is None:
                 continue
             ex = r.extra
-            gbs = ex.get("gbs")
-            frac = ex.get("copy_fraction")
+            gbs = ex["bytes_per_step"] / r.time / 1e9 if ex.get("bytes_per_step") else None
+            bw = copy_gbs or ex.get("copy_gbs")
+            frac = gbs / bw if gbs is not None and bw else None
             notes = []
             if "compile_s" in ex:
                 notes.append(f"compile {ex['compile_s']:.1f} s (apart)")
@@ -216,9 +226,9 @@ def step_tables(results: list[Result], expected: list[str] | None = None) -> str
                 notes.append(f"SGD {ex['sgd']}")
             if ex.get("note"):
                 notes.append(str(ex["note"]))
-            speedup = paper.median / r.median if paper else None
-            cost = r.median / floor.median if floor else None
-            row = (f"| {s} | {i} | {fmt_time(r.median)} | {fmt_time(r.iqr)} | "
+            speedup = paper.time / r.time if paper else None
+            cost = r.time / floor.time if floor else None
+            row = (f"| {s} | {i} | {fmt_time(r.time)} | {fmt_time(r.iqr)} | "
                    f"{fmt_ratio(speedup)} | {fmt_ratio(cost)} | "
                    f"{'-' if gbs is None else f'{gbs:.3g}'} | "
                    f"{'-' if frac is None else f'{100 * frac:.1f}%'} |")
@@ -232,13 +242,13 @@ def step_tables(results: list[Result], expected: list[str] | None = None) -> str
 _SKIP_EXTRA = {"kind", "implementation", "scenario"}
 
 
-def other_table(results: list[Result]) -> str:
+def other_table(results: list[Result], stat: str = "median") -> str:
     """Markdown for every benchmark that is not an optimizer step (e.g. end to end)."""
     others = [r for r in results if not r.is_step]
     if not others:
         return ""
     lines = ["#### Other benchmarks (end to end)", "",
-             "| group | implementation | median | IQR | speed-up vs paper_style | details |",
+             f"| group | implementation | {stat} | IQR | speed-up vs paper_style | details |",
              "|---|---|---:|---:|---:|---|"]
     groups: dict[str, list[Result]] = defaultdict(list)
     for r in others:
@@ -246,12 +256,12 @@ def other_table(results: list[Result]) -> str:
     for g in sorted(groups):
         members = groups[g]
         paper = next((r for r in members if PAPER in r.implementation), None)
-        for r in sorted(members, key=lambda r: r.median, reverse=True):
+        for r in sorted(members, key=lambda r: r.time, reverse=True):
             details = ", ".join(f"{k}={_short(v)}" for k, v in r.extra.items()
                                 if k not in _SKIP_EXTRA)
-            lines.append(f"| {g} | {r.implementation} | {fmt_time(r.median)} | "
+            lines.append(f"| {g} | {r.implementation} | {fmt_time(r.time)} | "
                          f"{fmt_time(r.iqr)} | "
-                         f"{fmt_ratio(paper.median / r.median if paper else None)} | {details} |")
+                         f"{fmt_ratio(paper.time / r.time if paper else None)} | {details} |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,7 +301,8 @@ def render_section(run: Run, plot_rel: str | None, report_cmd: str,
                    expected: list[str] | None = None) -> str:
     """The markdown of one label's section (without the markers)."""
     parts = ["\n".join(header_lines(run, report_cmd)) + "\n"]
-    for table in (step_tables(run.results, expected), other_table(run.results)):
+    for table in (step_tables(run.results, expected, run.stat, run.facts.get("copy_gbs")),
+                  other_table(run.results, run.stat)):
         if table:
             parts.append(table)
     if plot_rel:
@@ -324,7 +335,7 @@ def plot(run: Run, path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
     for impl in _impl_order(r.implementation for r in steps):
-        pts = sorted((r.extra["elements"], r.median * 1e6) for r in steps if r.implementation == impl)
+        pts = sorted((r.extra["elements"], r.time * 1e6) for r in steps if r.implementation == impl)
         style = "--" if impl in PEER_ORDER else "-"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=impl)
     copy_gbs = run.facts.get("copy_gbs") or steps[0].extra.get("copy_gbs")
@@ -343,7 +354,7 @@ def plot(run: Run, path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("elements in the parameter group")
-    ax.set_ylabel("median wall time per optimizer step (us)")
+    ax.set_ylabel(f"{run.stat} wall time per optimizer step (us)")
     ax.set_title(f"ProGrad-SGD step, {run.label}: {run.facts.get('device_name', '')}"[:90],
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
@@ -372,12 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-dir", default="benchmarks/results", help="where PNGs go")
     parser.add_argument("--label", default=None, help="section label (default: cpu or cuda)")
     parser.add_argument("--no-plot", action="store_true", help="tables only")
+    parser.add_argument("--stat", default="median", choices=STATS,
+                        help="which pytest-benchmark statistic the tables use (default median)")
     args = parser.parse_args(argv)
     report_cmd = "python -m benchmarks.report " + " ".join(argv if argv is not None else sys.argv[1:])
     output = Path(args.output)
     text = output.read_text(encoding="utf-8") if output.exists() else "# Benchmarks\n"
     expected = _expected_impls()
-    for run in gather(args.json, args.label):
+    for run in gather(args.json, args.label, args.stat):
         plot_rel = None
         if not args.no_plot:
             png = Path(args.plot_dir) / f"optimizer_step_{run.label}.png"

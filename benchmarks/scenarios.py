@@ -6,7 +6,7 @@ medium ones keep their real size: they are cheap on a CPU too).  The scale is ch
 environment variable ``PROGRAD_BENCH_SCALE``:
 
 ``auto`` (default)  ``full`` on CUDA, ``cpu`` on a CPU
-``full``            the sizes of DESIGN.md section 2 everywhere (needs ~10 GiB for dense256M)
+``full``            the sizes of DESIGN.md section 2 everywhere (needs ~16 GiB for dense256M)
 ``cpu``             the CPU-scaled sizes
 ``tiny``            a few thousand elements per scenario: smoke tests, never numbers
 """

@@ -258,3 +258,31 @@ def test_report_ratios_and_sections(tmp_path):
     doc = report.replace_section("# B\n", "cpu", "first")
     doc = report.replace_section(doc + "\ntail\n", "cpu", "second")
     assert "second" in doc and "first" not in doc and doc.rstrip().endswith("tail")
+
+
+def test_disagreement_accepts_the_same_math_and_catches_what_timing_would_hide():
+    problem = _problem(torch.float32, "tensor")
+    before = [p.clone() for p in problem.params]
+    expected = peers.reference_state(problem, 2)
+    for p, b in zip(problem.params, before):  # the reference works on a copy
+        assert torch.equal(p, b)
+    impl = peers.build("foreach", problem)
+    impl.step()
+    impl.step()
+    assert peers.disagreement(impl, expected, rtol=2e-5, atol=2e-5) is None
+    bufs = impl.momentum_buffers()
+    # A shift along g of coefficient size (a wrong or missing projection) is caught ...
+    bufs[0].add_(problem.general[0], alpha=0.3)
+    assert "general gradient" in (peers.disagreement(impl, expected, 2e-5, 2e-5) or "")
+    bufs[0].sub_(problem.general[0], alpha=0.3)
+    # ... while one of reduction-rounding size is tolerated.
+    bufs[0].add_(problem.general[0], alpha=1e-3)
+    assert peers.disagreement(impl, expected, 2e-5, 2e-5) is None
+    bufs[0].sub_(problem.general[0], alpha=1e-3)
+    # An unwritten or wrong tail element and a NaN are caught.
+    last = problem.params[-1].view(-1)
+    last[-1] += 1e-3
+    assert "param 4: " in (peers.disagreement(impl, expected, 2e-5, 2e-5) or "")
+    last[-1] -= 1e-3
+    bufs[1].view(-1)[0] = float("nan")
+    assert "buffer 1" in (peers.disagreement(impl, expected, 2e-5, 2e-5) or "")
