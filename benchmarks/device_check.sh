@@ -7,7 +7,7 @@
 #
 # Environment: PYTHON (default: python3 on PATH), OUT (logs + JSON go there when set),
 # DEVICE_CHECK_BUDGET_S (whole-script budget, default 285), per-step limits
-# DEVICE_CHECK_{BUILD,TESTS,BENCH,OTHER}_S.  Exit status: 0 when every step passed.
+# DEVICE_CHECK_{BUILD,KTESTS,TESTS,BENCH,OTHER}_S.  Exit status: 0 when every step passed.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
@@ -107,7 +107,13 @@ if [ "$HAS_CUDA" != "1" ]; then
     exit $FAILED
 fi
 
-run_step "pytest -x -q tests (CUDA)" "${DEVICE_CHECK_TESTS_S:-150}" $PY -m pytest -x -q tests
+# The kernel tests first (the CUDA correctness matrix in every launch plan), then the rest of
+# the suite: together they are `pytest -x -q tests`.
+KERNEL_TESTS="tests/test_cuda_build.py tests/test_cpp_backend.py"
+run_step "pytest -x -q (kernel tests, CUDA)" "${DEVICE_CHECK_KTESTS_S:-120}" \
+    $PY -m pytest -x -q $KERNEL_TESTS
+run_step "pytest -x -q tests (the rest, CUDA)" "${DEVICE_CHECK_TESTS_S:-150}" \
+    $PY -m pytest -x -q tests $(for f in $KERNEL_TESTS; do printf -- "--ignore=%s " "$f"; done)
 run_step "gpu_kernels_bench.py" "${DEVICE_CHECK_BENCH_S:-90}" $PY benchmarks/gpu_kernels_bench.py
 for script in benchmarks/gpu_*.py; do
     [ "$script" = "benchmarks/gpu_kernels_bench.py" ] && continue
