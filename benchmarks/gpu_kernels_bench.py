@@ -271,14 +271,24 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         print("\npaired (one step of each, alternating; median of per-round ratios: robust to load"
               " drift on a shared machine):")
-        for scen in ("dense 1M", "dense 16M"):
-            ratios = paired_ratios(scenarios[scen], device, args.granularity,
-                                   rounds=5 if args.quick else 15)
-            if ratios is None:
-                continue
-            results.append(dict(scenario=scen, impl="paired ratios", **ratios))
-            print(f"{scen}: reference / cpp = {ratios['reference_over_cpp']:.2f}x,"
-                  f" foreach / cpp = {ratios['foreach_over_cpp']:.2f}x")
+        threads = torch.get_num_threads()
+        # Also with one thread everywhere: torch.dot (MKL) on a busy machine with several
+        # threads can take milliseconds, which flatters the kernel; one thread removes that.
+        for n_threads in sorted({threads, 1}, reverse=True):
+            torch.set_num_threads(n_threads)
+            try:
+                for scen in ("dense 1M", "dense 16M"):
+                    ratios = paired_ratios(scenarios[scen], device, args.granularity,
+                                           rounds=5 if args.quick else 15)
+                    if ratios is None:
+                        continue
+                    results.append(dict(scenario=scen, impl=f"paired ratios, {n_threads} threads",
+                                        **ratios))
+                    print(f"{scen}, {n_threads} thread(s): reference / cpp ="
+                          f" {ratios['reference_over_cpp']:.2f}x, foreach / cpp ="
+                          f" {ratios['foreach_over_cpp']:.2f}x")
+            finally:
+                torch.set_num_threads(threads)
         print("\nfrom the table:")
         for scen in scenarios:
             ref = next((r for r in results if r["scenario"] == scen and r["impl"] == "prograd_fast-torch" and "wall_us" in r), None)
