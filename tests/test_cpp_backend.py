@@ -254,3 +254,16 @@ def test_unavailable_reason_when_building_is_disabled(monkeypatch):
     monkeypatch.setenv("CXX", "definitely-not-a-compiler-xyz")
     monkeypatch.delenv(_ext.NO_BUILD_ENV)
     assert "compiler" in _ext._prerequisites("cpu")
+
+
+def test_unavailable_backend_auto_uses_torch_and_forced_raises(monkeypatch):
+    from prograd_fast.backends import BackendUnavailableError
+
+    monkeypatch.delenv("PROGRAD_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(_ext, "unavailable_reason", lambda kind: "no compiler in this test")
+    ps, ds, gs = make_group((10,), torch.float32, "cpu")
+    step = GroupStep(ps, ds, gs, [None], lr=0.1)
+    assert get_backend("cpp").available() == "no compiler in this test"
+    assert select_backend("auto", step).name == "torch"
+    with pytest.raises(BackendUnavailableError, match="no compiler in this test"):
+        select_backend("cpp", step)
