@@ -17,6 +17,7 @@ Nothing here synchronises with the host: the conflict decision is a device-side 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -115,9 +116,14 @@ def reduce_dot_norms(
 
 
 def _group_stats(
-    grads, general_grads, lam, granularity, dtype, inv_scale, skipped
+    grads, general_grads, lam, granularity, dtype, inv_scale, skipped, reduce_hook=None
 ) -> ProGradStats:
     dots, nns, dds = reduce_dot_norms(grads, general_grads, dtype, inv_scale)
+    if reduce_hook is not None:
+        # Sharded parameters: the per-tensor partial sums are completed across processes.
+        partials = torch.stack([dots, nns, dds])
+        reduce_hook(partials)
+        dots, nns, dds = partials.unbind(0)
     if granularity == "global":
         dots, nns, dds = dots.sum(), nns.sum(), dds.sum()
     coef, conflict = prograd_coefficient(dots, nns, lam)
@@ -172,6 +178,7 @@ def prograd_sgd(
     granularity: str = "global",
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    reduce_hook: Callable[[Tensor], None] | None = None,
 ) -> ProGradStats:
     """One ProGrad-SGD step on one parameter group, in place; the readable reference.
 
@@ -180,6 +187,9 @@ def prograd_sgd(
     follow the ``torch.amp.GradScaler`` contract of fused optimizers: both gradients are
     divided by ``grad_scale``; the whole update is skipped (params and buffers unchanged)
     where ``found_inf`` is non-zero or the general gradient holds an inf/NaN.
+    ``reduce_hook`` (used for sharded parameters, see :mod:`prograd_fast.distributed`)
+    receives the ``(3, T)`` per-tensor partials ``<d,g>, ||g||^2, ||d||^2`` and must
+    complete them in place (e.g. an all-reduce) before the coefficient is computed.
     """
     _check_options(lam, granularity)
     if not (len(params) == len(grads) == len(general_grads) == len(momentum_buffers)):
@@ -195,7 +205,8 @@ def prograd_sgd(
         inv_scale = (1.0 / grad_scale.to(device=device, dtype=torch.float64)).to(dtype)
     if found_inf is not None:
         skipped = found_inf.to(device) != 0
-    stats = _group_stats(grads, general_grads, lam, granularity, dtype, inv_scale, skipped)
+    stats = _group_stats(grads, general_grads, lam, granularity, dtype, inv_scale, skipped,
+                         reduce_hook)
     if amp:
         # An inf/NaN anywhere in either gradient skips the step, as GradScaler expects.
         bad = ~torch.isfinite(stats.general_norm_sq.sum()) | ~torch.isfinite(stats.domain_norm_sq.sum())

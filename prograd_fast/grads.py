@@ -5,20 +5,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .distributed import all_reduce_general_grads, distributed_world, is_sharded
 from .optim import GENERAL_KEY, ProGradSGD
 
 __all__ = ["backward"]
 
 
-def backward(optimizer: ProGradSGD, task_loss: Tensor, general_loss: Tensor) -> None:
+def backward(optimizer: ProGradSGD, task_loss: Tensor, general_loss: Tensor, *,
+             all_reduce: bool | None = None, process_group=None) -> None:
     """Fill ``p.grad`` with the domain gradient and ``optimizer``'s buffer with the general one.
 
-    Runs ``general_loss``'s backward first, restricted to the optimizer's parameters
-    (``inputs=``), with ``.grad`` temporarily detached so autograd hands its result over
-    without a copy; then ``task_loss``'s backward accumulates into ``.grad`` as usual
-    (gradient accumulation keeps working for both gradients).  The graph is retained
-    only for the first call and freed by the second.  Scale both losses with the same
+    The general gradient comes from ``torch.autograd.grad`` on the optimizer's parameters
+    (graph retained), which hands the result over without a copy and runs no gradient
+    accumulator hooks -- so DDP's reducer does not see it; then ``task_loss``'s backward
+    fills ``.grad`` as usual (through DDP's hooks) and frees the graph.  Pending general
+    gradients (gradient accumulation) are added to.  Scale both losses with the same
     ``GradScaler`` when using AMP.
+
+    ``all_reduce`` (default: when torch.distributed is initialised with more than one
+    process in ``process_group``): average the general gradients over the processes, as
+    DDP averages ``.grad`` (:func:`prograd_fast.distributed.all_reduce_general_grads`).
+    For FSDP2 (DTensor) parameters, the general gradient runs a full ``backward`` so that
+    FSDP2 reduce-scatters it into the sharded gradient; other parameters that require grad
+    but are not in the optimizer then receive it in ``.grad`` as well.
     """
     if not isinstance(optimizer, ProGradSGD):
         raise TypeError("prograd_fast.backward needs a ProGradSGD optimizer")
@@ -30,18 +39,41 @@ def backward(optimizer: ProGradSGD, task_loss: Tensor, general_loss: Tensor) -> 
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     if not params:
         raise ValueError("the optimizer has no parameter that requires grad")
+    sharded = any(is_sharded(p) for p in params)
+    if sharded:
+        _sharded_general_backward(optimizer, params, general_loss)
+    else:
+        general = torch.autograd.grad(general_loss, params, retain_graph=True, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, general):
+                if g is None:
+                    continue
+                if g.stride() != p.stride():  # e.g. an expanded gradient of a sum: lay out like p
+                    g = torch.empty_like(p).copy_(g)
+                state = optimizer.state[p]
+                pending = state.get(GENERAL_KEY)
+                state[GENERAL_KEY] = g if pending is None else pending.add_(g)
+        if all_reduce is None:
+            all_reduce = distributed_world(process_group) > 1
+        if all_reduce:
+            all_reduce_general_grads(optimizer, process_group)
+    if sharded:
+        task_loss.backward()
+    else:
+        torch.autograd.backward(task_loss, inputs=params)
+
+
+def _sharded_general_backward(optimizer: ProGradSGD, params: list[Tensor], general_loss: Tensor) -> None:
+    """FSDP2: ``.grad`` is swapped for the pending general gradient during a full backward."""
     saved = [p.grad for p in params]
     try:
         for p in params:
-            # A pending general gradient (gradient accumulation) receives the new one in place.
             p.grad = optimizer.state[p].pop(GENERAL_KEY, None) if p in optimizer.state else None
-        torch.autograd.backward(general_loss, inputs=params, retain_graph=True)
+        general_loss.backward(retain_graph=True)
         general = [p.grad for p in params]
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-    with torch.no_grad():
-        for p, g in zip(params, general):
-            if g is not None:
-                optimizer.state[p][GENERAL_KEY] = g
-    torch.autograd.backward(task_loss, inputs=params)
+    for p, g in zip(params, general):
+        if g is not None:
+            optimizer.state[p][GENERAL_KEY] = g

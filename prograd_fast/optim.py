@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import BACKENDS, GroupStep, run_step
+from .distributed import is_sharded, sharded_group_step
 from .functional import GRANULARITIES, ProGradStats
 
 __all__ = ["ProGradSGD"]
@@ -110,6 +111,14 @@ class ProGradSGD(Optimizer):
             self._stats.append(None)
             self._backend_cache.append({})
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the domain gradients (as torch does) AND drop pending general gradients,
+        so a general gradient can never leak into a later iteration."""
+        super().zero_grad(set_to_none)
+        for p in self._params_in_order():
+            if p in self.state:
+                self.state[p].pop(GENERAL_KEY, None)
+
     # ---------------------------------------------------------------- general gradients
     def _params_in_order(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -192,7 +201,10 @@ class ProGradSGD(Optimizer):
                              maximize=group["maximize"], lam=group["lam"],
                              granularity=group["granularity"], grad_scale=grad_scale,
                              found_inf=found_inf, extra=self._backend_cache[index])
-            self._stats[index] = run_step(group["backend"], step)
+            if is_sharded(params[0]) or any(map(is_sharded, grads)):
+                self._stats[index] = sharded_group_step(step)  # FSDP2: see distributed.py
+            else:
+                self._stats[index] = run_step(group["backend"], step)
             if group["momentum"] != 0:
                 for p, buf in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = buf
