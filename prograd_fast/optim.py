@@ -179,7 +179,7 @@ class ProGradSGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        any_general = False
+        any_general = any_stepped = False
         for index, group in enumerate(self.param_groups):
             params, grads, generals, bufs = [], [], [], []
             for p in group["params"]:
@@ -195,6 +195,7 @@ class ProGradSGD(Optimizer):
                 any_general |= general is not None
             if not params:
                 continue
+            any_stepped = True
             step = GroupStep(params, grads, generals, bufs, lr=group["lr"],
                              momentum=group["momentum"], dampening=group["dampening"],
                              weight_decay=group["weight_decay"], nesterov=group["nesterov"],
@@ -208,7 +209,7 @@ class ProGradSGD(Optimizer):
             if group["momentum"] != 0:
                 for p, buf in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = buf
-        if not any_general and not self._warned_no_general and any(
+        if any_stepped and not any_general and not self._warned_no_general and any(
                 g["lam"] > 0 for g in self.param_groups):
             self._warned_no_general = True
             warnings.warn("ProGradSGD.step() ran without general gradients: this was a plain "
