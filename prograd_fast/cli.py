@@ -51,7 +51,7 @@ def _add_train(sub) -> None:
                         "or a string with {} ; comma-free list via repeated use is not needed")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype (fp16 adds a GradScaler)")
-    p.add_argument("--grad-mode", choices=["batched", "two_pass"], default="batched")
+    p.add_argument("--grad-mode", choices=["auto", "batched", "two_pass"], default="auto")
     p.add_argument("--shift", default="occlude", help="digits only: the downstream shift")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
     p.add_argument("--num-workers", type=int, default=0)

@@ -12,6 +12,8 @@ from prograd_fast.clip import (PromptedCLIP, ZeroShotTeacher, build_optimizer, c
 from prograd_fast.clip.prompt import default_tokenizer
 from prograd_fast.clip.tower import TextTower
 
+from prograd_fast.clip import train as train_mod
+
 from clip_helpers import CLASSNAMES, tiny_clip
 
 
@@ -84,7 +86,8 @@ def test_batched_grads_equal_two_backward_calls(class_specific):
     domain = ctx.grad.clone()
     ctx.grad = None
     assert general.abs().max() > 0 and domain.abs().max() > 0
-    for mode in ("batched", "two_pass"):
+    train_mod._AUTO.clear()
+    for mode in ("batched", "two_pass", "auto", "auto"):
         opt = build_optimizer(model, lam=1.0)
         feats = model.text_features()
         img = model.encode_image(images)
@@ -177,3 +180,35 @@ def test_bad_grad_mode():
     feats = model.text_features()
     with pytest.raises(ValueError, match="grad_mode"):
         compute_grads(opt, feats, feats.sum(), feats.sum(), grad_mode="three")
+
+
+def test_auto_grad_mode_falls_back_when_batched_backward_fails(monkeypatch):
+    model = _model(seed=8, dtype=torch.float64)
+    images, labels = _batch(4, seed=8)
+    images = images.double()
+    with torch.no_grad():
+        model.prompt_learner.ctx.add_(torch.randn_like(model.prompt_learner.ctx) * 0.5)
+    real_grad = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented")
+        return real_grad(*args, **kwargs)
+
+    out = {}
+    for name in ("reference", "fallback"):
+        train_mod._AUTO.clear()
+        if name == "fallback":
+            monkeypatch.setattr(torch.autograd, "grad", no_batching)
+        opt = build_optimizer(model, lam=1.0)
+        feats = model.text_features()
+        img = model.encode_image(images)
+        ce, kl = prograd_losses(model.logits(img, feats), model.zeroshot_logits(img), labels)
+        compute_grads(opt, feats, ce, kl, grad_mode="auto")
+        ctx = model.prompt_learner.ctx
+        out[name] = (ctx.grad.clone(), opt.state[ctx]["general_grad"].clone())
+        ctx.grad = None
+    assert train_mod._AUTO[("cpu", torch.float64)] == "two_pass"
+    for a, b in zip(out["reference"], out["fallback"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    train_mod._AUTO.clear()

@@ -79,9 +79,10 @@ class ZeroShotTeacher(nn.Module):
             for template in self.templates:
                 texts = [template.format(n) for n in names]
                 tokens = _tokenize(tokenizer, texts, tower.context_length).to(device)
-                out = [tower.encode_tokens(tokens[i:i + batch_size]).float()
-                       for i in range(0, len(texts), batch_size)]
-                feats.append(normalize(torch.cat(out)))
+                out = torch.cat([tower.encode_tokens(tokens[i:i + batch_size])
+                                 for i in range(0, len(texts), batch_size)])
+                # at least fp32 (fp16 towers), fp64 stays fp64
+                feats.append(normalize(out.to(torch.promote_types(out.dtype, torch.float32))))
             features = normalize(torch.stack(feats).mean(0))
         self.register_buffer("text_features", features, persistent=False)
 

@@ -5,14 +5,17 @@ context only through the class text features ``T`` (C, D), so the step first tak
 cheap head gradients ``dce/dT`` and ``dkl/dT`` and then runs ONE backward through the text
 encoder with both as a batched grad output (``is_grads_batched``): every layer's backward
 is one matrix product with twice the rows instead of two Python-driven passes with a
-retained graph.  ``grad_mode="two_pass"`` uses :func:`prograd_fast.backward` instead (the
-fallback when a batching rule is missing).  With every group's ``lam == 0`` (plain CoOp)
+retained graph.  ``grad_mode="two_pass"`` uses :func:`prograd_fast.backward` instead;
+``"auto"`` (the default) probes the batched backward once per device and dtype and falls
+back to two passes for good if PyTorch reports a missing batching rule (which would turn
+the batched backward into a slow loop) or raises.  With every group's ``lam == 0`` (plain CoOp)
 the general gradient is not computed at all.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -27,7 +30,8 @@ from .model import PromptedCLIP
 __all__ = ["StepOutput", "train_step", "compute_grads", "build_optimizer", "coop_lr_lambda",
            "GRAD_MODES"]
 
-GRAD_MODES = ("batched", "two_pass")
+GRAD_MODES = ("auto", "batched", "two_pass")
+_AUTO: dict[tuple, str] = {}  # (device type, dtype) -> the mode "auto" settled on
 
 
 @dataclass
@@ -51,7 +55,7 @@ def _accumulate(p: Tensor, g: Tensor) -> None:
 
 
 def compute_grads(optimizer: ProGradSGD, text_features: Tensor, ce: Tensor, kl: Tensor | None,
-                  grad_mode: str = "batched") -> None:
+                  grad_mode: str = "auto") -> None:
     """Fill ``p.grad`` with d(ce)/dp and store d(kl)/dp in ``optimizer`` (``kl=None``: CoOp).
 
     ``text_features`` is the tensor through which both losses reach the parameters; pass
@@ -66,13 +70,32 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor, ce: Tensor, kl: 
             if g is not None:
                 _accumulate(p, g)
         return
+    key = (text_features.device.type, text_features.dtype)
+    probe = grad_mode == "auto" and key not in _AUTO
+    if grad_mode == "auto" and not probe:
+        grad_mode = _AUTO[key]
     if grad_mode == "two_pass":
         prograd_backward(optimizer, ce, kl)
         return
     g_ce, = torch.autograd.grad(ce, text_features, retain_graph=True)
     g_kl, = torch.autograd.grad(kl, text_features, retain_graph=True)
-    both = torch.autograd.grad(text_features, params, grad_outputs=torch.stack([g_ce, g_kl]),
-                               is_grads_batched=True, allow_unused=True)
+    grad_outputs = torch.stack([g_ce, g_kl])
+    if probe:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                both = torch.autograd.grad(text_features, params, grad_outputs=grad_outputs,
+                                           is_grads_batched=True, allow_unused=True,
+                                           retain_graph=True)
+        except RuntimeError:
+            _AUTO[key] = "two_pass"
+            prograd_backward(optimizer, ce, kl)
+            return
+        slow = any("batching rule" in str(w.message) for w in caught)
+        _AUTO[key] = "two_pass" if slow else "batched"
+    else:
+        both = torch.autograd.grad(text_features, params, grad_outputs=grad_outputs,
+                                   is_grads_batched=True, allow_unused=True)
     general = {}
     for p, g in zip(params, both):
         if g is not None:
@@ -84,7 +107,7 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor, ce: Tensor, kl: 
 
 def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Tensor,
                labels: Tensor, *, temperature: float = 1.0, scaler=None,
-               autocast_dtype: torch.dtype | None = None, grad_mode: str = "batched",
+               autocast_dtype: torch.dtype | None = None, grad_mode: str = "auto",
                zero_grad: bool = True, step: bool = True) -> StepOutput:
     """Forward once, get both gradients, step (``optimizer.step`` or ``scaler.step``).
 
@@ -102,7 +125,8 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
         text_features = model.text_features()
         logits = model.logits(image_features, text_features)
         zs = model.zeroshot_logits(image_features)
-    ce, kl = prograd_losses(logits.float(), zs.float(), labels, temperature)
+    loss_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
+    ce, kl = prograd_losses(logits.to(loss_dtype), zs.to(loss_dtype), labels, temperature)
     prograd = isinstance(optimizer, ProGradSGD) and any(g["lam"] > 0 for g in optimizer.param_groups)
     scale = scaler.scale if scaler is not None else (lambda x: x)
     compute_grads(optimizer, text_features, scale(ce), scale(kl) if prograd else None, grad_mode)

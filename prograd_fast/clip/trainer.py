@@ -38,7 +38,7 @@ class TrainConfig:
     granularity: str = "global"
     backend: str = "auto"
     precision: str = "fp32"
-    grad_mode: str = "batched"
+    grad_mode: str = "auto"
     seed: int = 1
     num_workers: int = 0
     log_every: int = 20
