@@ -69,6 +69,13 @@ def cuda_loop_time_us(step: Callable[[], None], device: torch.device, guess_s: f
     return start.elapsed_time(end) * 1e3 / iters
 
 
+def _command() -> str:
+    """The command line that ran, with the ``PROGRAD_BENCH_*`` settings in force."""
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("PROGRAD_BENCH_")]
+    argv = ["pytest"] + sys.argv[1:] if "pytest" in sys.argv[0] else sys.argv
+    return " ".join(env + argv)
+
+
 def machine_facts(device: torch.device) -> dict:
     """What a reader needs to interpret the numbers: device, versions, threads."""
     facts = {
@@ -77,7 +84,7 @@ def machine_facts(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "command": " ".join(["pytest"] + sys.argv[1:]) if "pytest" in sys.argv[0] else " ".join(sys.argv),
+        "command": _command(),
     }
     try:
         import triton

@@ -24,9 +24,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Result", "load", "main", "render_section", "replace_section", "plot"]
+__all__ = ["Result", "load", "main", "plot", "render_section", "replace_section", "strip_data"]
 
 PAPER, FLOOR_IMPL = "paper_style", "torch_sgd"
+PLAIN = "coop_fast"  # the end-to-end suite's plain-CoOp (lam = 0) entry
 PEER_ORDER = ("paper_style", "foreach", "compile", "torch_sgd")
 BEGIN, END = "<!-- prograd-bench:{}:begin -->", "<!-- prograd-bench:{}:end -->"
 
@@ -248,20 +249,25 @@ def other_table(results: list[Result], stat: str = "median") -> str:
     if not others:
         return ""
     lines = ["#### Other benchmarks (end to end)", "",
-             f"| group | implementation | {stat} | IQR | speed-up vs paper_style | details |",
-             "|---|---|---:|---:|---:|---|"]
+             f"Speed-up = the group's paper_style time / this time; cost vs {PLAIN} = this time / "
+             f"the group's {PLAIN} time (plain CoOp through the same code, when present).", "",
+             f"| group | implementation | {stat} | IQR | speed-up vs paper_style | "
+             f"cost vs {PLAIN} | details |",
+             "|---|---|---:|---:|---:|---:|---|"]
     groups: dict[str, list[Result]] = defaultdict(list)
     for r in others:
         groups[r.group or r.scenario].append(r)
     for g in sorted(groups):
         members = groups[g]
         paper = next((r for r in members if PAPER in r.implementation), None)
+        plain = next((r for r in members if r.implementation == PLAIN), None)
         for r in sorted(members, key=lambda r: r.time, reverse=True):
             details = ", ".join(f"{k}={_short(v)}" for k, v in r.extra.items()
                                 if k not in _SKIP_EXTRA)
             lines.append(f"| {g} | {r.implementation} | {fmt_time(r.time)} | "
                          f"{fmt_time(r.iqr)} | "
-                         f"{fmt_ratio(paper.time / r.time if paper else None)} | {details} |")
+                         f"{fmt_ratio(paper.time / r.time if paper else None)} | "
+                         f"{fmt_ratio(r.time / plain.time if plain else None)} | {details} |")
     return "\n".join(lines) + "\n"
 
 
@@ -366,6 +372,17 @@ def plot(run: Run, path: Path) -> bool:
     return True
 
 
+def strip_data(path: str | os.PathLike) -> None:
+    """Drop the raw per-round timings (``stats.data``) from a pytest-benchmark JSON file."""
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    for bench in data.get("benchmarks", []):
+        (bench.get("stats") or {}).pop("data", None)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+
+
 def _expected_impls() -> list[str] | None:
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -383,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-dir", default="benchmarks/results", help="where PNGs go")
     parser.add_argument("--label", default=None, help="section label (default: cpu or cuda)")
     parser.add_argument("--no-plot", action="store_true", help="tables only")
+    parser.add_argument("--strip-data", action="store_true",
+                        help="rewrite the JSON files without the raw per-round timings "
+                             "(stats kept): small enough to commit")
     parser.add_argument("--stat", default="median", choices=STATS,
                         help="which pytest-benchmark statistic the tables use (default median)")
     args = parser.parse_args(argv)
@@ -390,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     text = output.read_text(encoding="utf-8") if output.exists() else "# Benchmarks\n"
     expected = _expected_impls()
+    if args.strip_data:
+        for path in args.json:
+            strip_data(path)
     for run in gather(args.json, args.label, args.stat):
         plot_rel = None
         if not args.no_plot:

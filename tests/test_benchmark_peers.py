@@ -240,6 +240,7 @@ def test_report_ratios_and_sections(tmp_path):
         bench["extra_info"]["device_us"] = loop_us[bench["extra_info"]["implementation"]]
     benches.append(_fake("e2e", "coop_e2e", "paper_style", 0.2, kind="e2e"))
     benches.append(_fake("e2e", "coop_e2e", "prograd_fast", 0.05, kind="e2e"))
+    benches.append(_fake("e2e", "coop_e2e", "coop_fast", 0.04, kind="e2e"))
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"benchmarks": benches, "machine_info": {
         "prograd_bench": {"bench_device": "cpu", "copy_gbs": 10.0, "torch": "x"}}}))
@@ -254,7 +255,7 @@ def test_report_ratios_and_sections(tmp_path):
     assert f"{report.fmt_ratio(3000 / 150)} (prograd_fast-torch)" in loop_row
     assert report.fmt_ratio(150 / 100) in loop_row
     e2e = next(line for line in text.splitlines() if "| coop_e2e | prograd_fast |" in line)
-    assert report.fmt_ratio(0.2 / 0.05) in e2e
+    assert f"| {report.fmt_ratio(0.2 / 0.05)} | {report.fmt_ratio(0.05 / 0.04)} |" in e2e
     doc = report.replace_section("# B\n", "cpu", "first")
     doc = report.replace_section(doc + "\ntail\n", "cpu", "second")
     assert "second" in doc and "first" not in doc and doc.rstrip().endswith("tail")
