@@ -85,7 +85,8 @@ def make_problem(shapes, device, dtype=torch.float32, granularity: str = "tensor
         g = torch.randn(shape, generator=gen, device=device)
         x = torch.randn(shape, generator=gen, device=device)
         sign = 1.0 if (conflict == "mixed" and i % 2 == 1) else -1.0
-        along = float(torch.dot(x.reshape(-1), g.reshape(-1)) / torch.dot(g.reshape(-1), g.reshape(-1)))
+        xf, gf = x.reshape(-1), g.reshape(-1)
+        along = float(torch.dot(xf, gf) / torch.dot(gf, gf))
         d = x.add_(g, alpha=0.5 * sign - along)
         params.append(p.to(dtype))
         domain.append(d.to(dtype))

@@ -164,7 +164,8 @@ def _pivot(steps, by, impls, scen, title: str, metric) -> list[str]:
     """One compact scenario x implementation table of ``metric`` (seconds or None)."""
     lines = [f"#### Optimizer step: {title}", "",
              "| scenario | elements | tensors | 32 B/elem floor | " + " | ".join(impls)
-             + " | best prograd_fast: speed-up vs paper_style | best prograd_fast: cost vs torch_sgd |",
+             + " | best prograd_fast: speed-up vs paper_style"
+             + " | best prograd_fast: cost vs torch_sgd |",
              "|---|---:|---:|---:|" + "---:|" * (len(impls) + 2)]
     for s in scen:
         ex = next(r for r in steps if r.scenario == s).extra
@@ -296,7 +297,8 @@ def header_lines(run: Run, report_cmd: str) -> list[str]:
         setup.append(f"measured copy bandwidth {facts['copy_gbs']:.1f} GB/s (read + write)")
     lines.append("- " + ", ".join(setup))
     if commit.get("id"):
-        lines.append(f"- commit {commit['id'][:12]}{' (dirty tree)' if commit.get('dirty') else ''}")
+        dirty = " (dirty tree)" if commit.get("dirty") else ""
+        lines.append(f"- commit {commit['id'][:12]}{dirty}")
     if facts.get("command"):
         lines.append(f"- benchmark command: `{facts['command']}`")
     lines.append(f"- report command: `{report_cmd}`")
@@ -406,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stat", default="median", choices=STATS,
                         help="which pytest-benchmark statistic the tables use (default median)")
     args = parser.parse_args(argv)
-    report_cmd = "python -m benchmarks.report " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = argv if argv is not None else sys.argv[1:]
+    report_cmd = "python -m benchmarks.report " + " ".join(given)
     output = Path(args.output)
     text = output.read_text(encoding="utf-8") if output.exists() else "# Benchmarks\n"
     expected = _expected_impls()

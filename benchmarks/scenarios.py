@@ -121,7 +121,8 @@ def scenarios(scale: str | None = None) -> tuple[Scenario, ...]:
 
 
 def bench_dtype() -> torch.dtype:
-    """``PROGRAD_BENCH_DTYPE`` (float32 default, float16, bfloat16): parameter and gradient dtype."""
+    """``PROGRAD_BENCH_DTYPE`` (float32 default, float16, bfloat16): the parameters' and
+    gradients' dtype."""
     name = os.environ.get("PROGRAD_BENCH_DTYPE", "float32").strip() or "float32"
     dtype = getattr(torch, name, None)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):

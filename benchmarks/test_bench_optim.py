@@ -100,4 +100,5 @@ def test_optimizer_step(benchmark, scenario: scenarios.Scenario, impl: str) -> N
         gbs = nbytes / median / 1e9
         benchmark.extra_info.update(gbs=gbs, copy_fraction=gbs / copy_gbs)
         if DEVICE.type == "cuda":
-            benchmark.extra_info["device_us"] = cuda_loop_time_us(implementation.step, DEVICE, median)
+            benchmark.extra_info["device_us"] = cuda_loop_time_us(implementation.step, DEVICE,
+                                                                  median)

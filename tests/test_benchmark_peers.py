@@ -152,11 +152,13 @@ def test_torch_sgd_peer_is_plain_sgd():
     impl = peers.build("torch_sgd", problem)
     for _ in range(STEPS):
         impl.step()
-    expected_p, expected_b = reference_steps(_problem(torch.float64, "tensor"), STEPS, project=False)
+    fresh = _problem(torch.float64, "tensor")
+    expected_p, expected_b = reference_steps(fresh, STEPS, project=False)
     np_p, _ = np_steps(_problem(torch.float64, "tensor"), STEPS, project=False)
     for i, p in enumerate(problem.params):
         torch.testing.assert_close(p, expected_p[i], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(impl.momentum_buffers()[i], expected_b[i], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(impl.momentum_buffers()[i], expected_b[i],
+                                   rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(_f64(p), np_p[i], rtol=1e-12, atol=1e-12)
 
 
@@ -176,7 +178,8 @@ def test_scenarios_match_design_sizes():
     assert full["dense64M"].elements == 64 * 2**20 and full["dense256M"].elements == 256 * 2**20
     for scale in ("cpu", "tiny"):  # every scale has the same scenario names, in order
         assert [s.name for s in scenarios.scenarios(scale)] == list(full)
-    assert scenarios.bytes_per_step(10) == 320 and scenarios.bytes_per_step(10, torch.float16) == 160
+    assert scenarios.bytes_per_step(10) == 320
+    assert scenarios.bytes_per_step(10, torch.float16) == 160
 
 
 def _bench_env(**extra) -> dict:
