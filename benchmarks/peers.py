@@ -183,8 +183,11 @@ class ForeachNoSync(_TorchOptimizerMixin, Implementation):
     def step(self) -> None:
         pb, lam = self.problem, self.problem.hyper["lam"]
         ds, gs = pb.domain, pb.general
-        dots = torch.stack([torch.dot(d.reshape(-1), g.reshape(-1)) for d, g in zip(ds, gs)])
-        nns = torch.stack(torch._foreach_norm(gs)).square()
+        acc = torch.float64 if ds[0].dtype == torch.float64 else torch.float32
+        # Half-precision sums overflow past 65504: reductions accumulate and return in fp32.
+        up = (lambda t: t.reshape(-1)) if ds[0].dtype == acc else (lambda t: t.reshape(-1).to(acc))
+        dots = torch.stack([torch.dot(up(d), up(g)) for d, g in zip(ds, gs)])
+        nns = torch.stack(torch._foreach_norm(gs, dtype=acc)).square()
         if pb.granularity == "global":
             dots, nns = dots.sum(), nns.sum()
         conflict = (dots < 0) & (nns > 0)

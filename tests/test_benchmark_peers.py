@@ -290,3 +290,19 @@ def test_disagreement_accepts_the_same_math_and_catches_what_timing_would_hide()
     last[-1] -= 1e-3
     bufs[1].view(-1)[0] = float("nan")
     assert "buffer 1" in (peers.disagreement(impl, expected, 2e-5, 2e-5) or "")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("name", [n for n in peers.implementation_names() if n != "compile"])
+def test_peers_in_half_precision_past_the_fp16_range(name, dtype, tol):
+    """Half-precision groups whose squared norms pass 65504 (fp16's largest value): every
+    implementation must still agree with the float64 reference (reductions in fp32)."""
+    def make() -> peers.Problem:
+        return peers.make_problem([(70001,), (3,)], "cpu", dtype, "tensor", seed=5,
+                                  conflict="mixed", hyper=HYPER)
+
+    impl = _build_or_skip(name, make())
+    impl.step()
+    impl.step()
+    expected = peers.reference_state(make(), 2, impl.granularity, impl.projects)
+    assert peers.disagreement(impl, expected, rtol=tol, atol=tol) is None
