@@ -89,7 +89,7 @@ def test_optimizer_step(benchmark, scenario: scenarios.Scenario, impl: str) -> N
     benchmark.extra_info.update(
         kind="optimizer_step", scenario=scenario.name, implementation=impl,
         elements=scenario.elements, tensors=scenario.tensors, scale=SCALE,
-        dtype=str(dtype).removeprefix("torch."), granularity=problem.granularity,
+        dtype=str(dtype).removeprefix("torch."), granularity=implementation.granularity,
         device=str(DEVICE), bytes_per_step=nbytes, copy_gbs=round(copy_gbs, 2),
         floor_us=nbytes / (copy_gbs * 1e9) * 1e6, **implementation.info)
     benchmark(run)
