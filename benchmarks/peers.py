@@ -14,7 +14,8 @@ implementation may modify, so every round of a benchmark does the same work.
 ``compile``       ``torch.compile`` of the pure-PyTorch reference step
                   (``prograd_fast.functional.prograd_sgd``); compile time measured apart.
 ``torch_sgd``     ``torch.optim.SGD`` alone on the domain gradient (no ProGrad): the cost a
-                  user already pays (fused on CUDA, foreach on a CPU).
+                  user already pays (``fused=True``, torch's fastest, on CUDA and on a CPU;
+                  ``foreach`` where fused is not supported).
 ``prograd_fast-<backend>``  ``ProGradSGD(backend=...)`` with ``store_general_grads`` + ``step``.
 """
 
@@ -244,9 +245,12 @@ class TorchSGD(_TorchOptimizerMixin, Implementation):
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
-        variant = "fused" if problem.device.type == "cuda" else "foreach"
-        self.opt = _sgd(problem.params, problem.hyper, **{variant: True})
-        self.info["sgd"] = variant
+        try:  # torch >= 2.4 has fused SGD on CPUs too: 8x foreach at 33M elements here
+            self.opt = _sgd(problem.params, problem.hyper, fused=True)
+            self.info["sgd"] = "fused"
+        except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+            self.opt = _sgd(problem.params, problem.hyper, foreach=True)
+            self.info["sgd"] = "foreach"
         for p, d in zip(problem.params, problem.domain):
             p.grad = d
 
