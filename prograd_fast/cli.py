@@ -47,8 +47,8 @@ def _add_train(sub) -> None:
     p.add_argument("--class-specific", action="store_true")
     p.add_argument("--class-token-position", choices=["end", "middle", "front"], default="end")
     p.add_argument("--templates", default=None,
-                   help="teacher template: a dataset name (e.g. OxfordPets), 'openai_imagenet', "
-                        "or a string with {} ; comma-free list via repeated use is not needed")
+                   help="teacher template: a CoOp dataset name (e.g. OxfordPets), "
+                        "'openai_imagenet' (80-template ensemble) or a string with {}")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype (fp16 adds a GradScaler)")
     p.add_argument("--grad-mode", choices=["auto", "batched", "two_pass"], default="auto")

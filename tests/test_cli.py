@@ -56,6 +56,17 @@ def test_train_coop_and_zeroshot_base_to_new(tree_and_cfg):
     assert rows[0]["conflict_rate"] == ""
 
 
+@pytest.mark.slow
+def test_train_with_a_real_open_clip_model_name(tree_and_cfg):
+    """The open_clip name path (random weights: no pretrained tag offline)."""
+    data, _, out = tree_and_cfg
+    assert cli.main(["train", "--data", str(data), "--model", "ViT-B-32", "--output-dir", str(out),
+                     "--shots", "1", "--batch-size", "3", "--epochs", "1", "--n-ctx", "2",
+                     "--no-progress", "--templates", "OxfordPets"]) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert 0.0 <= res["acc"] <= 100.0
+
+
 def test_train_needs_model_for_external_data(tree_and_cfg):
     data, _, out = tree_and_cfg
     with pytest.raises(SystemExit):

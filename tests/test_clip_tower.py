@@ -129,3 +129,22 @@ def test_prompt_too_long_is_an_error():
     tower = TextTower.from_model(model)
     with pytest.raises(ValueError, match="do not fit"):
         PromptLearner(tower, ["a very long class name indeed"], n_ctx=8)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_truncation_in_low_precision_matches_full_in_same_dtype(dtype, tol):
+    """In the model's own dtype, truncated and full encodings agree to that dtype's rounding,
+    and both are close to the float64 features."""
+    model = tiny_clip(seed=9)
+    ref_tower = TextTower.from_model(tiny_clip(seed=9).double())
+    model = model.to(dtype)
+    tower = TextTower.from_model(model)
+    tokens = default_tokenizer(77)([f"a photo of a {c}." for c in CLASSNAMES])
+    with torch.no_grad():
+        short = tower.encode_tokens(tokens, truncate=True).double()
+        full = tower.encode_tokens(tokens, truncate=False).double()
+        want = ref_tower.encode_tokens(tokens, truncate=False)
+    assert short.dtype == full.dtype and torch.isfinite(short).all()
+    scale = want.abs().max()
+    assert (short - full).abs().max() <= tol * scale
+    assert (short - want).abs().max() <= tol * scale
