@@ -51,6 +51,8 @@ class ProGradSGD(Optimizer):
     gradient but no general gradient gets the plain SGD update; a parameter without a
     domain gradient is skipped.  ``backend`` is ``"auto"`` or one of
     ``prograd_fast.backends.BACKENDS``; the step never synchronises with the host.
+    AMP (``GradScaler``; prefer :class:`prograd_fast.amp.ProGradGradScaler`), DDP and FSDP2
+    (DTensor parameters) are supported: see docs/hardening.md.
     """
 
     def __init__(
@@ -136,7 +138,10 @@ class ProGradSGD(Optimizer):
         and before ``task_loss.backward()`` (with ``.grad`` zeroed/None before the first).
         Otherwise ``grads`` is a list aligned with the optimizer's parameters (groups in
         order; ``None`` for no gradient).  Tensors are kept by reference, not copied: do not
-        modify them before the step.  Storing twice before a step accumulates.
+        modify them before the step.  Storing twice before a step accumulates.  The step
+        consumes them and :meth:`zero_grad` drops them (call it before computing gradients,
+        not between storing and stepping).  Under DDP, see
+        :func:`prograd_fast.distributed.all_reduce_general_grads`.
         """
         params = self._params_in_order()
         if grads is None:
