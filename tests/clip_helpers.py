@@ -19,5 +19,4 @@ def tiny_cfg(context_length: int = 77, **text) -> dict:
 def tiny_clip(seed: int = 0, **text) -> open_clip.CLIP:
     torch.manual_seed(seed)
     model = open_clip.CLIP(**tiny_cfg(**text))
-    # open_clip initialises the token embedding with std 0.02; make prompts distinguishable.
     return model.eval()

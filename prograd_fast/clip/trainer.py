@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .model import PromptedCLIP
