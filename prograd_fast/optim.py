@@ -107,6 +107,15 @@ class ProGradSGD(Optimizer):
         self.__dict__.setdefault("_backend_cache", [{} for _ in self.param_groups])
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that each group keeps this optimizer's ``backend``: the backend
+        is a property of the machine (a CPU checkpoint's ``"cpp"`` cannot run CUDA tensors),
+        not of the training state."""
+        backends = [group["backend"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, backend in zip(self.param_groups, backends):
+            group["backend"] = backend
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_stats"):

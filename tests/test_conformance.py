@@ -233,6 +233,15 @@ def test_resume_into_fresh_model_equals_uninterrupted_run(backend):
     assert_all_equal(params_and_state(fresh, fresh_opt), params_and_state(model, opt))
 
 
+def test_load_keeps_this_optimizers_backend():
+    """A checkpoint names the backend it was trained with; loading keeps the loader's."""
+    model, opt = _trained(BACKENDS[-1])
+    fresh = pf.ProGradSGD(model.parameters(), lr=0.1, backend="torch")
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0]["backend"] == "torch"
+    assert fresh.param_groups[0]["lam"] == 0.7  # the training options do come from it
+
+
 def test_load_into_other_dtype_casts_the_state():
     model, opt = _trained("torch")
     m64 = tiny_model(torch.float64)
