@@ -34,7 +34,8 @@ def _train(model, opt, rank, how):
         if rank is not None:
             x, y, zs = _shard(x, rank), _shard(y, rank), _shard(zs, rank)
         opt.zero_grad()
-        ce, kl = losses(model, x, y, zs)
+        if how != "accum":
+            ce, kl = losses(model, x, y, zs)
         if how == "backward":
             pf.backward(opt, ce, kl)
         elif how == "helper":  # general grads by hand, then the documented helper
@@ -43,6 +44,15 @@ def _train(model, opt, rank, how):
             opt.store_general_grads(list(torch.autograd.grad(kl, params, retain_graph=True)))
             all_reduce_general_grads(opt)
             ce.backward()
+        elif how == "accum":  # two micro-batches; DDP's no_sync and no all-reduce on the first
+            import contextlib
+            half = x.shape[0] // 2
+            for i, last in ((0, False), (1, True)):
+                sl = slice(i * half, (i + 1) * half)
+                ctx = contextlib.nullcontext() if last else model.no_sync()
+                with ctx:
+                    ce, kl = losses(model, x[sl], y[sl], zs[sl])
+                    pf.backward(opt, ce / 2, kl / 2, all_reduce=None if last else False)
         elif how == "two_backward":  # the stock pattern: DDP ignores the second backward
             kl.backward(retain_graph=True)
             opt.store_general_grads()
@@ -90,6 +100,7 @@ CASES = [
     ("ddp-backward-global", "ddp", "backward", "global"),
     ("ddp-backward-tensor", "ddp", "backward", "tensor"),
     ("ddp-helper-global", "ddp", "helper", "global"),
+    ("ddp-accum-global", "ddp", "accum", "global"),
     ("ddp-two_backward", "ddp", "two_backward", "global"),
     ("fsdp2-backward-global", "fsdp2", "backward", "global"),
     ("fsdp2-backward-tensor", "fsdp2", "backward", "tensor"),
