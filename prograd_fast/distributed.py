@@ -22,21 +22,33 @@ from torch import Tensor
 
 from .functional import ProGradStats, prograd_sgd
 
-__all__ = ["all_reduce_general_grads", "distributed_world", "is_sharded", "sharded_group_step"]
+__all__ = ["all_reduce_general_grads", "any_sharded", "distributed_world", "is_sharded",
+           "sharded_group_step"]
+
+
+_DTENSOR: list = []  # the DTensor class (or None), imported on first use
 
 
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch built without distributed
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def is_sharded(t: Tensor | None) -> bool:
     """True for a DTensor (an FSDP2 / tensor-parallel parameter or gradient)."""
-    cls = _dtensor_type()
+    cls = _DTENSOR[0] if _DTENSOR else _dtensor_type()
     return cls is not None and isinstance(t, cls)
+
+
+def any_sharded(tensors) -> bool:
+    """True when any of ``tensors`` is a DTensor (one cheap pass, called every step)."""
+    cls = _DTENSOR[0] if _DTENSOR else _dtensor_type()
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
 
 
 def distributed_world(process_group=None) -> int:

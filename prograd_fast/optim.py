@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import BACKENDS, GroupStep, run_step
-from .distributed import is_sharded, sharded_group_step
+from .distributed import any_sharded, sharded_group_step
 from .functional import GRANULARITIES, ProGradStats
 
 __all__ = ["ProGradSGD"]
@@ -216,7 +216,7 @@ class ProGradSGD(Optimizer):
                              maximize=group["maximize"], lam=group["lam"],
                              granularity=group["granularity"], grad_scale=grad_scale,
                              found_inf=found_inf, extra=self._backend_cache[index])
-            if is_sharded(params[0]) or any(map(is_sharded, grads)):
+            if any_sharded(params):
                 self._stats[index] = sharded_group_step(step)  # FSDP2: see distributed.py
             else:
                 self._stats[index] = run_step(group["backend"], step)
