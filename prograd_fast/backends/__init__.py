@@ -32,7 +32,7 @@ ENV_VAR = "PROGRAD_FAST_BACKEND"
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 # Fastest first, per device type; "torch" always closes the list.
 AUTO_ORDER = {
-    "cuda": ("cuda", "triton", "torch"),
+    "cuda": ("triton", "cuda", "torch"),  # triton first until the CUDA kernels have run on a GPU
     "cpu": ("cpp", "torch"),
 }
 _MODULES = {
