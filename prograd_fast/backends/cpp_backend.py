@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ._common import cached_problem
 from .. import _ext
-from ..functional import GRANULARITIES, ProGradStats
+from ..functional import ProGradStats
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -34,18 +35,7 @@ class CppBackend:
         return _ext.unavailable_reason("cpu")
 
     def unsupported(self, step) -> str | None:
-        if step.granularity not in GRANULARITIES:
-            return f"unknown granularity {step.granularity!r}"
-        # The checks are cached per group: the same tensor objects as last step give the
-        # same answer (the kernel re-checks devices, dtypes and shapes anyway).
-        key = tuple(map(id, step.params)) + tuple(map(id, step.grads)) + \
-            tuple(map(id, step.general_grads)) + tuple(map(id, step.momentum_buffers))
-        cached = step.extra.get("cpp_checked")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        problem = self._check(step)
-        step.extra["cpp_checked"] = (key, problem)
-        return problem
+        return cached_problem(step, "cpp_checked", self._check)
 
     def _check(self, step) -> str | None:
         for i, p in enumerate(step.params):

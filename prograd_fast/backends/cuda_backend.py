@@ -14,8 +14,9 @@ import os
 
 import torch
 
+from ._common import cached_problem
 from .. import _ext
-from ..functional import GRANULARITIES, ProGradStats
+from ..functional import ProGradStats
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PLAN_ENV = "PROGRAD_FAST_CUDA_PLAN"
@@ -50,18 +51,7 @@ class CudaBackend:
         return _ext.unavailable_reason("cuda")
 
     def unsupported(self, step) -> str | None:
-        if step.granularity not in GRANULARITIES:
-            return f"unknown granularity {step.granularity!r}"
-        # Cached per group: the same tensor objects as last step give the same answer (the
-        # kernel re-checks devices, dtypes and shapes anyway).
-        key = tuple(map(id, step.params)) + tuple(map(id, step.grads)) + \
-            tuple(map(id, step.general_grads)) + tuple(map(id, step.momentum_buffers))
-        cached = step.extra.get("cuda_checked")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        problem = self._check(step)
-        step.extra["cuda_checked"] = (key, problem)
-        return problem
+        return cached_problem(step, "cuda_checked", self._check)
 
     def _check(self, step) -> str | None:
         device = step.params[0].device
