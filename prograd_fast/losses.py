@@ -28,7 +28,10 @@ def prograd_losses(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     ce = F.cross_entropy(logits, labels)
     t = float(temperature)
-    student = F.log_softmax(logits.float() / t, dim=-1)
-    teacher = F.log_softmax(zeroshot_logits.detach().float() / t, dim=-1)
+    # fp16/bf16 logits get fp32 math; fp64 stays fp64
+    student = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    teacher = zeroshot_logits.detach().to(torch.promote_types(zeroshot_logits.dtype, torch.float32))
+    student = F.log_softmax(student / t, dim=-1)
+    teacher = F.log_softmax(teacher / t, dim=-1)
     kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True) * (t * t)
     return ce, kl
