@@ -14,25 +14,12 @@ import os
 
 import torch
 
-from ._common import cached_problem
+from ._common import cached_problem, finish_step, group_tensor_problem, kernel_args
 from .. import _ext
 from ..functional import ProGradStats
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PLAN_ENV = "PROGRAD_FAST_CUDA_PLAN"
 PLANS = {"auto": 0, "small": 1, "coop": 2, "two_pass": 3}
-
-
-def _tensor_problem(t, name: str, i: int, ref) -> str | None:
-    if t.device.type != "cuda":
-        return f"{name} {i} is on {t.device}, the cuda backend runs on CUDA tensors only"
-    if t.layout != torch.strided:
-        return f"{name} {i} is not a strided (dense) tensor"
-    if t.dtype not in _DTYPES:
-        return f"{name} {i} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64"
-    if ref is not None and (t.dtype != ref.dtype or t.shape != ref.shape or t.device != ref.device):
-        return f"{name} {i} does not match its parameter's dtype, shape and device"
-    return None
 
 
 def requested_plan() -> int:
@@ -54,21 +41,7 @@ class CudaBackend:
         return cached_problem(step, "cuda_checked", self._check)
 
     def _check(self, step) -> str | None:
-        device = step.params[0].device
-        for i, p in enumerate(step.params):
-            problem = _tensor_problem(p, "parameter", i, None)
-            if problem:
-                return problem
-            if p.device != device:
-                return f"parameter {i} is on {p.device}, parameter 0 on {device}: one device per group"
-        for name, tensors in (("grad", step.grads), ("general grad", step.general_grads),
-                              ("momentum buffer", step.momentum_buffers)):
-            for i, (t, p) in enumerate(zip(tensors, step.params)):
-                if t is not None:
-                    problem = _tensor_problem(t, name, i, p)
-                    if problem:
-                        return problem
-        return None
+        return group_tensor_problem(step, "cuda", self.name)
 
     def step(self, step) -> ProGradStats:
         module = _ext.load("cuda")
@@ -77,21 +50,10 @@ class CudaBackend:
         if cache.get("layout") != layout:
             cache.clear()
             cache["layout"] = layout
-        lr = step.lr
-        lr_tensor = lr if isinstance(lr, torch.Tensor) else None
         stats, bufs, workspace, slots, plan = module.prograd_sgd(
-            step.params, step.grads, step.general_grads, step.momentum_buffers,
-            0.0 if lr_tensor is not None else float(lr), lr_tensor,
-            float(step.momentum), float(step.dampening), float(step.weight_decay),
-            bool(step.nesterov), bool(step.maximize), float(step.lam),
-            step.granularity == "global", step.grad_scale, step.found_inf,
-            cache.get("workspace"), cache.get("slots"), requested_plan())
+            *kernel_args(step), cache.get("workspace"), cache.get("slots"), requested_plan())
         cache["workspace"], cache["slots"], cache["plan"] = workspace, slots, plan
-        if step.momentum != 0:
-            step.momentum_buffers[:] = bufs
-        dot, nn, dd, cos, conflict, coef, skipped = stats
-        return ProGradStats(dot=dot, general_norm_sq=nn, domain_norm_sq=dd, cos=cos,
-                            conflict=conflict, coef=coef, skipped=skipped)
+        return finish_step(step, stats, bufs)
 
 
 BACKEND = CudaBackend()
