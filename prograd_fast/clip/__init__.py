@@ -2,13 +2,14 @@
 
 from .model import PromptedCLIP
 from .prompt import PromptLearner, default_tokenizer
-from .teacher import TEMPLATES, ZeroShotTeacher, get_templates
+from .teacher import (COOP_TEMPLATES, PROGRAD_TEMPLATES, TEMPLATE_SETS, TEMPLATES, ZeroShotTeacher,
+                      get_templates)
 from .tower import TextTower, UnsupportedTextTowerError
 from .train import (GRAD_MODES, StepOutput, build_optimizer, compute_grads, coop_lr_lambda,
                     train_step)
 
 __all__ = [
-    "GRAD_MODES", "PromptLearner", "PromptedCLIP", "StepOutput", "TEMPLATES", "TextTower",
+    "COOP_TEMPLATES", "PROGRAD_TEMPLATES", "TEMPLATE_SETS", "GRAD_MODES", "PromptLearner", "PromptedCLIP", "StepOutput", "TEMPLATES", "TextTower",
     "UnsupportedTextTowerError", "ZeroShotTeacher", "build_optimizer", "compute_grads",
     "coop_lr_lambda", "default_tokenizer", "get_templates", "train_step",
 ]

@@ -20,12 +20,13 @@ class PromptedCLIP(nn.Module):
     ``forward(images)`` returns ``(logits, zeroshot_logits)``: the image encoder runs once
     and its features serve both heads (the teacher is the same frozen CLIP, so a second
     image pass as in the paper's loop would recompute the same features).  Only the
-    prompt learner's parameters require grad.
+    prompt learner's parameters require grad.  ``templates`` / ``template_set`` choose the
+    teacher's prompts (:func:`prograd_fast.clip.get_templates`).
     """
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str],
                  tokenizer: Callable | None = None, templates: str | Sequence[str] | None = None,
-                 **prompt_kwargs) -> None:
+                 template_set: str = "coop", **prompt_kwargs) -> None:
         super().__init__()
         self.tower = TextTower.from_model(clip_model)
         self.clip = clip_model
@@ -33,7 +34,8 @@ class PromptedCLIP(nn.Module):
             p.requires_grad_(False)
         self.clip.eval()
         self.prompt_learner = PromptLearner(self.tower, classnames, tokenizer, **prompt_kwargs)
-        self.teacher = ZeroShotTeacher(self.tower, classnames, templates, tokenizer)
+        self.teacher = ZeroShotTeacher(self.tower, classnames, templates, tokenizer,
+                                       template_set=template_set)
         self.classnames = list(self.prompt_learner.classnames)
 
     def train(self, mode: bool = True) -> "PromptedCLIP":

@@ -10,11 +10,12 @@ from torch import Tensor, nn
 from .prompt import _tokenize, default_tokenizer
 from .tower import TextTower, normalize
 
-__all__ = ["ZeroShotTeacher", "TEMPLATES", "get_templates"]
+__all__ = ["ZeroShotTeacher", "COOP_TEMPLATES", "PROGRAD_TEMPLATES", "TEMPLATE_SETS", "TEMPLATES",
+           "get_templates"]
 
 #: CoOp's per-dataset hand-crafted templates (CoOp ``zsclip.py`` CUSTOM_TEMPLATES), plus the
 #: default and the embedded digits task.
-TEMPLATES: dict[str, str] = {
+COOP_TEMPLATES: dict[str, str] = {
     "default": "a photo of a {}.",
     "OxfordPets": "a photo of a {}, a type of pet.",
     "OxfordFlowers": "a photo of a {}, a type of flower.",
@@ -34,15 +35,38 @@ TEMPLATES: dict[str, str] = {
     "digits": "a handwritten {}.",
 }
 
+#: Official ProGrad's teacher templates (Prompt-align ``trainers/prograd.py`` CUSTOM_TEMPLATES):
+#: they differ from CoOp's on OxfordPets, OxfordFlowers, FGVCAircraft, DescribableTextures and
+#: Food101 ("a type of pet, a photo of a {}."), so the general gradient differs there too.
+PROGRAD_TEMPLATES: dict[str, str] = {
+    **COOP_TEMPLATES,
+    "OxfordPets": "a type of pet, a photo of a {}.",
+    "OxfordFlowers": "a type of flower, a photo of a {}.",
+    "FGVCAircraft": "a type of aircraft, a photo of a {}.",
+    "DescribableTextures": "a texture of {}.",
+    "Food101": "a type of food, a photo of {}.",
+}
 
-def get_templates(spec: str | Sequence[str] | None) -> list[str]:
-    """Templates from a dataset name in :data:`TEMPLATES` (case-insensitive),
-    ``"openai_imagenet"`` (the 80-template OpenAI ensemble shipped with open_clip), a
-    template string containing ``{}``, or a list of those.  ``None`` is the default."""
+#: The template sets by name: ``"coop"`` (CoOp's zero-shot CLIP) and ``"prograd"`` (the
+#: official ProGrad trainer's teacher).
+TEMPLATE_SETS: dict[str, dict[str, str]] = {"coop": COOP_TEMPLATES, "prograd": PROGRAD_TEMPLATES}
+
+#: CoOp's set (kept under its old name).
+TEMPLATES = COOP_TEMPLATES
+
+
+def get_templates(spec: str | Sequence[str] | None, template_set: str = "coop") -> list[str]:
+    """Templates from a dataset name in the set ``template_set`` of :data:`TEMPLATE_SETS`
+    (case-insensitive), ``"openai_imagenet"`` (the 80-template OpenAI ensemble shipped with
+    open_clip), a template string containing ``{}``, or a list of those.  ``None`` is the
+    default template."""
+    if template_set not in TEMPLATE_SETS:
+        raise ValueError(f"unknown template set {template_set!r}: use one of {sorted(TEMPLATE_SETS)}")
+    templates = TEMPLATE_SETS[template_set]
     if spec is None:
-        return [TEMPLATES["default"]]
+        return [templates["default"]]
     if not isinstance(spec, str):
-        out = [t for s in spec for t in get_templates(s)]
+        out = [t for s in spec for t in get_templates(s, template_set)]
         if not out:
             raise ValueError("empty template list")
         return out
@@ -52,10 +76,10 @@ def get_templates(spec: str | Sequence[str] | None) -> list[str]:
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
         return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-    lookup = {k.lower(): v for k, v in TEMPLATES.items()}
+    lookup = {k.lower(): v for k, v in templates.items()}
     if spec.lower() not in lookup:
         raise ValueError(f"unknown template {spec!r}: use a string with '{{}}', "
-                         f"'openai_imagenet' or one of {sorted(TEMPLATES)}")
+                         f"'openai_imagenet' or one of {sorted(templates)}")
     return [lookup[spec.lower()]]
 
 
@@ -68,9 +92,9 @@ class ZeroShotTeacher(nn.Module):
 
     def __init__(self, tower: TextTower, classnames: Sequence[str],
                  templates: str | Sequence[str] | None = None, tokenizer: Callable | None = None,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, template_set: str = "coop") -> None:
         super().__init__()
-        self.templates = get_templates(templates)
+        self.templates = get_templates(templates, template_set)
         tokenizer = tokenizer if tokenizer is not None else default_tokenizer(tower.context_length)
         names = [str(c).replace("_", " ") for c in classnames]
         device = tower.token_embedding.weight.device

@@ -1,0 +1,38 @@
+"""The third-party sources in ``../shared/vendor`` (real Dassl.pytorch, official ProGrad code).
+
+Integration tests unpack them into a temporary folder and run prograd_fast inside them, as a
+user's machine would have them.  A user's clone has no ``shared/``: tests that need the
+sources skip with the reason from :func:`vendor_dir`.  ``PROGRAD_FAST_VENDOR`` points
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DASSL = "Dassl.pytorch-c61a1b5.tar.gz"
+PROMPT_ALIGN = "Prompt-align-1b76203.tar.gz"
+
+
+def vendor_dir() -> Path:
+    """The vendor folder, or a pytest skip saying why it is missing."""
+    path = Path(os.environ.get("PROGRAD_FAST_VENDOR") or REPO.parent / "shared" / "vendor")
+    if not path.is_dir():
+        pytest.skip(f"third-party sources not found at {path} (a clone without ../shared; set "
+                    f"PROGRAD_FAST_VENDOR to the folder holding {DASSL} and {PROMPT_ALIGN})")
+    return path
+
+
+def unpack(archive: str, dest: Path) -> Path:
+    """Unpack ``archive`` from the vendor folder into ``dest`` (once) and return ``dest``."""
+    if not (dest / ".unpacked").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(vendor_dir() / archive) as tar:
+            tar.extractall(dest, filter="data")
+        (dest / ".unpacked").touch()
+    return dest
