@@ -117,8 +117,12 @@ def load_dataset(root: str | Path) -> Split:
 
 
 def few_shot(items: Sequence[Item], shots: int, seed: int) -> list[Item]:
-    """``shots`` items per class drawn without replacement, reproducibly from ``seed``
-    (all of a class's items when it has fewer).  ``shots <= 0`` keeps everything."""
+    """``shots`` items per class drawn without replacement from ``seed``, exactly as Dassl's
+    ``generate_fewshot_dataset`` draws them after ``set_random_seed(seed)``: one
+    ``random.Random(seed)`` stream, classes in order of first appearance in ``items``,
+    ``rng.sample(class_items, shots)`` for every class with at least ``shots`` items (the
+    whole class, in order, otherwise).  ``shots <= 0`` keeps everything.  The same items in
+    the same order give Dassl's selection on the same Python."""
     if shots <= 0:
         return list(items)
     by_label: dict[int, list[Item]] = defaultdict(list)
@@ -126,9 +130,8 @@ def few_shot(items: Sequence[Item], shots: int, seed: int) -> list[Item]:
         by_label[it.label].append(it)
     rng = random.Random(seed)
     out = []
-    for label in sorted(by_label):
-        group = by_label[label]
-        out.extend(rng.sample(group, shots) if len(group) > shots else group)
+    for group in by_label.values():
+        out.extend(rng.sample(group, shots) if len(group) >= shots else group)
     return out
 
 
@@ -155,13 +158,25 @@ def subsample_classes(split: Split, which: str) -> Split:
 
 
 class ImageDataset(Dataset):
-    """Items -> ``(transform(image), label)``; images opened as RGB with PIL."""
+    """Items -> ``(transform(image), label)``; images opened as RGB with PIL.
+
+    ``seed`` (optional) makes random augmentation a function of ``(seed, epoch, index)``:
+    each item's transform runs under its own seeded RNG, so the images a run sees do not
+    depend on the number of processes or loader workers (multi-process training equals a
+    single process) and the global RNG is left untouched.  The trainer calls
+    :meth:`set_epoch` every epoch.
+    """
 
     def __init__(self, items: Sequence[Item], transform: Callable | None = None,
-                 loader: Callable | None = None) -> None:
+                 loader: Callable | None = None, seed: int | None = None) -> None:
         self.items = list(items)
         self.transform = transform
         self.loader = loader or _pil_rgb
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -170,7 +185,12 @@ class ImageDataset(Dataset):
         it = self.items[index]
         image = self.loader(it.path)
         if self.transform is not None:
-            image = self.transform(image)
+            if self.seed is None:
+                image = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                    image = self.transform(image)
         return image, torch.tensor(it.label)
 
 
