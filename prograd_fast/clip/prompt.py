@@ -12,6 +12,7 @@ from .tower import TextTower
 __all__ = ["PromptLearner", "default_tokenizer"]
 
 POSITIONS = ("end", "middle", "front")
+CTX_INIT_STYLES = ("coop", "prograd")
 
 
 def default_tokenizer(context_length: int) -> Callable:
@@ -68,8 +69,11 @@ class PromptLearner(nn.Module):
         dtype: torch.dtype | None = None,
         truncate: bool = True,
         init_std: float = 0.02,
+        ctx_init_style: str = "coop",
     ) -> None:
         super().__init__()
+        if ctx_init_style not in CTX_INIT_STYLES:
+            raise ValueError(f"ctx_init_style must be one of {CTX_INIT_STYLES}, got {ctx_init_style!r}")
         if not classnames:
             raise ValueError("classnames is empty")
         if class_token_position not in POSITIONS:
@@ -82,7 +86,19 @@ class PromptLearner(nn.Module):
         names = [str(c).replace("_", " ") for c in classnames]
         n_cls = len(names)
         with torch.no_grad():
-            if ctx_init:
+            if ctx_init and ctx_init_style == "prograd":
+                ctx_init = ctx_init.replace("_", " ").strip()
+                n_words = len(ctx_init.split(" "))
+                if n_ctx < n_words:
+                    raise ValueError(f"n_ctx={n_ctx} is smaller than the {n_words} words of "
+                                     f"ctx_init {ctx_init!r}")
+                init_tokens = _tokenize(tokenizer, [ctx_init], length).to(emb.weight.device)
+                words = emb(init_tokens)[0, 1:1 + n_words].float()
+                ctx = torch.cat([words.new_zeros(n_ctx - n_words, words.shape[1]), words])
+                if class_specific:
+                    ctx = ctx.unsqueeze(0).repeat(n_cls, 1, 1)
+                prefix_text = " ".join(["X"] * (n_ctx - n_words) + [ctx_init])
+            elif ctx_init:
                 ctx_init = ctx_init.replace("_", " ").strip()
                 n_ctx = _n_tokens(tokenizer, ctx_init, length)
                 init_tokens = _tokenize(tokenizer, [ctx_init], length).to(emb.weight.device)
@@ -118,6 +134,8 @@ class PromptLearner(nn.Module):
         self.class_specific = class_specific
         self.truncate = truncate
         self.prompt_prefix = prefix_text
+        self.ctx_init = ctx_init or None
+        self.ctx_init_style = ctx_init_style
 
     @property
     def length(self) -> int:
