@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..distributed import all_reduce_general_grads, distributed_world
 from ..grads import backward as prograd_backward
 from ..losses import prograd_losses
 from ..optim import ProGradSGD
@@ -55,11 +56,14 @@ def _accumulate(p: Tensor, g: Tensor) -> None:
 
 
 def compute_grads(optimizer: ProGradSGD, text_features: Tensor, ce: Tensor, kl: Tensor | None,
-                  grad_mode: str = "auto") -> None:
+                  grad_mode: str = "auto", all_reduce: bool | None = None) -> None:
     """Fill ``p.grad`` with d(ce)/dp and store d(kl)/dp in ``optimizer`` (``kl=None``: CoOp).
 
     ``text_features`` is the tensor through which both losses reach the parameters; pass
-    the already scaled losses when using a ``GradScaler``.
+    the already scaled losses when using a ``GradScaler``.  ``all_reduce`` (default: when
+    torch.distributed runs more than one process) averages the general gradients over the
+    processes in both grad modes, as :func:`prograd_fast.backward` does; ``p.grad`` is left
+    to the caller (DDP, or the trainer's own all-reduce).
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -75,7 +79,7 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor, ce: Tensor, kl: 
     if grad_mode == "auto" and not probe:
         grad_mode = _AUTO[key]
     if grad_mode == "two_pass":
-        prograd_backward(optimizer, ce, kl)
+        prograd_backward(optimizer, ce, kl, all_reduce=all_reduce)
         return
     g_ce, = torch.autograd.grad(ce, text_features, retain_graph=True)
     g_kl, = torch.autograd.grad(kl, text_features, retain_graph=True)
@@ -89,7 +93,7 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor, ce: Tensor, kl: 
                                            retain_graph=True)
         except RuntimeError:
             _AUTO[key] = "two_pass"
-            prograd_backward(optimizer, ce, kl)
+            prograd_backward(optimizer, ce, kl, all_reduce=all_reduce)
             return
         slow = any("batching rule" in str(w.message) for w in caught)
         _AUTO[key] = "two_pass" if slow else "batched"
@@ -103,25 +107,33 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor, ce: Tensor, kl: 
             general[p] = g[1]
     optimizer.store_general_grads(
         [general.get(p) for grp in optimizer.param_groups for p in grp["params"]])
+    if all_reduce is None:
+        all_reduce = distributed_world() > 1
+    if all_reduce:
+        all_reduce_general_grads(optimizer)
 
 
 def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Tensor,
                labels: Tensor, *, temperature: float = 1.0, scaler=None,
                autocast_dtype: torch.dtype | None = None, grad_mode: str = "auto",
-               zero_grad: bool = True, step: bool = True) -> StepOutput:
+               zero_grad: bool = True, step: bool = True, loss_weight: float | Tensor = 1.0,
+               inputs_are_features: bool = False) -> StepOutput:
     """Forward once, get both gradients, step (``optimizer.step`` or ``scaler.step``).
 
     ``autocast_dtype`` (``torch.bfloat16`` / ``torch.float16``) runs the forward under
     autocast on the images' device; ``scaler`` (``torch.amp.GradScaler``) scales both
     losses with the same scale.  A ``ProGradSGD`` with every ``lam == 0`` is plain CoOp;
     another optimiser (e.g. ``torch.optim.SGD``) also gets plain CoOp.  No host sync.
+    ``loss_weight`` multiplies both losses before the gradients (data-parallel training
+    weighs each process's share of a global batch); ``inputs_are_features``: ``images``
+    are already normalised image features (cached training features).
     """
     if zero_grad:
         optimizer.zero_grad(set_to_none=True)
     ctx = (torch.autocast(images.device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else nullcontext())
     with ctx:
-        image_features = model.encode_image(images)
+        image_features = images if inputs_are_features else model.encode_image(images)
         text_features = model.text_features()
         logits = model.logits(image_features, text_features)
         zs = model.zeroshot_logits(image_features)
@@ -129,7 +141,10 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
     ce, kl = prograd_losses(logits.to(loss_dtype), zs.to(loss_dtype), labels, temperature)
     prograd = isinstance(optimizer, ProGradSGD) and any(g["lam"] > 0 for g in optimizer.param_groups)
     scale = scaler.scale if scaler is not None else (lambda x: x)
-    compute_grads(optimizer, text_features, scale(ce), scale(kl) if prograd else None, grad_mode)
+    weighted = (lambda x: x) if isinstance(loss_weight, (int, float)) and loss_weight == 1 else (
+        lambda x: x * loss_weight)
+    compute_grads(optimizer, text_features, scale(weighted(ce)),
+                  scale(weighted(kl)) if prograd else None, grad_mode)
     if step:
         if scaler is not None:
             scaler.step(optimizer)

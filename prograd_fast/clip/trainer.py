@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import csv
-import json
+import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..atomic import atomic_torch_save, atomic_write, atomic_write_json
+from . import parallel
 from .model import PromptedCLIP
 from .train import build_optimizer, coop_lr_lambda, train_step
 
-__all__ = ["TrainConfig", "Trainer", "evaluate", "transfer_context", "METHODS", "PRECISIONS"]
+__all__ = ["TrainConfig", "Trainer", "evaluate", "correct_counts", "transfer_context", "METHODS",
+           "PRECISIONS"]
 
 METHODS = ("zeroshot", "coop", "prograd")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,6 +47,8 @@ class TrainConfig:
     eval_every: int = 1
     output_dir: str | None = None
     progress: bool = True
+    drop_last: bool = False
+    inputs: str = "images"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,38 +58,57 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if self.inputs not in ("images", "features"):
+            raise ValueError(f"inputs must be 'images' or 'features', got {self.inputs!r}")
 
 
 @torch.no_grad()
 def evaluate(model: PromptedCLIP, loader: Sequence, device: torch.device | str = "cpu",
-             zeroshot: bool = False, autocast_dtype: torch.dtype | None = None) -> float:
+             zeroshot: bool = False, autocast_dtype: torch.dtype | None = None,
+             inputs_are_features: bool = False) -> float:
     """Top-1 accuracy (in %) of the prompted model (or its zero-shot teacher)."""
+    counts = correct_counts(model, loader, device, zeroshot, autocast_dtype, inputs_are_features)
+    correct, total = counts.tolist()
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def correct_counts(model: PromptedCLIP, loader: Sequence, device: torch.device | str = "cpu",
+                   zeroshot: bool = False, autocast_dtype: torch.dtype | None = None,
+                   inputs_are_features: bool = False) -> torch.Tensor:
+    """``[correct, total]`` on the device (no sync), for sums over processes or shards.
+    ``inputs_are_features``: the loader yields normalised image features, not images."""
     device = torch.device(device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    total = 0
+    counts = torch.zeros(2, dtype=torch.long, device=device)
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else torch.autocast(device.type, enabled=False))
     with ctx:
         text = None if zeroshot else model.text_features()
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            feats = model.encode_image(images)
+            feats = images if inputs_are_features else model.encode_image(images)
             logits = model.zeroshot_logits(feats) if zeroshot else model.logits(feats, text)
-            correct += (logits.argmax(-1) == labels).sum()
-            total += labels.numel()
-    return 100.0 * correct.item() / max(total, 1)
+            counts[0] += (logits.argmax(-1) == labels).sum()
+            counts[1] += labels.numel()
+    return counts
 
 
 def transfer_context(model: PromptedCLIP, classnames: Sequence[str], templates=None,
-                     tokenizer=None) -> PromptedCLIP:
-    """The same CLIP with the learned (generic) context on other class names: base-to-new."""
+                     tokenizer=None, ctx_init: str | None = None) -> PromptedCLIP:
+    """The same CLIP with the learned (generic) context on other class names: base-to-new,
+    cross-data-set.  A ``ctx_init_style="prograd"`` prompt keeps its fixed init tokens
+    (official ProGrad builds the evaluated prompt from the target data set's template:
+    pass that template's words as ``ctx_init``)."""
     pl = model.prompt_learner
     if pl.class_specific:
         raise ValueError("a class-specific context cannot be transferred to new classes")
+    style = pl.ctx_init_style
+    init = (ctx_init if ctx_init is not None else pl.ctx_init) if style == "prograd" else None
     other = PromptedCLIP(model.clip, classnames, tokenizer=tokenizer,
                          templates=templates if templates is not None else model.teacher.templates,
                          n_ctx=pl.n_ctx, class_token_position=pl.class_token_position,
-                         dtype=pl.ctx.dtype, truncate=pl.truncate)
+                         dtype=pl.ctx.dtype, truncate=pl.truncate, ctx_init=init,
+                         ctx_init_style=style)
     with torch.no_grad():
         other.prompt_learner.ctx.copy_(pl.ctx)
     return other
@@ -96,8 +120,15 @@ class Trainer:
     Writes to ``config.output_dir``: ``log.json`` and ``log.csv`` (one row per epoch:
     lr, cross-entropy, KL, conflict rate, accuracy), ``curves.png``, and
     ``checkpoint.pt`` (context, optimiser, scheduler, scaler, history) which
-    :meth:`fit` resumes from.  Device statistics (losses, ``optimizer.stats()``) are
-    accumulated on the device and read once per epoch and every ``log_every`` steps.
+    :meth:`fit` resumes from; every file is written atomically.  Device statistics (losses,
+    ``optimizer.stats()``) are accumulated on the device and read once per epoch and every
+    ``log_every`` steps.
+
+    Each epoch is one seeded permutation cut into global batches of ``batch_size``
+    (``drop_last`` drops a short last one, as Dassl does when the set holds at least one
+    batch).  Under torchrun every process takes its share of each global batch and the
+    gradients are averaged (:mod:`prograd_fast.clip.parallel`): the result equals one
+    process on the same global batches; only rank 0 writes files.
     """
 
     def __init__(self, model: PromptedCLIP, train_set: Dataset, eval_set: Dataset | None,
@@ -106,9 +137,10 @@ class Trainer:
         self.device = torch.device(device)
         self.model.to(self.device)
         self._shuffle = torch.Generator().manual_seed(config.seed)
-        self.train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
-                                       drop_last=False, generator=self._shuffle,
-                                       num_workers=config.num_workers)
+        self.train_set = train_set
+        self.world, self.rank = parallel.world_size(), parallel.rank()
+        if eval_set is not None and self.world > 1:  # each process tests its shard
+            eval_set = Subset(eval_set, range(self.rank, len(eval_set), self.world))
         self.eval_loader = (DataLoader(eval_set, batch_size=max(config.batch_size, 100),
                                        num_workers=config.num_workers) if eval_set is not None else None)
         lam = config.lam if config.method == "prograd" else 0.0
@@ -123,7 +155,7 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch = 0
         self.out = Path(config.output_dir) if config.output_dir else None
-        if self.out:
+        if self.out and self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- checkpoints
@@ -155,10 +187,8 @@ class Trainer:
 
     def save(self) -> None:
         path = self._checkpoint_path()
-        if path:
-            tmp = path.with_suffix(".tmp")
-            torch.save(self.state_dict(), tmp)
-            tmp.replace(path)
+        if path and self.rank == 0:
+            atomic_torch_save(self.state_dict(), path)
 
     def maybe_resume(self) -> bool:
         """Load ``output_dir/checkpoint.pt`` when present; True if resumed."""
@@ -172,7 +202,22 @@ class Trainer:
     def evaluate(self, zeroshot: bool = False) -> float | None:
         if self.eval_loader is None:
             return None
-        return evaluate(self.model, self.eval_loader, self.device, zeroshot, self.autocast)
+        counts = correct_counts(self.model, self.eval_loader, self.device, zeroshot, self.autocast)
+        correct, total = parallel.all_reduce_sum(counts).tolist()
+        return 100.0 * correct / max(total, 1)
+
+    def _loader(self) -> tuple[DataLoader, list[float]]:
+        """This epoch's loader over this process's shares of the global batches, and the
+        loss weight of each share."""
+        cfg = self.config
+        drop_last = cfg.drop_last and len(self.train_set) >= cfg.batch_size
+        shares = [parallel.local_share(b, self.rank, self.world) for b in parallel.global_batches(
+            len(self.train_set), cfg.batch_size, drop_last, self._shuffle)]
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(self.epoch)
+        loader = DataLoader(self.train_set, batch_sampler=[s[0] for s in shares],
+                            num_workers=cfg.num_workers, generator=self._shuffle)
+        return loader, [s[1] for s in shares]
 
     def _epoch(self) -> dict:
         from tqdm.auto import tqdm
@@ -181,13 +226,23 @@ class Trainer:
         self.model.train()
         sums = torch.zeros(3, device=dev)  # ce, kl, conflict
         n = 0
-        bar = tqdm(self.train_loader, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
+        loader, weights = self._loader()
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        bar = tqdm(loader, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress or self.rank != 0, leave=False)
         for i, (images, labels) in enumerate(bar):
             out = train_step(self.model, self.optimizer, images.to(dev, non_blocking=True),
                              labels.to(dev, non_blocking=True), temperature=cfg.temperature,
                              scaler=self.scaler, autocast_dtype=self.autocast,
-                             grad_mode=cfg.grad_mode)
+                             grad_mode=cfg.grad_mode, step=self.world == 1,
+                             loss_weight=weights[i], inputs_are_features=cfg.inputs == "features")
+            if self.world > 1:  # general grads were averaged in train_step; now the domain's
+                parallel.all_reduce_grads(params)
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
             stats = self.optimizer.stats()[0]
             conflict = (stats["conflict"].float().mean() if stats is not None
                         else torch.zeros((), device=dev))
@@ -197,7 +252,8 @@ class Trainer:
                 ce, kl, cf = (sums / n).tolist()
                 bar.set_postfix(ce=f"{ce:.3f}", kl=f"{kl:.3f}", conflict=f"{cf:.2f}")
         ce, kl, cf = (sums / max(n, 1)).tolist()
-        return {"ce": ce, "kl": kl, "conflict_rate": cf if cfg.method == "prograd" else None}
+        return {"ce": ce, "kl": kl, "conflict_rate": cf if cfg.method == "prograd" else None,
+                "images": sum(len(b) for b in loader.batch_sampler), "processes": self.world}
 
     def fit(self, resume: bool = True, stop_after: int | None = None) -> list[dict]:
         """Train for ``config.epochs`` (resuming from a checkpoint); returns the history.
@@ -227,17 +283,23 @@ class Trainer:
         return self.history
 
     def _write(self) -> None:
-        if not self.out:
+        if not self.out or self.rank != 0:
             return
-        (self.out / "log.json").write_text(json.dumps(
-            {"config": asdict(self.config), "history": self.history}, indent=1))
+        atomic_write_json(self.out / "log.json", {"config": asdict(self.config),
+                                                   "history": self.history})
         keys = ["epoch", "lr", "ce", "kl", "conflict_rate", "acc"]
-        with open(self.out / "log.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            for row in self.history:
-                w.writerow({k: row.get(k) for k in keys})
-        plot_history(self.history, self.out / "curves.png", title=self.config.method)
+
+        def write_csv(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                for row in self.history:
+                    w.writerow({k: row.get(k) for k in keys})
+
+        atomic_write(self.out / "log.csv", write_csv)
+        if importlib.util.find_spec("matplotlib") is not None:
+            atomic_write(self.out / "curves.png",
+                         lambda tmp: plot_history(self.history, Path(tmp), title=self.config.method))
 
 
 def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
@@ -267,6 +329,6 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
             ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return True
