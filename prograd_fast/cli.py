@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_demo(sub)
+    from .protocols.cli import add_protocol_parser
+    add_protocol_parser(sub)
     return parser
 
 
@@ -206,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "protocol":
+        from .protocols.cli import cmd_protocol
+        return cmd_protocol(args)
     return cmd_demo(args)
 
 

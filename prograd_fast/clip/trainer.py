@@ -49,6 +49,7 @@ class TrainConfig:
     progress: bool = True
     drop_last: bool = False
     inputs: str = "images"
+    plot: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -297,7 +298,7 @@ class Trainer:
                     w.writerow({k: row.get(k) for k in keys})
 
         atomic_write(self.out / "log.csv", write_csv)
-        if importlib.util.find_spec("matplotlib") is not None:
+        if self.config.plot and importlib.util.find_spec("matplotlib") is not None:
             atomic_write(self.out / "curves.png",
                          lambda tmp: plot_history(self.history, Path(tmp), title=self.config.method))
 

@@ -1,0 +1,319 @@
+"""Run a protocol's whole grid: data sets x methods x shots x seeds, resumable.
+
+A *run* is one prompt: trained (CoOp / ProGrad) on a data set's few-shot split, or the
+zero-shot prompt.  It lives in ``<output>/runs/<data set>/<classes>/<method>/
+shots<K>-seed<S>-ep<E>-<hash>/`` (the hash covers every setting that changes the result:
+model weights, schedule, prompt, precision, inputs), holding the trainer's
+``checkpoint.pt`` and logs and ``result.json`` (accuracy per test set, written atomically
+when the run's tests are done).  A rerun skips runs whose ``result.json`` has every test
+the protocol needs, resumes a killed run from its checkpoint, and only tests a finished
+one that lacks a test (e.g. an ImageNet run trained by ``xd``, then used by ``dg``).
+
+Test sets are named ``<data set>/<classes>`` (``oxford_pets/base``, ``imagenet_a/all``)
+and evaluated on cached image features (:mod:`.features`): a test set's images are encoded
+once per model and preprocessing, whatever the number of methods, seeds, shots and epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..atomic import atomic_write_json
+from ..clip import PromptedCLIP, parallel
+from ..clip.data import ImageDataset, Split, coop_transforms, subsample_classes
+from ..clip.trainer import PRECISIONS, TrainConfig, Trainer, correct_counts, transfer_context
+from ..datasets import dataset_folder, few_shot_train, get_spec, read_dataset
+from ..datasets.registry import DatasetError
+from .config import (DEFAULT_SHOTS, METHODS, PROTOCOLS, SOURCE, ProtocolError, Schedule,
+                     default_datasets, method_prompt, official_schedule)
+from .features import FeatureCache, model_fingerprint
+
+__all__ = ["Run", "GridOptions", "plan", "GridRunner", "RUN_FORMAT"]
+
+RUN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Run:
+    """One prompt: ``method`` trained on ``dataset``'s ``classes`` ("all" or "base") with
+    ``shots`` per class from ``seed`` (0 and 0 for zero-shot), and its test sets."""
+
+    dataset: str
+    classes: str
+    method: str
+    shots: int
+    seed: int
+    tests: tuple[str, ...]
+
+    @property
+    def trained(self) -> bool:
+        return self.method != "zeroshot"
+
+    def title(self) -> str:
+        what = f"{self.dataset}/{self.classes} {self.method}"
+        return what if not self.trained else f"{what} {self.shots}-shot seed {self.seed}"
+
+
+@dataclass
+class GridOptions:
+    """Everything ``prograd-fast protocol`` takes (see ``--help``)."""
+
+    protocol: str
+    root: str
+    datasets: Sequence[str] | None = None
+    seeds: Sequence[int] = (1, 2, 3)
+    methods: Sequence[str] = METHODS
+    shots: Sequence[int] | None = None
+    source: str = SOURCE
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    output_dir: str = "protocol_runs"
+    cache_dir: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lam: float | None = None
+    precision: str = "fp32"
+    device: str | None = None
+    num_workers: int = 0
+    cache_train_features: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def plan(protocol: str, datasets: Sequence[str] | None, methods: Sequence[str],
+         shots: Sequence[int] | None, seeds: Sequence[int], source: str = SOURCE) -> list[Run]:
+    """The runs of a protocol's grid, data set by data set (their test features stay hot)."""
+    if protocol not in PROTOCOLS:
+        raise ProtocolError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ProtocolError(f"unknown method(s) {bad}: use {', '.join(METHODS)}")
+    datasets = list(datasets or default_datasets(protocol))
+    shots = list(shots or DEFAULT_SHOTS[protocol])
+    if any(k < 1 for k in shots) or not seeds:
+        raise ProtocolError("shots must be >= 1 and at least one seed is needed")
+    if protocol != "fewshot" and len(shots) != 1:
+        raise ProtocolError(f"{protocol} takes one --shots value (its table has no shots axis)")
+    specs = [get_spec(d) for d in datasets + ([source] if protocol in ("xd", "dg") else [])]
+    runs: list[Run] = []
+
+    def add(dataset, classes, tests):
+        for m in methods:
+            if m == "zeroshot":
+                runs.append(Run(dataset, classes, m, 0, 0, tests))
+                continue
+            runs.extend(Run(dataset, classes, m, k, s, tests) for k in shots for s in seeds)
+
+    if protocol in ("fewshot", "base2new"):
+        for spec in specs:
+            if spec.test_only:
+                raise DatasetError(f"{spec.name} is a test-only data set: use it as an xd/dg "
+                                   f"target, not in --datasets of {protocol}")
+            if protocol == "fewshot":
+                add(spec.name, "all", (f"{spec.name}/all",))
+            else:
+                add(spec.name, "base", (f"{spec.name}/base", f"{spec.name}/new"))
+    else:
+        src = specs[-1]
+        if src.test_only:
+            raise DatasetError(f"{src.name} is a test-only data set: it cannot be the source")
+        add(src.name, "all", (f"{src.name}/all",) + tuple(f"{s.name}/all" for s in specs[:-1]))
+    return runs
+
+
+class GridRunner:
+    """Loads the model once, then runs (or skips, or resumes) every run of the grid."""
+
+    def __init__(self, opts: GridOptions, log=print) -> None:
+        from ..cli import _load_model
+
+        self.opts = opts
+        self.device = parallel.init_from_env(opts.device)
+        self.log = log if parallel.is_main() else (lambda *a, **k: None)
+        self._splits: dict[str, tuple] = {}
+        self.runs = plan(opts.protocol, opts.datasets, opts.methods, opts.shots, opts.seeds,
+                         opts.source)
+        for name in {r.dataset for r in self.runs} | {t.split("/")[0] for r in self.runs
+                                                      for t in r.tests}:
+            self._split(name)  # every data set is checked before the first run
+        torch.manual_seed(0)  # random weights (--pretrained none, tests) are the same every call
+        self.clip, self.tokenizer, size, mean, std = _load_model(
+            SimpleNamespace(model=opts.model, pretrained=opts.pretrained, data=None), self.device)
+        self.test_tf = coop_transforms(size, mean, std, augment=False)
+        self.train_tf = coop_transforms(size, mean, std, augment=True)
+        self.autocast = PRECISIONS[opts.precision]
+        self.model_fp = model_fingerprint(self.clip)
+        cache_dir = opts.cache_dir or str(Path(opts.output_dir) / "features")
+        self.cache = FeatureCache(cache_dir, self.device, num_workers=opts.num_workers,
+                                  autocast_dtype=self.autocast)
+        self.out = Path(opts.output_dir)
+        self._features: dict[str, tuple] = {}
+        self.trained = 0  # runs that trained at least one epoch in this call
+
+    # ------------------------------------------------------------------ data
+    def _split(self, name: str):
+        if name not in self._splits:
+            spec = get_spec(name)
+            self._splits[name] = (spec, read_dataset(spec, self.opts.root),
+                                  dataset_folder(spec, self.opts.root))
+        return self._splits[name]
+
+    def _test_features(self, name: str):
+        if name not in self._features:
+            if len(self._features) >= 2:  # keep the current source and one target
+                self._features.pop(next(iter(self._features)))
+            _, split, _ = self._split(name)
+            self._features[name] = self.cache.get(self.clip, split.test, self.test_tf)
+        return self._features[name]
+
+    # ------------------------------------------------------------------ settings
+    def schedule(self, run: Run) -> Schedule:
+        s = official_schedule(self.opts.protocol, run.dataset, run.shots, run.method)
+        o = self.opts
+        over = {k: v for k, v in (("epochs", o.epochs), ("batch_size", o.batch_size), ("lr", o.lr))
+                if v is not None}
+        if o.lam is not None and run.method == "prograd":
+            over["lam"] = o.lam
+        return Schedule(**{**s.as_dict(), **over})
+
+    def settings(self, run: Run) -> dict:
+        spec = get_spec(run.dataset)
+        out = {"format": RUN_FORMAT, "dataset": run.dataset, "classes": run.classes,
+               "method": run.method, "model": self.opts.model, "pretrained": self.opts.pretrained,
+               "model_sha256": self.model_fp, "prompt": method_prompt(run.method, spec.dassl),
+               "precision": self.opts.precision}
+        if run.trained:
+            out.update(shots=run.shots, seed=run.seed, schedule=self.schedule(run).as_dict(),
+                       inputs="features" if self.opts.cache_train_features else "images")
+        return out
+
+    def run_dir(self, run: Run) -> Path:
+        settings = self.settings(run)
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        base = self.out / "runs" / run.dataset / run.classes / run.method
+        if not run.trained:
+            return base / f"zeroshot-{digest}"
+        return base / f"shots{run.shots}-seed{run.seed}-ep{settings['schedule']['epochs']}-{digest}"
+
+    # ------------------------------------------------------------------ one run
+    def _result(self, run: Run) -> dict:
+        path = self.run_dir(run) / "result.json"
+        if parallel.is_main() and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                data = None  # never half-written by us; a hand-edited file is redone
+            if isinstance(data, dict) and isinstance(data.get("tests"), dict):
+                return data
+        return {"settings": self.settings(run), "tests": {}}
+
+    def _train(self, run: Run, out: Path) -> tuple[PromptedCLIP, str, int]:
+        """The trained prompt (resumed, or loaded when finished), where its few-shot items
+        came from, and the number of epochs run now."""
+        spec, full, folder = self._split(run.dataset)
+        items, source = few_shot_train(spec, folder, full, run.shots, run.seed)
+        split = subsample_classes(Split(items, [], [], full.classnames), run.classes)
+        torch.manual_seed(run.seed)  # the random context (CoOp) depends on the seed only
+        model = PromptedCLIP(self.clip, split.classnames, tokenizer=self.tokenizer,
+                             **method_prompt(run.method, spec.dassl))
+        s = self.schedule(run)
+        if self.opts.cache_train_features:
+            feats, labels = self.cache.get(self.clip, split.train, self.test_tf)
+            train_set, inputs = TensorDataset(feats, labels), "features"
+        else:
+            train_set, inputs = ImageDataset(split.train, self.train_tf, seed=run.seed), "images"
+        cfg = TrainConfig(method=run.method, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
+                          momentum=s.momentum, weight_decay=s.weight_decay,
+                          warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
+                          lam=s.lam if run.method == "prograd" else 0.0,
+                          temperature=s.temperature, precision=self.opts.precision,
+                          seed=run.seed, num_workers=self.opts.num_workers, drop_last=True,
+                          output_dir=str(out), progress=self.opts.progress, inputs=inputs,
+                          plot=False,
+                          extra={"few_shot_source": source})
+        trainer = Trainer(model, train_set, None, cfg, self.device)
+        if trainer.maybe_resume() and trainer.epoch < s.epochs:
+            self.log(f"{run.title()}: resuming from the checkpoint of epoch {trainer.epoch}")
+        start = trainer.epoch
+        trainer.fit(resume=False)
+        return model, source, s.epochs - start
+
+    def _test(self, run: Run, model: PromptedCLIP | None, test: str) -> float:
+        name, classes = test.split("/")
+        spec, full, _ = self._split(name)
+        feats, labels = self._test_features(name)
+        n = len(full.classnames)
+        keep = {"all": range(n), "base": range((n + 1) // 2), "new": range((n + 1) // 2, n)}[classes]
+        keep = torch.tensor(list(keep))
+        mask = torch.isin(labels, keep)
+        remap = torch.full((n,), -1, dtype=torch.long)
+        remap[keep] = torch.arange(len(keep))
+        classnames = [full.classnames[i] for i in keep.tolist()]
+        prompt = method_prompt(run.method, spec.dassl)
+        if model is None:  # zero-shot: CoOp's template of the tested data set
+            torch.manual_seed(0)
+            tested = PromptedCLIP(self.clip, classnames, tokenizer=self.tokenizer, **prompt)
+        elif name == run.dataset and classes == run.classes:
+            tested = model
+        else:  # base -> new, or another data set: the learned context on these class names
+            tested = transfer_context(model, classnames, templates=spec.dassl,
+                                      tokenizer=self.tokenizer, ctx_init=prompt.get("ctx_init"))
+        tested.to(self.device)
+        loader = DataLoader(TensorDataset(feats[mask], remap[labels[mask]]), batch_size=1000)
+        correct, total = correct_counts(tested, loader, self.device, zeroshot=model is None,
+                                        autocast_dtype=self.autocast,
+                                        inputs_are_features=True).tolist()
+        return 100.0 * correct / max(total, 1)
+
+    def execute(self, run: Run) -> dict:
+        """Train (or resume) and test ``run`` unless its result is complete; its result."""
+        out = self.run_dir(run)
+        result = parallel.broadcast_object(self._result(run))
+        missing = [t for t in run.tests if t not in result["tests"]]
+        if not missing:
+            return result
+        start = time.time()
+        model = None
+        if run.trained:
+            if parallel.is_main():
+                atomic_write_json(out / "settings.json", result["settings"])
+            model, result["few_shot_source"], epochs = self._train(run, out)
+            self.trained += epochs > 0
+        for test in missing:
+            result["tests"][test] = self._test(run, model, test)
+        result["seconds"] = round(time.time() - start, 2)
+        if parallel.is_main():
+            atomic_write_json(out / "result.json", result)
+        parallel.barrier()
+        return result
+
+    # ------------------------------------------------------------------ the grid
+    def run(self) -> list[tuple[Run, dict]]:
+        from tqdm.auto import tqdm
+
+        o = self.opts
+        self.log(f"{o.protocol}: {len(self.runs)} runs ({', '.join(o.methods)}; "
+                 f"{len({r.dataset for r in self.runs})} training data set(s)) on {o.model}"
+                 f"{'/' + o.pretrained if o.pretrained else ''}, {parallel.world_size()} "
+                 f"process(es), output {self.out}")
+        results = []
+        bar = tqdm(self.runs, desc=o.protocol, disable=not o.progress or not parallel.is_main())
+        for i, run in enumerate(bar):
+            bar.set_postfix_str(run.title())
+            res = self.execute(run)
+            results.append((run, res))
+            accs = ", ".join(f"{t} {res['tests'][t]:.2f}" for t in run.tests)
+            self.log(f"[{i + 1}/{len(self.runs)}] {run.title()}: {accs}")
+        self.log(f"trained {self.trained} run(s); image features: {self.cache.misses} computed, "
+                 f"{self.cache.hits} from the cache")
+        return results

@@ -1,0 +1,204 @@
+"""The protocol grid end to end on a tiny random open_clip model and tiny synthetic data sets
+in CoOp's layouts: every protocol, tables in three formats and plots, finished runs skipped,
+a killed run resumed, cached features equal to encoding the images, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import coop_layouts as L
+from clip_helpers import tiny_cfg
+from prograd_fast import cli
+from prograd_fast.clip.data import ImageDataset, subsample_classes
+from prograd_fast.clip.trainer import Trainer, evaluate
+from prograd_fast.protocols import GridOptions, GridRunner, official_schedule, plan
+
+SOURCE_AND_TARGETS = ["imagenet", "oxford_pets", "eurosat", *L.ALL[-4:]]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("protocols")
+    root = base / "data"
+    for name in ["caltech101", "dtd", "fgvc_aircraft", *SOURCE_AND_TARGETS]:
+        L.make(root, name)
+    model = base / "tiny.json"
+    model.write_text(json.dumps(tiny_cfg()))
+    return root, model, base
+
+
+def _main(env, protocol, out, *extra):
+    root, model, _ = env
+    return cli.main(["protocol", protocol, "--root", str(root), "--model", str(model),
+                     "--pretrained", "none", "--output-dir", str(out), "--epochs", "1",
+                     "--seeds", "1", "--num-workers", "0", "--no-progress", *extra])
+
+
+def _json(path):
+    return json.loads(Path(path).read_text())
+
+
+def _no_temp_files(out):
+    return not [p for p in Path(out).rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_fewshot_grid_tables_plots_and_rerun_skips(env, capsys):
+    out = env[2] / "fewshot"
+    assert _main(env, "fewshot", out, "--datasets", "caltech101", "dtd", "--shots", "1", "2") == 0
+    table = _json(out / "fewshot.json")
+    assert table["columns"] == ["0", "1", "2"]
+    rows = {(r["dataset"], r["method"]): r for r in table["rows"]}
+    assert set(rows) == {(d, m) for d in ("Caltech101", "DTD", "Average")
+                         for m in ("zeroshot", "coop", "prograd")}
+    assert set(rows[("DTD", "prograd")]["cells"]) == {"1", "2"}
+    assert set(rows[("DTD", "zeroshot")]["cells"]) == {"0"}
+    avg = rows[("Average", "coop")]["cells"]["2"]["mean"]
+    assert avg == pytest.approx((rows[("DTD", "coop")]["cells"]["2"]["mean"]
+                                 + rows[("Caltech101", "coop")]["cells"]["2"]["mean"]) / 2)
+    assert len(table["runs"]) == 2 * (1 + 2 * 2)
+    md = (out / "fewshot.md").read_text()
+    assert "| Data set | Method | zero-shot | 1 shot | 2 shots |" in md and "| DTD | ProGrad |" in md
+    assert list(csv.reader(open(out / "fewshot.csv")))[0][:4] == ["dataset", "method", "0", "0_std"]
+    assert (out / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
+    assert "trained 8 run(s); image features: 2 computed, 0 from the cache" in capsys.readouterr().out
+    # a rerun skips every finished run and rewrites the same table
+    before = (out / "fewshot.json").read_text()
+    assert _main(env, "fewshot", out, "--datasets", "caltech101", "dtd", "--shots", "1", "2") == 0
+    assert "trained 0 run(s); image features: 0 computed, 0 from the cache" in capsys.readouterr().out
+    assert (out / "fewshot.json").read_text() == before
+    assert _no_temp_files(out)
+
+
+def test_base2new_cached_features_equal_image_encoding(env, tmp_path):
+    root, model, _ = env
+    opts = GridOptions("base2new", str(root), datasets=["fgvc_aircraft"], seeds=[2],
+                       model=str(model), pretrained=None, output_dir=str(tmp_path), epochs=2,
+                       num_workers=0, progress=False)
+    runner = GridRunner(opts, log=lambda *a: None)
+    results = dict(runner.run())
+    zs, prograd = (next(r for r in results if r.method == m) for m in ("zeroshot", "prograd"))
+    assert results[zs]["tests"].keys() == {"fgvc_aircraft/base", "fgvc_aircraft/new"}
+    # the same numbers from images, encoded again, with the learned context from the checkpoint
+    _, full, _ = runner._split("fgvc_aircraft")
+    new = subsample_classes(full, "new")
+    from prograd_fast.clip import PromptedCLIP
+    from prograd_fast.clip.trainer import transfer_context
+    from prograd_fast.protocols import method_prompt
+    loader = torch.utils.data.DataLoader(ImageDataset(new.test, runner.test_tf), batch_size=5)
+    teacher = PromptedCLIP(runner.clip, new.classnames, tokenizer=runner.tokenizer,
+                           **method_prompt("zeroshot", "FGVCAircraft"))
+    assert evaluate(teacher, loader, zeroshot=True) == results[zs]["tests"]["fgvc_aircraft/new"]
+    base = subsample_classes(full, "base")
+    trained = PromptedCLIP(runner.clip, base.classnames, tokenizer=runner.tokenizer,
+                           **method_prompt("prograd", "FGVCAircraft"))
+    state = torch.load(runner.run_dir(prograd) / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2
+    with torch.no_grad():
+        trained.prompt_learner.ctx.copy_(state["ctx"])
+    moved = transfer_context(trained, new.classnames, tokenizer=runner.tokenizer)
+    assert evaluate(moved, loader) == results[prograd]["tests"]["fgvc_aircraft/new"]
+    feats, _ = runner._test_features("fgvc_aircraft")
+    images = torch.stack([ImageDataset(full.test, runner.test_tf)[i][0] for i in range(len(full.test))])
+    torch.testing.assert_close(feats, trained.encode_image(images), rtol=1e-5, atol=1e-6)
+    # H and the average row
+    table = _json(tmp_path / "base2new.json") if (tmp_path / "base2new.json").exists() else None
+    assert table is None  # GridRunner alone writes runs, not tables
+    from prograd_fast.protocols import build_table
+    t = build_table("base2new", list(results.items()))
+    row = next(r for r in t["rows"] if r["method"] == "prograd" and r["dataset"] == "FGVCAircraft")
+    b, n = row["cells"]["base"]["mean"], row["cells"]["new"]["mean"]
+    assert row["cells"]["H"]["mean"] == pytest.approx(2 * b * n / (b + n) if b + n else 0.0)
+
+
+@pytest.mark.parametrize("protocol,targets", [("xd", ["oxford_pets", "eurosat"]),
+                                              ("dg", L.ALL[-4:])])
+def test_xd_and_dg_train_on_imagenet_once_and_test_targets(env, protocol, targets, capsys):
+    out = env[2] / "transfer"  # shared: dg reuses the ImageNet runs xd trained
+    assert _main(env, protocol, out, "--datasets", *targets) == 0
+    text = capsys.readouterr().out
+    table = _json(out / f"{protocol}.json")
+    titles = {"oxford_pets": "OxfordPets", "eurosat": "EuroSAT", "imagenetv2": "ImageNet-V2",
+              "imagenet_sketch": "ImageNet-Sketch", "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R"}
+    assert table["columns"] == ["ImageNet"] + [titles[t] for t in targets] + ["Average"]
+    for row in table["rows"]:
+        vals = [row["cells"][titles[t]]["mean"] for t in targets]
+        assert row["cells"]["Average"]["mean"] == pytest.approx(sum(vals) / len(vals))
+    assert "| ImageNet | ProGrad |" in (out / f"{protocol}.md").read_text()
+    if protocol == "dg":  # the ImageNet prompts came from the xd grid: tested, not retrained
+        assert "trained 0 run(s)" in text
+
+
+def test_killed_run_resumes_from_its_checkpoint(env, monkeypatch, capsys):
+    out = env[2] / "killed"
+    calls = []
+    real = Trainer._epoch
+
+    def epoch(self):
+        calls.append(self.config.method)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # killed in the middle of the second run's second epoch
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_epoch", epoch)
+    args = ("--datasets", "dtd", "--methods", "coop", "prograd", "--shots", "2", "--epochs", "2")
+    with pytest.raises(KeyboardInterrupt):
+        _main(env, "fewshot", out, *args)
+    runs = sorted((out / "runs" / "dtd" / "all").glob("*/*"))
+    assert [(r / "result.json").exists() for r in runs] == [True, False]
+    assert torch.load(runs[1] / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert _no_temp_files(out) and not (out / "fewshot.md").exists()
+    calls.clear()
+    assert _main(env, "fewshot", out, *args) == 0
+    assert calls == ["prograd"]  # coop skipped; prograd ran its last epoch only
+    log = _json(runs[1] / "log.json")
+    assert [r["epoch"] for r in log["history"]] == [1, 2]
+
+
+def test_training_features_are_opt_in(env, capsys):
+    out = env[2] / "trainfeat"
+    assert _main(env, "fewshot", out, "--datasets", "dtd", "--methods", "prograd", "--shots", "2",
+                 "--cache-train-features") == 0
+    assert "image features: 2 computed" in capsys.readouterr().out  # the test set and the 2-shot set
+    run = next((out / "runs" / "dtd" / "all" / "prograd").iterdir())
+    assert _json(run / "settings.json")["inputs"] == "features"
+    assert _json(run / "log.json")["config"]["inputs"] == "features"
+
+
+def test_plan_and_official_schedule():
+    runs = plan("base2new", ["oxford_pets"], ["zeroshot", "prograd"], None, [1, 2])
+    assert [(r.method, r.shots, r.seed) for r in runs] == [("zeroshot", 0, 0), ("prograd", 4, 1),
+                                                           ("prograd", 4, 2)]
+    assert runs[0].tests == ("oxford_pets/base", "oxford_pets/new")
+    xd = plan("xd", None, ["coop"], None, [1])
+    assert xd[0].dataset == "imagenet" and len(xd[0].tests) == 11
+    assert [official_schedule("fewshot", "dtd", k, "prograd").epochs for k in (1, 2, 4, 8, 16)] == [
+        50, 100, 100, 200, 200]
+    assert official_schedule("fewshot", "dtd", 16, "prograd").lam == 0.8
+    assert official_schedule("fewshot", "dtd", 4, "prograd").lam == 1.0
+    assert official_schedule("fewshot", "dtd", 16, "coop").lam == 0.0
+    assert official_schedule("base2new", "imagenet", 4, "coop").epochs == 50
+    assert official_schedule("base2new", "sun397", 4, "coop").epochs == 100
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--root", "{tmp}/nowhere"], "data root not found"),
+    (["--datasets", "oxford_flowers"], "oxford_flowers: missing Flowers102 data set folder"),
+    (["--datasets", "pets"], "unknown data set 'pets'"),
+    (["--datasets", "imagenet_a"], "imagenet_a is a test-only data set"),
+    (["--datasets", "dtd", "--shots", "0"], "shots must be >= 1"),
+])
+def test_bad_input_is_one_clear_line(env, tmp_path, args, message):
+    root, model, _ = env
+    argv = ["protocol", "fewshot", "--root", str(root), "--model", str(model), "--pretrained",
+            "none", "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    argv += [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    msg = str(info.value)
+    assert msg.startswith("prograd-fast protocol: error: ") and message in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
