@@ -18,6 +18,8 @@ def _add_train(sub) -> None:
     p.add_argument("--data", default="digits",
                    help="'digits' (embedded default), an ImageFolder root (train/<class>/..., "
                         "val/ or test/), a CoOp split_*.json or a folder holding one")
+    from .datasets.cli import add_dataset_args
+    add_dataset_args(p)
     p.add_argument("--model", default=None,
                    help="open_clip model name (e.g. ViT-B-16), a JSON model config, or 'digits' "
                         "(the embedded tiny CLIP; the default for --data digits)")
@@ -148,21 +150,33 @@ def cmd_train(args) -> int:
                             subsample_classes)
     from .clip.trainer import TrainConfig, Trainer, evaluate, transfer_context
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from dataclasses import replace
+
+    from .atomic import atomic_write_json
+    from .clip import parallel
+    from .datasets.cli import load_named
+
+    device = parallel.init_from_env(args.device)  # torchrun: one process per GPU, data-parallel
     torch.manual_seed(args.seed)
+    named = load_named(args)  # --dataset NAME --root DATA: (data set, full split, drawn items)
+    if named is not None:
+        args.data = named[0].name
     clip, tokenizer, size, mean, std = _load_model(args, device)
     if args.data == "digits":
         full, _, make = _digits_split(args)
     else:
-        full = load_dataset(args.data)
+        full = named[1] if named else load_dataset(args.data)
         train_tf = coop_transforms(size, mean, std, augment=True)
         test_tf = coop_transforms(size, mean, std, augment=False)
 
-        def make(items, train):
-            return ImageDataset(items, train_tf if train else test_tf)
-    split = subsample_classes(full, args.subsample)
-    train_items = few_shot(split.train, args.shots, args.seed)
-    templates = args.templates or ("digits" if args.data == "digits" else None)
+        def make(items, train):  # seeded augmentation: the same images for any process count
+            return ImageDataset(items, train_tf if train else test_tf, seed=args.seed if train else None)
+    # as the official readers: draw the shots on all classes, then keep base / new
+    drawn = named[2] if named else few_shot(full.train, args.shots, args.seed)
+    split = subsample_classes(replace(full, train=drawn), args.subsample)
+    train_items = split.train
+    templates = args.templates or ("digits" if args.data == "digits" else
+                                   named[0].dassl if named else None)
     model = PromptedCLIP(clip, split.classnames, tokenizer=tokenizer, templates=templates,
                          n_ctx=args.n_ctx, ctx_init=args.ctx_init,
                          class_specific=args.class_specific,
@@ -176,9 +190,11 @@ def cmd_train(args) -> int:
                       backend=args.backend, precision=args.precision, grad_mode=args.grad_mode,
                       seed=args.seed, num_workers=args.num_workers, output_dir=str(out),
                       progress=not args.no_progress)
-    print(f"{args.method}: {len(split.classnames)} classes, {len(train_items)} training images "
-          f"({args.shots} shots, seed {args.seed}), {len(split.test)} test images, "
-          f"prompt length {model.prompt_learner.length} tokens, device {device}")
+    say = print if parallel.is_main() else (lambda *a, **k: None)
+    say(f"{args.method}: {len(split.classnames)} classes, {len(train_items)} training images "
+        f"({args.shots} shots, seed {args.seed}), {len(split.test)} test images, "
+        f"prompt length {model.prompt_learner.length} tokens, device {device}, "
+        f"{parallel.world_size()} process(es)")
     trainer = Trainer(model, make(train_items, True), make(split.test, False), cfg, device)
     history = trainer.fit(resume=not args.no_resume)
     result = {"method": args.method, "acc": history[-1]["acc"], "output_dir": str(out)}
@@ -189,8 +205,9 @@ def cmd_train(args) -> int:
         other = transfer_context(model, new.classnames, tokenizer=tokenizer)
         loader = torch.utils.data.DataLoader(make(new.test, False), batch_size=100)
         result["new_acc"] = evaluate(other, loader, device, zeroshot=args.method == "zeroshot")
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    print(f"test accuracy {result['acc']:.2f}%"
+    if parallel.is_main():
+        atomic_write_json(out / "result.json", result)
+    say(f"test accuracy {result['acc']:.2f}%"
           + (f", new classes {result['new_acc']:.2f}%" if "new_acc" in result else "")
           + f"  (log: {out}/log.csv, plot: {out}/curves.png)")
     return 0

@@ -202,3 +202,31 @@ def test_bad_input_is_one_clear_line(env, tmp_path, args, message):
     msg = str(info.value)
     assert msg.startswith("prograd-fast protocol: error: ") and message in msg and "\n" not in msg
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
+
+
+def test_train_takes_a_data_set_by_name(env, tmp_path, capsys):
+    root, model, _ = env
+    argv = ["train", "--dataset", "caltech101", "--root", str(root), "--model", str(model),
+            "--shots", "2", "--epochs", "1", "--n-ctx", "2", "--no-progress", "--subsample", "base",
+            "--eval-new", "--output-dir", str(tmp_path / "t")]
+    assert cli.main(argv) == 0
+    assert "prograd: 2 classes, 4 training images (2 shots, seed 1)" in capsys.readouterr().out
+    res = _json(tmp_path / "t" / "result.json")
+    assert res["acc"] is not None and "new_acc" in res
+    with pytest.raises(SystemExit, match=r"error: .*oxford_flowers: missing Flowers102 data set folder"):
+        cli.main(argv[:2] + ["oxford_flowers"] + argv[3:])
+    with pytest.raises(SystemExit, match="--dataset needs --root"):
+        cli.main(["train", "--dataset", "dtd", "--model", str(model)])
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    from prograd_fast.atomic import atomic_write, atomic_write_text
+    path = atomic_write_text(tmp_path / "table.md", "old\n")
+
+    def half(tmp):
+        Path(tmp).write_text("half a ta")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half)
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]

@@ -247,12 +247,14 @@ class Trainer:
             stats = self.optimizer.stats()[0]
             conflict = (stats["conflict"].float().mean() if stats is not None
                         else torch.zeros((), device=dev))
-            sums += torch.stack([out.ce, out.kl, conflict.to(dev)])
+            w = weights[i]  # this process's share of the global batch's mean loss
+            sums += torch.stack([out.ce * w, out.kl * w, conflict.to(dev)])
             n += 1
             if cfg.progress and (i + 1) % cfg.log_every == 0:  # the only in-epoch sync
                 ce, kl, cf = (sums / n).tolist()
                 bar.set_postfix(ce=f"{ce:.3f}", kl=f"{kl:.3f}", conflict=f"{cf:.2f}")
-        ce, kl, cf = (sums / max(n, 1)).tolist()
+        parallel.all_reduce_sum(sums)  # the global batches' mean losses, as one process logs them
+        ce, kl, cf = (sums / (max(n, 1) * self.world)).tolist()
         return {"ce": ce, "kl": kl, "conflict_rate": cf if cfg.method == "prograd" else None,
                 "images": sum(len(b) for b in loader.batch_sampler), "processes": self.world}
 

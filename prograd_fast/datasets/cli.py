@@ -1,0 +1,32 @@
+"""``prograd-fast train --dataset NAME --root DATA``: a CoOp data set by name."""
+
+from __future__ import annotations
+
+__all__ = ["add_dataset_args", "load_named"]
+
+
+def add_dataset_args(p) -> None:
+    from .registry import DATASETS
+
+    p.add_argument("--dataset", default=None, choices=list(DATASETS), metavar="NAME",
+                   help="a data set of CoOp's DATASETS.md by name (replaces --data): "
+                        + ", ".join(DATASETS))
+    p.add_argument("--root", default=None, help="with --dataset: the data root holding its folder")
+
+
+def load_named(args):
+    """``(spec, full split, few-shot training items)`` for ``--dataset``, else ``None``.  The
+    items are CoOp's cached ``split_fewshot`` pickle when present, else Dassl's draw; a bad
+    data set ends the command with one line naming the file."""
+    if getattr(args, "dataset", None) is None:
+        return None
+    from . import DatasetError, dataset_folder, few_shot_train, load_split
+
+    if not args.root:
+        raise SystemExit("prograd-fast train: error: --dataset needs --root (the data root)")
+    try:
+        spec, full = load_split(args.dataset, args.root)
+        items, _ = few_shot_train(spec, dataset_folder(spec, args.root), full, args.shots, args.seed)
+    except DatasetError as e:
+        raise SystemExit(f"prograd-fast train: error: {e}") from None
+    return spec, full, items
