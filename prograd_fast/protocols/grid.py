@@ -31,7 +31,8 @@ from ..atomic import atomic_write_json
 from ..clip import PromptedCLIP, parallel
 from ..clip.data import ImageDataset, Split, coop_transforms, subsample_classes
 from ..clip.trainer import PRECISIONS, TrainConfig, Trainer, correct_counts, transfer_context
-from ..datasets import dataset_folder, few_shot_train, get_spec, read_dataset
+from ..datasets import (dataset_folder, few_shot_train, fewshot_pickle_path, get_spec,
+                        read_dataset)
 from ..datasets.registry import DatasetError
 from .config import (DEFAULT_SHOTS, METHODS, PROTOCOLS, SOURCE, ProtocolError, Schedule,
                      default_datasets, method_prompt, official_schedule)
@@ -40,6 +41,7 @@ from .features import FeatureCache, model_fingerprint
 __all__ = ["Run", "GridOptions", "plan", "GridRunner", "RUN_FORMAT"]
 
 RUN_FORMAT = 1
+FEATURES_IN_MEMORY = 4 << 30  # bytes of test features kept between runs (ImageNet ViT-B: 0.1 GB)
 
 
 @dataclass(frozen=True)
@@ -169,11 +171,18 @@ class GridRunner:
         return self._splits[name]
 
     def _test_features(self, name: str):
-        if name not in self._features:
-            if len(self._features) >= 2:  # keep the current source and one target
-                self._features.pop(next(iter(self._features)))
-            _, split, _ = self._split(name)
-            self._features[name] = self.cache.get(self.clip, split.test, self.test_tf)
+        """A test set's features: kept in memory (least recently used first out, up to
+        ``FEATURES_IN_MEMORY`` bytes), else from the disk cache, else encoded once."""
+        if name in self._features:
+            self._features[name] = self._features.pop(name)  # most recently used
+            return self._features[name]
+        _, split, _ = self._split(name)
+        self._features[name] = self.cache.get(self.clip, split.test, self.test_tf)
+        def held() -> int:
+            return sum(f.numel() * f.element_size() for f, _ in self._features.values())
+
+        while len(self._features) > 1 and held() > FEATURES_IN_MEMORY:
+            self._features.pop(next(iter(self._features)))
         return self._features[name]
 
     # ------------------------------------------------------------------ settings
@@ -193,8 +202,10 @@ class GridRunner:
                "model_sha256": self.model_fp, "prompt": method_prompt(run.method, spec.dassl),
                "precision": self.opts.precision}
         if run.trained:
+            _, _, folder = self._split(run.dataset)
             out.update(shots=run.shots, seed=run.seed, schedule=self.schedule(run).as_dict(),
-                       inputs="features" if self.opts.cache_train_features else "images")
+                       inputs="features" if self.opts.cache_train_features else "images",
+                       fewshot_pickle=fewshot_pickle_path(folder, run.shots, run.seed).is_file())
         return out
 
     def run_dir(self, run: Run) -> Path:
@@ -239,8 +250,7 @@ class GridRunner:
                           temperature=s.temperature, precision=self.opts.precision,
                           seed=run.seed, num_workers=self.opts.num_workers, drop_last=True,
                           output_dir=str(out), progress=self.opts.progress, inputs=inputs,
-                          plot=False,
-                          extra={"few_shot_source": source})
+                          plot=False, extra={"few_shot_source": source})
         trainer = Trainer(model, train_set, None, cfg, self.device)
         if trainer.maybe_resume() and trainer.epoch < s.epochs:
             self.log(f"{run.title()}: resuming from the checkpoint of epoch {trainer.epoch}")
