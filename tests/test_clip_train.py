@@ -168,10 +168,49 @@ def test_grad_scaler_scales_both_gradients_and_unscales_them():
 def test_coop_schedule():
     f = coop_lr_lambda(max_epoch=10, warmup_epochs=1, base_lr=0.002, warmup_lr=1e-5)
     assert f(0) == pytest.approx(1e-5 / 0.002)
-    assert f(1) == pytest.approx(0.5 * (1 + math.cos(math.pi / 10)))
-    assert f(10) == pytest.approx(0.0, abs=1e-12)
+    assert f(1) == 1.0  # Dassl: the cosine starts after the warm-up epoch
+    assert f(2) == pytest.approx(0.5 * (1 + math.cos(math.pi / 10)))
+    assert f(11) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError):
         coop_lr_lambda(0)
+
+
+@pytest.mark.parametrize("max_epoch,warmup", [(10, 1), (7, 2), (50, 1)])
+def test_coop_schedule_equals_dasslss_scheduler(monkeypatch, tmp_path_factory, max_epoch, warmup):
+    """Dassl's own build_lr_scheduler (the vendored fork's file, run as is; only torch's
+    removed ``verbose`` argument is accepted by a shim) gives the same lr every epoch."""
+    import importlib.util
+    import types
+
+    import torch.optim.lr_scheduler as torch_sched
+    from vendor_sources import PROMPT_ALIGN, unpack
+
+    src = unpack(PROMPT_ALIGN, tmp_path_factory.mktemp("pa")) / "Dassl.ProGrad.pytorch/dassl/optim/lr_scheduler.py"
+
+    class Shim(torch_sched.LRScheduler):
+        def __init__(self, optimizer, last_epoch=-1, verbose=False):
+            super().__init__(optimizer, last_epoch)
+
+    monkeypatch.setattr(torch_sched, "_LRScheduler", Shim)
+    spec = importlib.util.spec_from_file_location("dassl_lr_scheduler", src)
+    dassl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dassl)
+    cfg = types.SimpleNamespace(LR_SCHEDULER="cosine", STEPSIZE=(-1,), GAMMA=0.1, MAX_EPOCH=max_epoch,
+                                WARMUP_EPOCH=warmup, WARMUP_RECOUNT=True, WARMUP_TYPE="constant",
+                                WARMUP_CONS_LR=1e-5, WARMUP_MIN_LR=1e-5)
+    p = torch.nn.Parameter(torch.zeros(1))
+    theirs_opt = torch.optim.SGD([p], lr=0.002)
+    theirs = dassl.build_lr_scheduler(theirs_opt, cfg)
+    ours_opt = torch.optim.SGD([p], lr=0.002)
+    ours = torch.optim.lr_scheduler.LambdaLR(ours_opt, coop_lr_lambda(max_epoch, warmup, 0.002, 1e-5))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # step() before optimizer.step(): no training here
+        for _ in range(max_epoch):
+            assert ours_opt.param_groups[0]["lr"] == pytest.approx(theirs_opt.param_groups[0]["lr"],
+                                                                   rel=1e-12, abs=1e-15)
+            theirs.step()
+            ours.step()
 
 
 def test_bad_grad_mode():

@@ -165,15 +165,18 @@ def build_optimizer(model: PromptedCLIP, lr: float = 0.002, momentum: float = 0.
 
 def coop_lr_lambda(max_epoch: int, warmup_epochs: int = 1, base_lr: float = 0.002,
                    warmup_lr: float = 1e-5):
-    """Per-epoch lr factor for ``LambdaLR``: constant ``warmup_lr`` for ``warmup_epochs``,
-    then cosine decay of ``base_lr`` over ``max_epoch`` (Dassl's ConstantWarmupScheduler
-    around CosineAnnealingLR, as CoOp configures it)."""
+    """Per-epoch lr factor for ``LambdaLR``, equal to Dassl's ConstantWarmupScheduler around
+    CosineAnnealingLR(T_max=max_epoch) as CoOp configures it: ``warmup_lr`` for the first
+    ``warmup_epochs`` epochs, then the cosine restarts from ``base_lr`` (epoch ``e`` uses the
+    cosine's epoch ``e - warmup_epochs``: the first epoch after warm-up runs at the full
+    rate, and the last of ``max_epoch`` epochs at cos(pi (max_epoch - 1 - warmup) / T))."""
     if max_epoch < 1:
         raise ValueError(f"max_epoch must be >= 1, got {max_epoch}")
 
     def factor(epoch: int) -> float:
         if epoch < warmup_epochs:
             return warmup_lr / base_lr
-        return 0.5 * (1.0 + math.cos(math.pi * min(epoch, max_epoch) / max_epoch))
+        t = min(epoch - warmup_epochs, max_epoch)
+        return 0.5 * (1.0 + math.cos(math.pi * t / max_epoch))
 
     return factor
