@@ -256,7 +256,8 @@ class Trainer:
         parallel.all_reduce_sum(sums)  # the global batches' mean losses, as one process logs them
         ce, kl, cf = (sums / (max(n, 1) * self.world)).tolist()
         return {"ce": ce, "kl": kl, "conflict_rate": cf if cfg.method == "prograd" else None,
-                "images": sum(len(b) for b in loader.batch_sampler), "processes": self.world}
+                "images": sum(len(b) for b, w in zip(loader.batch_sampler, weights) if w > 0),
+                "processes": self.world}  # images: this process's share of the epoch
 
     def fit(self, resume: bool = True, stop_after: int | None = None) -> list[dict]:
         """Train for ``config.epochs`` (resuming from a checkpoint); returns the history.

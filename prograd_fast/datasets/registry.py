@@ -32,21 +32,22 @@ class DatasetSpec:
 
     def expected(self) -> str:
         """The layout in words, for error messages."""
+        f = self.folder
         if self.layout == "split_json":
-            images = f"{self.folder}/{self.image_dir}/" if self.image_dir else f"{self.folder}/cars_train/, {self.folder}/cars_test/"
-            return f"{images} and {self.folder}/{self.split_file}"
+            images = f"{f}/{self.image_dir}/" if self.image_dir else f"{f}/cars_train/, {f}/cars_test/"
+            return f"{images} and {f}/{self.split_file}"
         if self.layout == "fgvc":
-            return (f"{self.folder}/images/, {self.folder}/variants.txt and "
-                    f"{self.folder}/images_variant_{{train,val,test}}.txt")
+            return f"{f}/images/, {f}/variants.txt and {f}/images_variant_{{train,val,test}}.txt"
         if self.layout == "imagenet":
-            return f"{self.folder}/images/train/<wnid>/, {self.folder}/images/val/<wnid>/ and {self.folder}/classnames.txt"
+            return f"{f}/images/train/<wnid>/, {f}/images/val/<wnid>/ and {f}/classnames.txt"
         if self.layout == "imagenet_numbered":
-            return f"{self.folder}/{self.image_dir}/<0..N-1>/ and {self.folder}/classnames.txt"
-        return f"{self.folder}/{self.image_dir}/<wnid>/ and {self.folder}/classnames.txt"
+            return f"{f}/{self.image_dir}/<0..N-1>/ and {f}/classnames.txt"
+        return f"{f}/{self.image_dir}/<wnid>/ and {f}/classnames.txt"
 
 
 def _split(name, dassl, title, folder, image_dir):
-    return DatasetSpec(name, dassl, title, folder, "split_json", image_dir, f"split_zhou_{dassl}.json")
+    return DatasetSpec(name, dassl, title, folder, "split_json", image_dir,
+                       f"split_zhou_{dassl}.json")
 
 
 _ALL = [

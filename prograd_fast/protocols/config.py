@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 
 from ..datasets.registry import FEWSHOT_DATASETS, IMAGENET_SHIFTS
 
-__all__ = ["ProtocolError", "PROTOCOLS", "METHODS", "DEFAULT_SHOTS", "SOURCE", "Schedule", "official_schedule",
-           "default_datasets", "method_prompt", "N_CTX"]
+__all__ = ["ProtocolError", "PROTOCOLS", "METHODS", "DEFAULT_SHOTS", "SOURCE", "Schedule",
+           "official_schedule", "default_datasets", "method_prompt", "N_CTX"]
 
 PROTOCOLS = ("base2new", "fewshot", "xd", "dg")
 

@@ -203,8 +203,8 @@ def plot(table: dict, path: Path) -> bool:
         axes.flat[0].legend(fontsize=7)
     else:
         panels = cols if protocol == "base2new" else ["_all"]
-        fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 0.9 * len(datasets) * len(panels)), 3.4),
-                                 squeeze=False)
+        width_in = max(6, 0.9 * len(datasets) * len(panels))
+        fig, axes = plt.subplots(1, len(panels), figsize=(width_in, 3.4), squeeze=False)
         groups = datasets if protocol == "base2new" else cols
         width = 0.8 / len(methods)
         for ax, panel in zip(axes.flat, panels):
