@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vendor_sources import DASSL, PROMPT_ALIGN, REPO, unpack
+from vendor_sources import REPO
 
 EXAMPLE = REPO / "examples" / "dassl_coop_prograd.py"
 LAUNCHER = Path(__file__).with_name("dassl_launch.py")
@@ -74,9 +74,6 @@ DASSL_EDITS = [
 #: the scheduler, so torch must be allowed to unpickle (trusted files only).
 OLD_CHECKPOINTS_ENV = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
 
-TREES = {"upstream": ("dassl", "."), "prograd_fork": ("prompt_align", "Dassl.ProGrad.pytorch")}
-
-
 def load_example():
     """``examples/dassl_coop_prograd.py`` as a module (without Dassl: its stand-in base)."""
     spec = importlib.util.spec_from_file_location("dassl_coop_prograd", EXAMPLE)
@@ -118,19 +115,18 @@ def make_oxford_pets(root: Path, n_train: int = 4, n_val: int = 2, n_test: int =
 
 
 class Workspace:
-    """Unpacked sources, a data set and model configs under ``root`` (built once)."""
+    """The unpacked sources (``vendor``: :func:`vendor_sources.vendor_tree`) made ready as a
+    user would, plus a data set and tiny model configs under ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, vendor: Path, root: Path) -> None:
         self.root = root
-        self.dassl = {
-            "upstream": unpack(DASSL, root / "dassl"),
-            "prograd_fork": unpack(PROMPT_ALIGN, root / "prompt_align") / "Dassl.ProGrad.pytorch",
-        }
-        if not (root / ".edited").exists():
+        self.dassl = {"upstream": vendor / "dassl",
+                      "prograd_fork": vendor / "prompt_align" / "Dassl.ProGrad.pytorch"}
+        if not (vendor / ".dassl_edited").exists():
             for tree in self.dassl.values():
                 apply_dassl_edits(tree)
-            (root / ".edited").touch()
-        self.code = root / "prompt_align" / "ProGrad.public"
+            (vendor / ".dassl_edited").touch()
+        self.code = vendor / "prompt_align" / "ProGrad.public"
         self.install_example()
         self.data = make_oxford_pets(root / "data")
         self.models = root / "models"

@@ -13,6 +13,7 @@ from prograd_fast.clip import PROGRAD_TEMPLATES, PromptedCLIP, train_step
 
 from clip_helpers import CLASSNAMES, tiny_cfg, tiny_clip
 from dassl_harness import EXAMPLE, load_example
+from vendor_sources import custom_templates, vendor_tree  # noqa: F401 - the fixture
 
 
 @pytest.fixture
@@ -210,11 +211,8 @@ def test_default_teacher_is_official_prograds_and_coops_is_one_key_away(example)
     assert coop.model.teacher.templates == ["a photo of a {}, a type of pet."]
 
 
-def test_default_teacher_prompts_equal_the_official_trainers(example, tmp_path, capsys):
-    from test_templates_official import _custom_templates
-    from vendor_sources import PROMPT_ALIGN, unpack
-
-    official = _custom_templates(unpack(PROMPT_ALIGN, tmp_path) / "ProGrad.public" / "trainers"
+def test_default_teacher_prompts_equal_the_official_trainers(example, vendor_tree, capsys):
+    official = custom_templates(vendor_tree / "prompt_align" / "ProGrad.public" / "trainers"
                                  / "prograd.py")
     for dataset in ("OxfordPets", "OxfordFlowers", "FGVCAircraft", "DescribableTextures",
                     "Food101", "EuroSAT"):

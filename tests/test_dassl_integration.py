@@ -11,7 +11,6 @@ Skips with the reason when ../shared/vendor is absent.
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ import pytest
 import torch
 
 from dassl_harness import CLASSES, OLD_CHECKPOINTS_ENV, Workspace, load_example
+from vendor_sources import custom_templates, vendor_tree  # noqa: F401 - the fixture
 
 pytest.importorskip("yacs", reason="Dassl's runtime (the 'test' extra) is not installed")
 
@@ -32,8 +32,8 @@ DETERMINISTIC = ["DATALOADER.TRAIN_X.SAMPLER", "SequentialSampler",
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return Workspace(tmp_path_factory.mktemp("dassl_ws"))
+def ws(vendor_tree, tmp_path_factory):
+    return Workspace(vendor_tree, tmp_path_factory.mktemp("dassl_ws"))
 
 
 def _args(ws, config, *opts, flags=()):
@@ -55,14 +55,6 @@ def _checkpoint(out, name):
     return torch.load(out / "prompt_learner" / name, map_location="cpu", weights_only=False)
 
 
-def _official_templates(ws) -> dict:
-    tree = ast.parse((ws.code / "trainers" / "prograd.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CUSTOM_TEMPLATES":
-            return ast.literal_eval(node.value)
-    raise AssertionError("no CUSTOM_TEMPLATES in the official trainer")
-
-
 @pytest.mark.parametrize("dassl", ["upstream", "prograd_fork"])
 def test_stock_prograd_config_trains_tests_best_val_and_eval_only(ws, tmp_path, dassl):
     """configs/trainers/ProGrad/rn50.yaml as the official scripts run it (CTX_INIT True,
@@ -72,7 +64,7 @@ def test_stock_prograd_config_trains_tests_best_val_and_eval_only(ws, tmp_path, 
     text = ws.run(dassl, _args(ws, "trainers/ProGrad/rn50.yaml", "LOSS.LAMBDA", "1.0",
                                "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "2",
                                "TEST.FINAL_MODEL", "best_val"), out)
-    official = _official_templates(ws)["OxfordPets"]
+    official = custom_templates(ws.code / "trainers" / "prograd.py")["OxfordPets"]
     assert f"Prompts: {[official.format(c.replace('_', ' ')) for c in CLASSES]}" in text
     assert "Deploy the model with the best val performance" in text
     assert re.search(r"Loading weights to prompt_learner from \".*model-best\.pth\.tar\"", text)
