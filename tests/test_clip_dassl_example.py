@@ -279,3 +279,15 @@ def test_example_changed_lines_are_marked():
     for name in ("def forward_backward", "def model_backward_and_update", "def build_optimizer",
                  "def model_inference", "def load_model"):
         assert name in text
+
+
+def test_docs_give_the_dassl_edits_the_tests_apply():
+    """docs/coop.md shows users exactly the edits tests/dassl_harness.py applies to Dassl."""
+    from dassl_harness import DASSL_EDITS
+
+    docs = (EXAMPLE.parents[1] / "docs" / "coop.md").read_text()
+    for _, old, new in DASSL_EDITS:
+        if old.strip() == "raise NotImplementedError":  # inserted after get_lr
+            assert new.split("\n", 2)[2].rstrip() in docs
+        else:
+            assert f"`{old}`" in docs and f"`{new}`" in docs
