@@ -100,7 +100,9 @@ def _load_model(args, device):
     if name is None:
         raise CLIError("--model is required with --data other than 'digits' (e.g. ViT-B-16 "
                        "--pretrained openai)")
-    if name != "digits" and not name.endswith(".json") and name not in open_clip.list_models():
+    schema = ":" in name  # open_clip's "hf-hub:org/repo" / "local-dir:path" names
+    if name != "digits" and not name.endswith(".json") and not schema \
+            and name not in open_clip.list_models():
         raise CLIError(f"unknown --model {name!r}: use an open_clip model name (see "
                        f"open_clip.list_models()), a JSON model config file or 'digits'")
     try:
