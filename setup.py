@@ -31,7 +31,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib",
+                 # Dassl's runtime, for the tests that run the example inside real Dassl
+                 "yacs", "tabulate", "gdown", "tensorboard", "scipy", "wilds", "future",
+                 "expecttest"],  # torch.testing._internal (its OptimizerInfo inputs)
         "demo": ["scikit-learn", "matplotlib"],
     },
     entry_points={"console_scripts": ["prograd-fast=prograd_fast.cli:main"]},

@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
+import pickle
 import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "CLIError"]
+
+
+class CLIError(Exception):
+    """A bad command-line input: ``main`` reports it as one line on stderr, exit status 2."""
 
 
 def _add_train(sub) -> None:
@@ -44,7 +50,10 @@ def _add_train(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--granularity", choices=["global", "tensor"], default="global")
     p.add_argument("--backend", default="auto", help="ProGradSGD backend")
-    p.add_argument("--n-ctx", type=int, default=16)
+    p.add_argument("--n-ctx", type=int, default=None,
+                   help="context length (default 16; with the embedded digits model and no "
+                        "--ctx-init: the demo's context, 'a handwritten', which fits its "
+                        "16-token text tower)")
     p.add_argument("--ctx-init", default=None, help="initial context words, e.g. 'a photo of a'")
     p.add_argument("--class-specific", action="store_true")
     p.add_argument("--class-token-position", choices=["end", "middle", "front"], default="end")
@@ -54,7 +63,8 @@ def _add_train(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype (fp16 adds a GradScaler)")
     p.add_argument("--grad-mode", choices=["auto", "batched", "two_pass"], default="auto")
-    p.add_argument("--shift", default="occlude", help="digits only: the downstream shift")
+    p.add_argument("--shift", default="occlude", choices=["occlude", "noise", "thick", "none"],
+                   help="digits only: the downstream shift")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--output-dir", default=None, help="default: runs/<data>_<method>_<shots>shot_seed<seed>")
@@ -87,18 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args, device):
-    """``(clip_model, tokenizer, image_size, mean, std)``."""
+    """``(clip_model, tokenizer, image_size, mean, std)``; a bad ``--model`` /
+    ``--pretrained`` raises :class:`CLIError`."""
     import open_clip
-    import torch
-
-    from .clip import default_tokenizer
-    from .clip import digits as D
-    from .clip.data import OPENAI_MEAN, OPENAI_STD
 
     name = args.model or ("digits" if args.data == "digits" else None)
     if name is None:
-        raise SystemExit("--model is required with --data other than 'digits' (e.g. ViT-B-16 "
-                         "--pretrained openai)")
+        raise CLIError("--model is required with --data other than 'digits' (e.g. ViT-B-16 "
+                       "--pretrained openai)")
+    schema = ":" in name  # open_clip's "hf-hub:org/repo" / "local-dir:path" names
+    if name != "digits" and not name.endswith(".json") and not schema \
+            and name not in open_clip.list_models():
+        raise CLIError(f"unknown --model {name!r}: use an open_clip model name (see "
+                       f"open_clip.list_models()), a JSON model config file or 'digits'")
+    try:
+        return _build_model(name, args, device)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        what = f"--model {name!r}" + (f" with --pretrained {args.pretrained!r}" if args.pretrained else "")
+        raise CLIError(f"cannot load {what}: {_one_line(exc)}") from exc
+
+
+def _build_model(name, args, device):
+    import open_clip
+    import torch
+
+    from .clip import default_tokenizer, load_open_clip
+    from .clip import digits as D
+    from .clip.data import OPENAI_MEAN, OPENAI_STD
+
     if name == "digits":
         model, _ = D.load_tiny_clip()
         cfg = D.TINY_CLIP_CONFIG
@@ -115,7 +141,7 @@ def _load_model(args, device):
         ctx_len = cfg.get("text_cfg", {}).get("context_length", 77)
         size = cfg.get("vision_cfg", {}).get("image_size", 224)
         return model.to(device).eval(), default_tokenizer(ctx_len), size, OPENAI_MEAN, OPENAI_STD
-    model = open_clip.create_model(name, pretrained=args.pretrained or None, device=device)
+    model = load_open_clip(name, args.pretrained or None, device=device)
     pre = getattr(model.visual, "preprocess_cfg", {}) or {}
     size = pre.get("size", getattr(model.visual, "image_size", 224))
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -142,6 +168,35 @@ def _digits_split(args):
     return split, subsample_classes, (lambda items, train: to_ds(items, task.train if train else task.test))
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _check_train_args(args) -> None:
+    """Inputs that can be refused before any work."""
+    from . import available_backends
+
+    if args.eval_new and args.subsample != "base":
+        raise CLIError("--eval-new needs --subsample base")
+    if args.data != "digits" and not Path(args.data).exists():
+        raise CLIError(f"--data {args.data!r} does not exist (an ImageFolder root, a CoOp "
+                       f"split_*.json or a folder holding one, or 'digits')")
+    if args.n_ctx is not None and args.n_ctx < 1:
+        raise CLIError(f"--n-ctx must be >= 1, got {args.n_ctx}")
+    for name, value in (("--epochs", args.epochs), ("--num-workers", args.num_workers)):
+        if value < 0:
+            raise CLIError(f"{name} must be >= 0, got {value}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 <= args.lam <= 1.0:
+        raise CLIError(f"--lam must be in [0, 1], got {args.lam}")
+    if args.backend != "auto":
+        reason = available_backends().get(args.backend, "unknown backend")
+        if reason is not None:
+            raise CLIError(f"--backend {args.backend!r} cannot run here: {reason}")
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -149,13 +204,11 @@ def cmd_train(args) -> int:
     from .clip.data import (ImageDataset, coop_transforms, few_shot, load_dataset,
                             subsample_classes)
     from .clip.trainer import TrainConfig, Trainer, evaluate, transfer_context
-
-    from dataclasses import replace
-
     from .atomic import atomic_write_json
     from .clip import parallel
     from .datasets.cli import load_named
 
+    _check_train_args(args)
     device = parallel.init_from_env(args.device)  # torchrun: one process per GPU, data-parallel
     torch.manual_seed(args.seed)
     named = load_named(args)  # --dataset NAME --root DATA: (data set, full split, drawn items)
@@ -165,7 +218,10 @@ def cmd_train(args) -> int:
     if args.data == "digits":
         full, _, make = _digits_split(args)
     else:
-        full = named[1] if named else load_dataset(args.data)
+        try:
+            full = named[1] if named else load_dataset(args.data)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CLIError(f"cannot read --data {args.data!r}: {_one_line(exc)}") from exc
         train_tf = coop_transforms(size, mean, std, augment=True)
         test_tf = coop_transforms(size, mean, std, augment=False)
 
@@ -177,10 +233,19 @@ def cmd_train(args) -> int:
     train_items = split.train
     templates = args.templates or ("digits" if args.data == "digits" else
                                    named[0].dassl if named else None)
-    model = PromptedCLIP(clip, split.classnames, tokenizer=tokenizer, templates=templates,
-                         n_ctx=args.n_ctx, ctx_init=args.ctx_init,
-                         class_specific=args.class_specific,
-                         class_token_position=args.class_token_position)
+    n_ctx, ctx_init = args.n_ctx, args.ctx_init
+    if args.data == "digits" and (args.model or "digits") == "digits" and n_ctx is None \
+            and ctx_init is None:
+        from .clip.demo import DEMO_DEFAULTS
+
+        ctx_init = DEMO_DEFAULTS["ctx_init"]  # 16 learned tokens do not fit a 16-token tower
+    try:
+        model = PromptedCLIP(clip, split.classnames, tokenizer=tokenizer, templates=templates,
+                             n_ctx=16 if n_ctx is None else n_ctx, ctx_init=ctx_init,
+                             class_specific=args.class_specific,
+                             class_token_position=args.class_token_position)
+    except (ValueError, TypeError) as exc:  # prompts too long, unknown template, refused tower
+        raise CLIError(_one_line(exc)) from exc
     data_name = "digits" if args.data == "digits" else Path(args.data).stem
     out = Path(args.output_dir or f"runs/{data_name}_{args.method}_{args.shots}shot_seed{args.seed}")
     cfg = TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size,
@@ -196,11 +261,15 @@ def cmd_train(args) -> int:
         f"prompt length {model.prompt_learner.length} tokens, device {device}, "
         f"{parallel.world_size()} process(es)")
     trainer = Trainer(model, make(train_items, True), make(split.test, False), cfg, device)
-    history = trainer.fit(resume=not args.no_resume)
+    if not args.no_resume:
+        try:
+            trainer.maybe_resume()
+        except Exception as exc:  # any unreadable or mismatched checkpoint file
+            raise CLIError(f"cannot resume from {out / 'checkpoint.pt'}: {_one_line(exc)} "
+                           f"(--no-resume starts over)") from exc
+    history = trainer.fit(resume=False)
     result = {"method": args.method, "acc": history[-1]["acc"], "output_dir": str(out)}
     if args.eval_new:
-        if args.subsample != "base":
-            raise SystemExit("--eval-new needs --subsample base")
         new = subsample_classes(full, "new")
         other = transfer_context(model, new.classnames, tokenizer=tokenizer)
         loader = torch.utils.data.DataLoader(make(new.test, False), batch_size=100)
@@ -223,12 +292,17 @@ def cmd_demo(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return cmd_train(args)
-    if args.command == "protocol":
-        from .protocols.cli import cmd_protocol
-        return cmd_protocol(args)
-    return cmd_demo(args)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "protocol":
+            from .protocols.cli import cmd_protocol
+
+            return cmd_protocol(args)
+        return cmd_demo(args)
+    except CLIError as exc:  # a bad input: one line, no traceback
+        print(f"prograd-fast: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

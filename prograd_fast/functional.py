@@ -242,8 +242,8 @@ def prograd_sgd(
                 buf32 = buf.to(dtype).mul(momentum).add(u, alpha=1 - dampening)
                 buf.copy_(torch.where(skipped, buf, buf32.to(buf.dtype)) if amp else buf32)
             u = u.add(buf32, alpha=momentum) if nesterov else buf32
-        if isinstance(lr, Tensor):
-            new_p = p32 - lr.to(device=device, dtype=dtype) * u
+        if isinstance(lr, Tensor):  # any 1-element shape ([1, 1] too), as SGD accepts
+            new_p = p32 - lr.to(device=device, dtype=dtype).reshape(()) * u
         else:
             new_p = p32.add(u, alpha=-lr)
         if amp:

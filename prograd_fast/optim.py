@@ -36,6 +36,14 @@ def _check_grad(p: Tensor, grad: Tensor, what: str) -> None:
         raise RuntimeError(f"{what} gradient of dtype {grad.dtype} but its parameter is {p.dtype}")
 
 
+def _training_state(state: dict) -> dict:
+    """A state dict's ``state`` without pending general gradients and empty entries (new
+    dicts: the optimizer's own are not touched)."""
+    kept = {k: {name: v for name, v in entry.items() if name != GENERAL_KEY}
+            for k, entry in state.items()}
+    return {k: entry for k, entry in kept.items() if entry}
+
+
 class ProGradSGD(Optimizer):
     r"""SGD (momentum, dampening, weight decay, nesterov, maximize) on the ProGrad gradient.
 
@@ -107,14 +115,27 @@ class ProGradSGD(Optimizer):
         self.__dict__.setdefault("_backend_cache", [{} for _ in self.param_groups])
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
 
+    def state_dict(self) -> dict:
+        """As torch's, but only the training state: pending general gradients (stored, not
+        yet stepped) belong to one iteration and are left out, and so are parameters with
+        nothing to keep (``torch.optim.SGD`` keeps ``state`` empty for them too)."""
+        state_dict = super().state_dict()
+        state_dict["state"] = _training_state(state_dict["state"])
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, except that each group keeps this optimizer's ``backend``: the backend
-        is a property of the machine (a CPU checkpoint's ``"cpp"`` cannot run CUDA tensors),
-        not of the training state."""
-        backends = [group["backend"] for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, backend in zip(self.param_groups, backends):
-            group["backend"] = backend
+        """As torch's, except that options the loaded groups lack keep this optimizer's values
+        (a ``torch.optim.SGD`` checkpoint, e.g. CoOp's, warm-starts ``ProGradSGD(lam=0.3,
+        granularity="tensor")`` without resetting them), each group keeps this optimizer's
+        ``backend`` (a property of the machine: a CPU checkpoint's ``"cpp"`` cannot run CUDA
+        tensors) and general gradients saved by older versions are dropped."""
+        own = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+        saved = [set(group) for group in state_dict["param_groups"]]
+        super().load_state_dict({**state_dict, "state": _training_state(state_dict["state"])})
+        for group, options, keys in zip(self.param_groups, own, saved):
+            for key, value in options.items():
+                if key not in keys or key == "backend":
+                    group[key] = value
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,10 +69,74 @@ def test_train_with_a_real_open_clip_model_name(tree_and_cfg):
     assert 0.0 <= res["acc"] <= 100.0
 
 
-def test_train_needs_model_for_external_data(tree_and_cfg):
-    data, _, out = tree_and_cfg
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--data", str(data), "--output-dir", str(out)])
+@pytest.fixture
+def fast_digits(tmp_path, monkeypatch):
+    """The embedded digits model, pretrained for 3 steps into a temporary cache."""
+    monkeypatch.setenv("PROGRAD_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(D.PRETRAIN, "steps", 3)
+    monkeypatch.setitem(D.PRETRAIN, "batch_size", 16)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_train_with_its_defaults_runs(fast_digits, tmp_path, capsys):
+    """`prograd-fast train` with every default (digits, the digits model, its context, 16
+    shots, ...) but the epoch count, cut to 1 for CI time (the defaults used to fail before
+    the first step)."""
+    assert cli.main(["train", "--epochs", "1"]) == 0
+    out = tmp_path / "runs" / "digits_prograd_16shot_seed1"
+    result = json.loads((out / "result.json").read_text())
+    assert 0.0 <= result["acc"] <= 100.0
+    assert "prompt length" in capsys.readouterr().out
+
+
+def _error_line(capsys, argv) -> str:
+    """``main(argv)`` must fail with exit status 2 and exactly one line on stderr."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prograd-fast: error: ") and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tree_and_cfg, fast_digits, tmp_path, capsys):
+    data, cfg, out = tree_and_cfg
+    base = ["train", "--output-dir", str(out), "--no-progress", "--epochs", "1"]
+    assert "--model is required" in _error_line(capsys, base + ["--data", str(data)])
+    assert "does not exist" in _error_line(capsys, base + ["--data", str(tmp_path / "nowhere"),
+                                                           "--model", str(cfg)])
+    assert "not an ImageFolder" in _error_line(capsys, base + ["--data", str(tmp_path),
+                                                               "--model", str(cfg)])
+    assert "unknown --model 'ViT-Z-99'" in _error_line(capsys, base + ["--data", str(data),
+                                                                        "--model", "ViT-Z-99"])
+    assert "cannot load --model 'local-dir:" in _error_line(
+        capsys, base + ["--data", str(data), "--model", f"local-dir:{tmp_path / 'nowhere'}"])
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "cannot load --model" in _error_line(capsys, base + ["--data", str(data),
+                                                                "--model", str(tmp_path / "bad.json")])
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert "with --pretrained" in _error_line(capsys, base + ["--data", str(data), "--model", str(cfg),
+                                                              "--pretrained", str(tmp_path / "garbage.pt")])
+    assert "prompts do not fit in 16 tokens" in _error_line(capsys, base + ["--n-ctx", "16"])
+    assert "unknown template" in _error_line(capsys, base + ["--data", str(data), "--model", str(cfg),
+                                                             "--templates", "NoSuchSet"])
+    assert "--eval-new needs --subsample base" in _error_line(capsys, base + ["--eval-new"])
+    assert "--lam must be in [0, 1]" in _error_line(capsys, base + ["--lam", "2"])
+    assert "--backend 'cuda' cannot run here" in _error_line(capsys, base + ["--backend", "cuda"])
+    ckpt_dir = tmp_path / "broken"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "checkpoint.pt").write_bytes(b"\x00truncated")
+    err = _error_line(capsys, ["train", "--output-dir", str(ckpt_dir), "--no-progress",
+                               "--data", str(data), "--model", str(cfg), "--n-ctx", "2"])
+    assert "cannot resume from" in err and "--no-resume" in err
+
+
+def test_console_script_exit_status_and_stderr(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "prograd_fast.cli", "train", "--data",
+                           str(tmp_path / "missing"), "--model", "ViT-B-16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"prograd-fast: error: --data {str(tmp_path / 'missing')!r} does not exist (an ImageFolder "
+        f"root, a CoOp split_*.json or a folder holding one, or 'digits')"]
 
 
 def test_demo_pretrains_once_and_prints_table(tmp_path, monkeypatch, capsys):

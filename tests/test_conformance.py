@@ -385,3 +385,122 @@ def test_deepcopy_and_pickle_keep_public_attributes_and_train_identically():
     train(both["m"], both["o"], 2, seed0=9)
     train(model, opt, 2, seed0=9)
     assert_all_equal(params_and_state(both["m"], both["o"]), params_and_state(model, opt))
+
+
+# ------------------------------------------------------------------ torch's SGD OptimizerInfo matrix
+#: torch.testing._internal.common_optimizers.optim_inputs_func_sgd (torch 2.14), kept here
+#: because that module needs torch's test-only dependencies; the guard below compares.
+SGD_INPUTS = [
+    {}, {"lr": 0.01}, {"lr": torch.tensor(0.001)}, {"weight_decay": 0.5}, {"momentum": 0.9},
+    {"weight_decay": 0.1, "maximize": True}, {"momentum": 0.9, "dampening": 0.5},
+    {"momentum": 0.9, "weight_decay": 0.1}, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+]
+
+
+def test_sgd_inputs_are_torchs():
+    common = pytest.importorskip("torch.testing._internal.common_optimizers",
+                                 reason="torch's test helpers need the 'expecttest' package")
+    theirs = [oi.kwargs for oi in common.optim_inputs_func_sgd("cpu", torch.float32)]
+    assert [{k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            for kw in theirs] == \
+           [{k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            for kw in SGD_INPUTS]
+
+
+def _sgd_pair(backend, kwargs, steps=3, shapes=((5, 3), (3,), (), (0,), (4,))):
+    """ProGradSGD without general gradients and torch.optim.SGD, same kwargs, same grads; the
+    last parameter never gets a gradient (an unused layer)."""
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = pf.ProGradSGD(ours, backend=backend, lam=0.0, **{"lr": 1e-3, **kwargs})
+    ref_opt = torch.optim.SGD(ref, **{"lr": 1e-3, **kwargs})
+    for _ in range(steps):
+        for a, b in zip(ours[:-1], ref[:-1]):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()
+    return ours, opt, ref, ref_opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs", SGD_INPUTS, ids=lambda kw: ",".join(kw) or "default")
+def test_sgd_matrix_equals_sgd_and_keeps_its_state_dict_shape(backend, kwargs):
+    """Item: ``state_dict()["state"]`` holds exactly what SGD's does (nothing for a parameter
+    with nothing to keep: momentum 0, no general gradient, never stepped)."""
+    ours, opt, ref, ref_opt = _sgd_pair(backend, kwargs)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    sd, ref_sd = opt.state_dict(), ref_opt.state_dict()
+    assert sd["state"].keys() == ref_sd["state"].keys()
+    for k in sd["state"]:
+        assert sd["state"][k].keys() == ref_sd["state"][k].keys()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lr_shape", [(), (1,), (1, 1)])
+def test_tensor_lr_of_any_one_element_shape(backend, lr_shape):
+    """As SGD accepts it (torch's test_tensor_lr reshapes lr to [1, 1]); also on a 0-d param."""
+    lr = torch.tensor(1e-2).reshape(lr_shape)
+    ours, opt, ref, _ = _sgd_pair(backend, {"lr": lr, "momentum": 0.9, "weight_decay": 0.1})
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert a.shape == b.shape
+
+
+def test_state_dict_keeps_no_empty_entries_with_general_grads_either():
+    model = tiny_model()
+    opt = pf.ProGradSGD(model.parameters(), lr=0.1)  # momentum 0: nothing to keep
+    train(model, opt, 2)
+    assert opt.state_dict()["state"] == {}
+    pf.backward(opt, *losses(model, *batch(5)))
+    opt.zero_grad()  # drops the pending general gradients again
+    assert opt.state_dict()["state"] == {}
+
+
+def test_sgd_checkpoint_warm_starts_prograd_keeping_its_options():
+    """A CoOp checkpoint (torch.optim.SGD) into ProGradSGD(lam=0.3, granularity="tensor"):
+    the loaded state has no ProGrad options, so the loading optimizer's stay."""
+    model = tiny_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for s in range(2):
+        sgd.zero_grad()
+        pf.prograd_losses(model(batch(s)[0]), batch(s)[2], batch(s)[1])[0].backward()
+        sgd.step()
+    opt = pf.ProGradSGD(model.parameters(), lr=0.002, lam=0.3, granularity="tensor",
+                        backend="torch")
+    opt.load_state_dict(sgd.state_dict())
+    group = opt.param_groups[0]
+    assert (group["lam"], group["granularity"], group["backend"]) == (0.3, "tensor", "torch")
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.9, 5e-4)
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[p]["momentum_buffer"])
+    # options present in the loaded state win, as in torch
+    other = pf.ProGradSGD(model.parameters(), lr=0.1, lam=0.7, granularity="global")
+    other.load_state_dict(opt.state_dict())
+    assert (other.param_groups[0]["lam"], other.param_groups[0]["granularity"]) == (0.3, "tensor")
+
+
+def test_pending_general_grads_stay_out_of_checkpoints():
+    """A checkpoint taken between store_general_grads and step carries no general gradient:
+    it belongs to one iteration; a state dict from an older version that has one drops it."""
+    model = tiny_model()
+    opt = pf.ProGradSGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, opt, 1)
+    pf.backward(opt, *losses(model, *batch(7)))
+    assert opt.has_general_grads()
+    sd = opt.state_dict()
+    assert all(set(s) == {"momentum_buffer"} for s in sd["state"].values())
+    assert opt.has_general_grads()  # saving does not touch the live state
+    fresh_model = copy.deepcopy(model)
+    fresh = pf.ProGradSGD(fresh_model.parameters(), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(sd)
+    assert not fresh.has_general_grads()
+    old = copy.deepcopy(sd)
+    for s in old["state"].values():
+        s["general_grad"] = torch.ones_like(s["momentum_buffer"])
+    fresh.load_state_dict(old)
+    assert not fresh.has_general_grads()
+    assert "general_grad" in next(iter(old["state"].values()))  # the caller's dict untouched

@@ -1,23 +1,34 @@
 """torch.distributed: DDP and FSDP2 (gloo, 2 processes on the CPU) give the single-process
-result on the concatenated batch; the stock two-backward pattern under DDP does not."""
+result on the concatenated batch; the stock two-backward pattern under DDP does not.
+
+The processes run under tests/dist_runner.py: a deadline, collective timeouts, a clean
+teardown (modules freed, barrier, destroy_process_group, no interpreter teardown), and a
+failure report giving each rank's last steps, so a slow shared machine cannot hang or
+abort CI silently."""
 
 from __future__ import annotations
 
+import gc
 import os
-import sys
+import time
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import dist_runner
 import prograd_fast as pf
+from dist_runner import DistributedRunError, progress, run_workers
 from hardening_cases import batch, losses, tiny_model
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
 WORLD, N, STEPS = 2, 16, 3
+# Generous for a loaded 2-core machine (the run takes ~15-40 s there); a hang fails with
+# every rank's progress instead of blocking CI.
+RUN_TIMEOUT, COLLECTIVE_TIMEOUT = 600.0, timedelta(seconds=300)
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, lam=1.0)
 DT = torch.float64  # exact comparison: float64 all the way (gloo reduces float64)
 
@@ -71,29 +82,43 @@ def _result(model, opt):
     return params, bufs, stats
 
 
-def _worker(rank, store, out_dir, cases):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        results = {}
-        for name, wrap, how, granularity in cases:
-            model = tiny_model(DT)
-            if wrap == "ddp":
-                module = DDP(model)
-                params = module.parameters()
-            else:
-                from torch.distributed.fsdp import fully_shard
-                module = fully_shard(model)
-                params = model.parameters()
-            opt = pf.ProGradSGD(params, granularity=granularity, **HYPER)
-            try:
-                _train(module, opt, rank, how)
-                results[name] = _result(model, opt)
-            except Exception as exc:  # reported to the parent, which fails the test
-                results[name] = f"{type(exc).__name__}: {exc}"
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _run_case(rank, wrap, how, granularity):
+    """One case, in its own frame: its DDP / FSDP2 module (which holds the process group)
+    is freed on return, before the group is destroyed."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = tiny_model(DT)
+    if wrap == "ddp":
+        module = DDP(model)
+        params = module.parameters()
+    else:
+        from torch.distributed.fsdp import fully_shard
+        module = fully_shard(model)
+        params = model.parameters()
+    opt = pf.ProGradSGD(params, granularity=granularity, **HYPER)
+    _train(module, opt, rank, how)
+    return _result(model, opt)
+
+
+def _worker(rank, out_dir, cases):
+    """A rank: every case, results saved atomically, then a clean teardown.  An exception
+    propagates (dist_runner reports it and stops the other rank, which would otherwise
+    wait in a collective); collectives time out after COLLECTIVE_TIMEOUT instead of hanging."""
+    progress(out_dir, rank, "init")
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}",
+                            rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
+    results = {}
+    for name, wrap, how, granularity in cases:
+        progress(out_dir, rank, f"case {name}")
+        results[name] = _run_case(rank, wrap, how, granularity)
+    gc.collect()
+    tmp = os.path.join(out_dir, f"rank{rank}.tmp")
+    torch.save(results, tmp)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pt"))
+    progress(out_dir, rank, "saved; teardown")
+    dist.barrier()  # nobody closes its connections while a peer still talks
+    dist.destroy_process_group()
+    progress(out_dir, rank, "done")
 
 
 CASES = [
@@ -110,7 +135,10 @@ CASES = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(out / "store"), str(out), CASES), nprocs=WORLD, join=True)
+    run_workers(_worker, (CASES,), WORLD, out, timeout=RUN_TIMEOUT)
+    for rank in range(WORLD):  # every rank went through the whole teardown
+        steps = [line.split(" ", 1)[1] for line in (out / f"rank{rank}.progress").read_text().splitlines()]
+        assert steps[-3:] == ["saved; teardown", "done", "exit"], steps
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -169,3 +197,21 @@ def test_all_reduce_is_a_noop_without_process_group():
     all_reduce_general_grads(opt)
     from prograd_fast.amp import pending_general_grads
     assert all(x.data_ptr() == y.data_ptr() for x, y in zip(pending_general_grads(opt), g))
+
+
+# ------------------------------------------------------------------ the runner itself
+def test_runner_reports_a_hung_rank_with_its_progress(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DistributedRunError,
+                       match=r"timed out after 15 s(.|\n)*rank 1: .*waiting forever"):
+        run_workers(dist_runner.hang_on_rank_1, (), 2, tmp_path, timeout=15)
+    assert time.monotonic() - start < 45  # killed, not waited for
+
+
+@pytest.mark.parametrize("worker,match", [
+    ("raise_on_rank_1", r"rank 1 exited with status 1(.|\n)*about to fail(.|\n)*ValueError: boom"),
+    ("abort_on_rank_1", r"rank 1 was killed by SIGABRT(.|\n)*about to abort"),
+])
+def test_runner_reports_a_failing_rank(tmp_path, worker, match):
+    with pytest.raises(DistributedRunError, match=match):
+        run_workers(getattr(dist_runner, worker), (), 2, tmp_path, timeout=120)

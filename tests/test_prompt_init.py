@@ -26,7 +26,7 @@ def test_prograd_style_is_zeros_then_template_with_fixed_extra_tokens():
     tower = TextTower.from_model(clip)
     tok = default_tokenizer(77)
     names = ["abyssinian", "great pyrenees"]
-    pl = PromptLearner(tower, names, tok, n_ctx=16, ctx_init=INIT, ctx_init_style="prograd",
+    pl = PromptLearner(tower, names, tok, n_ctx=16, ctx_init=INIT, ctx_init_mode="prograd",
                        truncate=False)
     assert pl.n_ctx == 16 and pl.ctx.shape == (16, tower.width)
     assert torch.equal(pl.ctx[:8], torch.zeros(8, tower.width))
@@ -37,15 +37,15 @@ def test_prograd_style_is_zeros_then_template_with_fixed_extra_tokens():
     # the CoOp style fixes n_ctx to the init's token count instead
     coop = PromptLearner(tower, names, tok, n_ctx=16, ctx_init=INIT)
     assert coop.n_ctx == 9
-    with pytest.raises(ValueError, match="n_ctx=4 is smaller than the 8 words"):
-        PromptLearner(tower, names, tok, n_ctx=4, ctx_init=INIT, ctx_init_style="prograd")
-    with pytest.raises(ValueError, match="ctx_init_style"):
-        PromptLearner(tower, names, tok, ctx_init=INIT, ctx_init_style="cocoop")
+    with pytest.raises(ValueError, match=r"n_ctx \(4\) is smaller than the 8 words"):
+        PromptLearner(tower, names, tok, n_ctx=4, ctx_init=INIT, ctx_init_mode="prograd")
+    with pytest.raises(ValueError, match="ctx_init_mode"):
+        PromptLearner(tower, names, tok, ctx_init=INIT, ctx_init_mode="cocoop")
 
 
 def test_transfer_keeps_the_prograd_prompt_structure():
     clip = tiny_clip()
-    model = PromptedCLIP(clip, ["a", "b"], n_ctx=16, ctx_init=INIT, ctx_init_style="prograd")
+    model = PromptedCLIP(clip, ["a", "b"], n_ctx=16, ctx_init=INIT, ctx_init_mode="prograd")
     with torch.no_grad():
         model.prompt_learner.ctx.normal_()
     other = transfer_context(model, ["sphynx", "bengal", "pug"])

@@ -1,29 +1,15 @@
 """The teacher's template sets equal the official sources (read as text, never executed)."""
 
-import ast
-
 import pytest
 
 from prograd_fast.clip import COOP_TEMPLATES, PROGRAD_TEMPLATES, TEMPLATE_SETS, get_templates
 
-from vendor_sources import PROMPT_ALIGN, unpack
+from vendor_sources import custom_templates, vendor_tree  # noqa: F401 - the fixture
 
 
-def _custom_templates(path) -> dict:
-    tree = ast.parse(path.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CUSTOM_TEMPLATES":
-            return ast.literal_eval(node.value)
-    raise AssertionError(f"no CUSTOM_TEMPLATES in {path}")
-
-
-@pytest.fixture(scope="module")
-def prompt_align(tmp_path_factory):
-    return unpack(PROMPT_ALIGN, tmp_path_factory.mktemp("prompt_align"))
-
-
-def test_prograd_set_is_the_official_prograd_trainers(prompt_align):
-    official = _custom_templates(prompt_align / "ProGrad.public" / "trainers" / "prograd.py")
+def test_prograd_set_is_the_official_prograd_trainers(vendor_tree):
+    official = custom_templates(vendor_tree / "prompt_align" / "ProGrad.public" / "trainers"
+                                 / "prograd.py")
     ours = {k: v for k, v in PROGRAD_TEMPLATES.items() if k not in ("default", "digits")}
     assert ours == official
 

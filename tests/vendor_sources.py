@@ -3,11 +3,12 @@
 Integration tests unpack them into a temporary folder and run prograd_fast inside them, as a
 user's machine would have them.  A user's clone has no ``shared/``: tests that need the
 sources skip with the reason from :func:`vendor_dir`.  ``PROGRAD_FAST_VENDOR`` points
-elsewhere.
+elsewhere.  :func:`vendor_tree` is a session fixture holding both, unpacked once.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import tarfile
 from pathlib import Path
@@ -36,3 +37,22 @@ def unpack(archive: str, dest: Path) -> Path:
             tar.extractall(dest, filter="data")
         (dest / ".unpacked").touch()
     return dest
+
+
+@pytest.fixture(scope="session")
+def vendor_tree(tmp_path_factory) -> Path:
+    """Both archives unpacked once per session (skips without the vendor folder):
+    ``dassl/`` (upstream Dassl.pytorch) and ``prompt_align/`` (``ProGrad.public/``,
+    ``Dassl.ProGrad.pytorch/``).  Import it into a test module to use it."""
+    root = tmp_path_factory.getbasetemp() / "vendor"
+    unpack(DASSL, root / "dassl")
+    unpack(PROMPT_ALIGN, root / "prompt_align")
+    return root
+
+
+def custom_templates(trainer: Path) -> dict:
+    """``CUSTOM_TEMPLATES`` of an official trainer file, read as text (never executed)."""
+    for node in ast.parse(Path(trainer).read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CUSTOM_TEMPLATES":
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"no CUSTOM_TEMPLATES in {trainer}")

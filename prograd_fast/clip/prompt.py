@@ -9,10 +9,26 @@ from torch import Tensor, nn
 
 from .tower import TextTower
 
-__all__ = ["PromptLearner", "default_tokenizer"]
+__all__ = ["CTX_INIT_MODES", "PromptLearner", "default_tokenizer", "template_context"]
 
 POSITIONS = ("end", "middle", "front")
-CTX_INIT_STYLES = ("coop", "prograd")
+#: How ``ctx_init`` initialises the context: ``"coop"`` (CoOp: the words are the whole
+#: context, ``n_ctx`` becomes their token count) or ``"prograd"`` (official ProGrad's
+#: ``CTX_INIT: True``: ``n_ctx`` is kept, the words fill its last positions, zeros before).
+CTX_INIT_MODES = ("coop", "prograd")
+# Keys of CoOp / ProGrad prompt-learner checkpoints that hold fixed token embeddings of the
+# class names of the run that saved them; they are recomputed here from the current names.
+_FIXED_KEYS = ("token_prefix", "token_suffix")
+
+
+def template_context(template: str) -> str:
+    """The context official ProGrad initialises from a data set's template (``CTX_INIT:
+    True``): the template without its trailing class slot, ``"a type of pet, a photo of a
+    {}."`` -> ``"a type of pet, a photo of a"``."""
+    if not template.endswith(" {}.") or template.count("{}") != 1:
+        raise ValueError(f"template {template!r} does not end with its class slot ' {{}}.': it "
+                         f"cannot initialise the context the way official ProGrad does")
+    return template[:-len(" {}.")].replace("_", " ")
 
 
 def default_tokenizer(context_length: int) -> Callable:
@@ -41,13 +57,38 @@ def _n_tokens(tokenizer: Callable, text: str, context_length: int) -> int:
     return int((tokens != 0).sum()) - 2
 
 
+def _prograd_init(emb: nn.Embedding, tokenizer: Callable, ctx_init: str, n_ctx: int,
+                  length: int, position: str) -> tuple[Tensor, str]:
+    """Official ProGrad's context from ``ctx_init`` (its PromptLearner, ``CTX_INIT: True``):
+    ``n_ctx`` vectors, zeros then the first ``w`` token embeddings of ``ctx_init`` where
+    ``w`` counts its space-separated words; the prompt text is ``"X .. X " + ctx_init``."""
+    ctx_init = ctx_init.replace("_", " ")
+    words = len(ctx_init.split(" "))
+    if n_ctx < words:
+        raise ValueError(f"n_ctx ({n_ctx}) is smaller than the {words} words of the initial "
+                         f"context {ctx_init!r}")
+    if position != "end" and _n_tokens(tokenizer, ctx_init, length) != words:
+        raise ValueError(f"the initial context {ctx_init!r} has more tokens than words: part of "
+                         f"it stays before the class name, which then cannot be moved "
+                         f"(class_token_position {position!r}); use 'end'")
+    tokens = _tokenize(tokenizer, [ctx_init], length).to(emb.weight.device)
+    ctx = torch.zeros(n_ctx, emb.weight.shape[1], device=emb.weight.device)
+    ctx[n_ctx - words:] = emb(tokens)[0, 1:1 + words].float()
+    return ctx, " ".join(["X"] * (n_ctx - words) + [ctx_init])
+
+
 class PromptLearner(nn.Module):
     """``n_ctx`` learned context vectors placed around each class name, as CoOp does.
 
     Prompt ``i`` is ``[SOT] ctx_1 .. ctx_n CLASSNAME_i . [EOT]`` (``class_token_position``
     ``"end"``; ``"middle"`` splits the context around the name, ``"front"`` puts the name
     first).  ``ctx_init`` ("a photo of a") initialises the context from word embeddings
-    and fixes ``n_ctx`` to its token count; otherwise the context is drawn from
+    and fixes ``n_ctx`` to its token count (``ctx_init_mode="coop"``); with
+    ``ctx_init_mode="prograd"`` (official ProGrad's ``CTX_INIT: True``, with
+    :func:`template_context`) ``n_ctx`` is kept, the context is zeros followed by the
+    embeddings of the first ``w`` tokens of ``ctx_init``, ``w`` its number of
+    space-separated words (as the official code counts; a comma makes one token more, which
+    then stays fixed after the context, as there).  Otherwise the context is drawn from
     N(0, 0.02^2).  ``class_specific=True`` learns one context per class.  ``dtype`` of the
     context: ``None`` keeps the tower's dtype (CoOp), e.g. ``torch.float32`` for an fp32
     master copy of an fp16 model.
@@ -55,6 +96,11 @@ class PromptLearner(nn.Module):
     ``truncate=True`` stores every prompt cut after the longest end-of-text position among
     the classes, so each forward encodes only the tokens that matter (exact for a causal
     tower).  :meth:`forward` returns ``(embeddings, eot)`` for :class:`TextTower`.
+
+    Loading a state dict ignores ``token_prefix`` / ``token_suffix`` (CoOp and ProGrad
+    checkpoints hold these fixed embeddings of their own class names; they are rebuilt here
+    from the current ones, as CoOp's ``load_model`` does) and explains a context of the
+    wrong shape.
     """
 
     def __init__(
@@ -69,11 +115,11 @@ class PromptLearner(nn.Module):
         dtype: torch.dtype | None = None,
         truncate: bool = True,
         init_std: float = 0.02,
-        ctx_init_style: str = "coop",
+        ctx_init_mode: str = "coop",
     ) -> None:
         super().__init__()
-        if ctx_init_style not in CTX_INIT_STYLES:
-            raise ValueError(f"ctx_init_style must be one of {CTX_INIT_STYLES}, got {ctx_init_style!r}")
+        if ctx_init_mode not in CTX_INIT_MODES:
+            raise ValueError(f"ctx_init_mode must be one of {CTX_INIT_MODES}, got {ctx_init_mode!r}")
         if not classnames:
             raise ValueError("classnames is empty")
         if class_token_position not in POSITIONS:
@@ -86,18 +132,11 @@ class PromptLearner(nn.Module):
         names = [str(c).replace("_", " ") for c in classnames]
         n_cls = len(names)
         with torch.no_grad():
-            if ctx_init and ctx_init_style == "prograd":
-                ctx_init = ctx_init.replace("_", " ").strip()
-                n_words = len(ctx_init.split(" "))
-                if n_ctx < n_words:
-                    raise ValueError(f"n_ctx={n_ctx} is smaller than the {n_words} words of "
-                                     f"ctx_init {ctx_init!r}")
-                init_tokens = _tokenize(tokenizer, [ctx_init], length).to(emb.weight.device)
-                words = emb(init_tokens)[0, 1:1 + n_words].float()
-                ctx = torch.cat([words.new_zeros(n_ctx - n_words, words.shape[1]), words])
+            if ctx_init and ctx_init_mode == "prograd":
+                ctx, prefix_text = _prograd_init(emb, tokenizer, ctx_init, n_ctx, length,
+                                                 class_token_position)
                 if class_specific:
                     ctx = ctx.unsqueeze(0).repeat(n_cls, 1, 1)
-                prefix_text = " ".join(["X"] * (n_ctx - n_words) + [ctx_init])
             elif ctx_init:
                 ctx_init = ctx_init.replace("_", " ").strip()
                 n_ctx = _n_tokens(tokenizer, ctx_init, length)
@@ -135,7 +174,20 @@ class PromptLearner(nn.Module):
         self.truncate = truncate
         self.prompt_prefix = prefix_text
         self.ctx_init = ctx_init or None
-        self.ctx_init_style = ctx_init_style
+        self.ctx_init_mode = ctx_init_mode
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        for key in _FIXED_KEYS:
+            state_dict.pop(prefix + key, None)
+        ctx = state_dict.get(prefix + "ctx")
+        if isinstance(ctx, Tensor) and ctx.shape != self.ctx.shape:
+            error_msgs.append(
+                f"the checkpoint's context has shape {tuple(ctx.shape)}, this prompt learner's "
+                f"is {tuple(self.ctx.shape)}: n_ctx (CoOp's N_CTX), class_specific (CSC, and "
+                f"then the number of classes) and the text width must match the run that saved it")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @property
     def length(self) -> int:

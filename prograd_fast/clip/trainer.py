@@ -97,19 +97,19 @@ def correct_counts(model: PromptedCLIP, loader: Sequence, device: torch.device |
 def transfer_context(model: PromptedCLIP, classnames: Sequence[str], templates=None,
                      tokenizer=None, ctx_init: str | None = None) -> PromptedCLIP:
     """The same CLIP with the learned (generic) context on other class names: base-to-new,
-    cross-data-set.  A ``ctx_init_style="prograd"`` prompt keeps its fixed init tokens
+    cross-data-set.  A ``ctx_init_mode="prograd"`` prompt keeps its fixed init tokens
     (official ProGrad builds the evaluated prompt from the target data set's template:
     pass that template's words as ``ctx_init``)."""
     pl = model.prompt_learner
     if pl.class_specific:
         raise ValueError("a class-specific context cannot be transferred to new classes")
-    style = pl.ctx_init_style
+    style = pl.ctx_init_mode
     init = (ctx_init if ctx_init is not None else pl.ctx_init) if style == "prograd" else None
     other = PromptedCLIP(model.clip, classnames, tokenizer=tokenizer,
                          templates=templates if templates is not None else model.teacher.templates,
                          n_ctx=pl.n_ctx, class_token_position=pl.class_token_position,
                          dtype=pl.ctx.dtype, truncate=pl.truncate, ctx_init=init,
-                         ctx_init_style=style)
+                         ctx_init_mode=style)
     with torch.no_grad():
         other.prompt_learner.ctx.copy_(pl.ctx)
     return other

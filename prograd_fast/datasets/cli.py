@@ -17,16 +17,17 @@ def add_dataset_args(p) -> None:
 def load_named(args):
     """``(spec, full split, few-shot training items)`` for ``--dataset``, else ``None``.  The
     items are CoOp's cached ``split_fewshot`` pickle when present, else Dassl's draw; a bad
-    data set ends the command with one line naming the file."""
+    data set raises :class:`prograd_fast.cli.CLIError` (one line naming the file)."""
     if getattr(args, "dataset", None) is None:
         return None
+    from ..cli import CLIError
     from . import DatasetError, dataset_folder, few_shot_train, load_split
 
     if not args.root:
-        raise SystemExit("prograd-fast train: error: --dataset needs --root (the data root)")
+        raise CLIError("--dataset needs --root (the data root)")
     try:
         spec, full = load_split(args.dataset, args.root)
         items, _ = few_shot_train(spec, dataset_folder(spec, args.root), full, args.shots, args.seed)
     except DatasetError as e:
-        raise SystemExit(f"prograd-fast train: error: {e}") from None
+        raise CLIError(str(e)) from None
     return spec, full, items

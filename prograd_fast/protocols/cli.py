@@ -50,6 +50,7 @@ def add_protocol_parser(sub) -> None:
 
 
 def cmd_protocol(args) -> int:
+    from ..cli import CLIError
     from ..datasets import DatasetError
     from .config import ProtocolError
     from .grid import GridOptions, GridRunner
@@ -68,7 +69,7 @@ def cmd_protocol(args) -> int:
         runner = GridRunner(opts)
         results = runner.run()
     except (DatasetError, ProtocolError) as e:
-        raise SystemExit(f"prograd-fast protocol: error: {e}") from None
+        raise CLIError(str(e)) from None
     from ..clip import parallel
 
     if parallel.is_main():

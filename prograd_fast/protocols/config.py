@@ -98,5 +98,5 @@ def method_prompt(method: str, dassl_name: str) -> dict:
         template = get_templates(dassl_name, "prograd")[0]
         return {"templates": dassl_name, "template_set": "prograd", "n_ctx": N_CTX,
                 "ctx_init": template.replace(" {}.", "").replace("_", " "),
-                "ctx_init_style": "prograd"}
+                "ctx_init_mode": "prograd"}
     raise ProtocolError(f"unknown method {method!r}: use one of {METHODS}")
