@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .prompt import PromptLearner
+from .shared_prefix import DEFAULT_LAYOUT, shared_prefix_encoder
 from .teacher import ZeroShotTeacher
 from .tower import TextTower, normalize
 
@@ -22,11 +23,19 @@ class PromptedCLIP(nn.Module):
     image pass as in the paper's loop would recompute the same features).  Only the
     prompt learner's parameters require grad.  ``templates`` / ``template_set`` choose the
     teacher's prompts (:func:`prograd_fast.clip.get_templates`).
+
+    ``share_prefix=True`` encodes the prompt prefix common to all classes ([SOS] and the
+    shared context before the class name) once per step
+    (:mod:`prograd_fast.clip.shared_prefix`) wherever that is exact, ``"bucketed"`` /
+    ``"packed"`` / ``"padded"`` also choose how the class suffixes are laid out;
+    ``shared_prefix`` is that encoder (``None`` when off) and ``shared_prefix_off`` says why
+    it is off.  ``share_prefix=False`` runs every prompt through the (truncated) tower.
     """
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str],
                  tokenizer: Callable | None = None, templates: str | Sequence[str] | None = None,
-                 template_set: str = "coop", **prompt_kwargs) -> None:
+                 template_set: str = "coop", share_prefix: bool | str = True,
+                 **prompt_kwargs) -> None:
         super().__init__()
         self.tower = TextTower.from_model(clip_model)
         self.clip = clip_model
@@ -37,6 +46,12 @@ class PromptedCLIP(nn.Module):
         self.teacher = ZeroShotTeacher(self.tower, classnames, templates, tokenizer,
                                        template_set=template_set)
         self.classnames = list(self.prompt_learner.classnames)
+        if share_prefix is False:
+            self.shared_prefix, self.shared_prefix_off = None, "share_prefix=False"
+        else:
+            layout = DEFAULT_LAYOUT if share_prefix is True else share_prefix
+            self.shared_prefix, self.shared_prefix_off = shared_prefix_encoder(
+                self.tower, self.prompt_learner, layout)
 
     def train(self, mode: bool = True) -> "PromptedCLIP":
         super().train(mode)
@@ -56,6 +71,9 @@ class PromptedCLIP(nn.Module):
     def text_features(self) -> Tensor:
         """Unnormalised text features of the learned prompts (C, D), with grad."""
         embeddings, eot = self.prompt_learner()
+        shared = self.shared_prefix
+        if shared is not None and shared.applies():
+            return shared(embeddings)
         return self.tower.encode_embeddings(embeddings, eot)
 
     def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:

@@ -194,6 +194,16 @@ class PromptLearner(nn.Module):
         """Number of tokens each prompt is encoded with."""
         return 1 + self.n_ctx + self.token_suffix.shape[1]
 
+    @property
+    def shared_prefix_length(self) -> int:
+        """Leading tokens that are the same in every class prompt: [SOS] and the shared context
+        before the class name (all of it at ``"end"``, the first half in the ``"middle"``).
+        0 when no context is shared (class-specific context, class name in front)."""
+        if self.class_specific or self.class_token_position == "front":
+            return 0
+        shared = self.n_ctx if self.class_token_position == "end" else self.n_ctx // 2
+        return 1 + shared if shared else 0
+
     def forward(self) -> tuple[Tensor, Tensor]:
         ctx = self.ctx
         if ctx.dim() == 2:

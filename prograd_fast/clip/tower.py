@@ -119,8 +119,12 @@ class TextTower:
             raise ValueError(f"{length} tokens exceed the context length {self.context_length}")
         x = x.to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
         x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
-        x = x[torch.arange(n, device=x.device), eot]  # pool first: ln_final is per token
-        x = self.ln_final(x)
+        return self.head(x[torch.arange(n, device=x.device), eot])  # pool first: ln_final is per token
+
+    def head(self, pooled: Tensor) -> Tensor:
+        """Text features from the transformer's outputs at the end-of-text tokens (N, width):
+        ``ln_final`` and the text projection."""
+        x = self.ln_final(pooled)
         proj = self.text_projection
         if proj is None:
             return x

@@ -1,0 +1,328 @@
+"""Shared-prefix text encoding: the prompt prefix common to all classes runs once.
+
+With CoOp's prompts ``[SOS] ctx_1 .. ctx_n CLASSNAME . [EOT]`` (one context for every class)
+the first ``1 + n`` tokens are the same in every prompt, and the CLIP text transformer is
+causal: their hidden states are the same for every class at every layer.  This encoder runs
+them once (batch 1) and runs per class only the suffix (name, '.', EOT; with the class name
+in the middle, also the second half of the context); in every block a suffix token attends
+to the prefix's keys and values and to the earlier tokens of its own suffix.  Autograd sums
+the gradients of all suffixes into the one prefix.  Exact: the block math of open_clip on
+fewer tokens (tested in float64 against the full 77-token encoder).
+
+The stored suffix tokens have three layouts, all exact (``"packed"`` by measurement,
+BENCHMARKS.md):
+
+- ``"packed"``: only each class's tokens up to its EOT are stored, so the per-token work
+  (layer norms, projections, MLP: nearly all the FLOPs) has no padding; attention gathers
+  them into a (classes, longest suffix) rectangle and scatters its output back.
+- ``"bucketed"``: classes sorted by suffix length, one attention call per distinct length.
+- ``"padded"``: every suffix padded to the longest one, as the truncated encoder pads.
+
+Handled (checked at construction, from the blocks' own weights): open_clip
+``ResidualAttentionBlock`` (``nn.MultiheadAttention`` with a packed in-projection, no
+``bias_k``/``bias_v``, no zero attention) and ``CustomResidualAttentionBlock`` (open_clip
+``Attention``: qk-norm, head scale, inner norm, ``scale_attn`` / ``scale_fc`` norms), with or
+without layer scale, per-token norms and MLPs built from known layers.  Anything else -
+scaled cosine attention, other block or layer classes - gets a reason from
+:func:`shared_prefix_encoder` and the caller keeps today's encoder.  Hooks on the
+transformer or dropout in training mode send a call to today's encoder as well
+(:meth:`SharedPrefixEncoder.applies`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .tower import TextTower
+
+__all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "SharedPrefixEncoder", "NotShareable", "shared_prefix_encoder"]
+
+LAYOUTS = ("bucketed", "packed", "padded")
+DEFAULT_LAYOUT = "bucketed"  # fastest measured (CPU, BENCHMARKS.md)
+
+
+class NotShareable(ValueError):
+    """The tower or the prompts do not allow an exact shared-prefix encoding (the reason)."""
+
+
+def _open_clip_classes():
+    from open_clip import transformer as oct
+
+    return oct
+
+
+def _per_token_types() -> tuple[type, ...]:
+    """Layers that act on each token on its own (norms, activations, linear maps, identity)."""
+    oct = _open_clip_classes()
+    return (nn.LayerNorm, nn.RMSNorm, nn.Identity, nn.Linear, oct.LayerScale, oct.QuickGELU,
+            nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Hardswish, nn.LeakyReLU,
+            nn.ELU)
+
+
+def _check_per_token(module: nn.Module, where: str) -> None:
+    ok = _per_token_types()
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Sequential) and m is module:
+            continue
+        if not isinstance(m, ok):
+            raise NotShareable(f"{where}{'.' + name if name else ''} is a {type(m).__name__}, "
+                               f"not a layer known to act per token")
+
+
+def _check_block(i: int, blk: nn.Module) -> None:
+    oct = _open_clip_classes()
+    where = f"transformer.resblocks[{i}]"
+    kind = type(blk)
+    if kind is oct.ResidualAttentionBlock:
+        attn = blk.attn
+        if type(attn) is not nn.MultiheadAttention:
+            raise NotShareable(f"{where}.attn is a {type(attn).__name__}, not a "
+                               f"torch.nn.MultiheadAttention")
+        if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
+            raise NotShareable(f"{where}.attn has separate q/k/v projections")
+        if attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
+            raise NotShareable(f"{where}.attn has bias_k/bias_v or add_zero_attn")
+        if type(attn.out_proj) not in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            raise NotShareable(f"{where}.attn.out_proj is a {type(attn.out_proj).__name__}")
+        parts = ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")
+    elif kind is oct.CustomResidualAttentionBlock:
+        attn = blk.attn
+        if type(attn) is not oct.Attention:
+            raise NotShareable(f"{where}.attn is a {type(attn).__name__}")
+        if attn.logit_scale is not None:
+            raise NotShareable(f"{where} uses scaled cosine attention: open_clip's own Attention "
+                               f"fails on it (bmm on 4-D tensors), so there is no reference to match")
+        for name in ("ln_q", "ln_k", "ln_inner", "out_proj"):
+            _check_per_token(getattr(attn, name), f"{where}.attn.{name}")
+        parts = ("ln_1", "ln_attn", "ls_1", "ln_2", "mlp", "ls_2")
+    else:
+        raise NotShareable(f"{where} is a {kind.__module__}.{kind.__name__}, not an open_clip "
+                           f"ResidualAttentionBlock / CustomResidualAttentionBlock")
+    for name in parts:
+        _check_per_token(getattr(blk, name), f"{where}.{name}")
+
+
+def _dropout(blk: nn.Module) -> float:
+    attn = blk.attn
+    if isinstance(attn, nn.MultiheadAttention):
+        return float(attn.dropout)
+    return max(attn.attn_drop.p, attn.out_drop.p)
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One attention call: ``n_cls`` suffixes of ``length`` tokens each, stored from row
+    ``start`` (after the prefix rows) on; ``gathered`` when the rows must be gathered into
+    the rectangle (and scattered back), otherwise they are the rectangle itself."""
+
+    start: int
+    rows: int
+    n_cls: int
+    length: int
+    gathered: bool
+
+
+def _plan(suffix_lengths: list[int], layout: str):
+    """``(storage, segments, gather, scatter, eot_rows)``: ``storage`` lists ``(class, j)``
+    for every stored suffix row (``j``: position within the suffix); ``eot_rows[c]`` is the
+    row (after the prefix) that holds class ``c``'s EOT."""
+    n_cls, longest = len(suffix_lengths), max(suffix_lengths)
+    if layout == "padded":
+        storage = [(c, j) for c in range(n_cls) for j in range(longest)]
+        eot = [c * longest + n - 1 for c, n in enumerate(suffix_lengths)]
+        return storage, [_Segment(0, len(storage), n_cls, longest, False)], None, None, eot
+    if layout == "packed":
+        storage = [(c, j) for c, n in enumerate(suffix_lengths) for j in range(n)]
+        starts, eot = [], []
+        for n in suffix_lengths:
+            starts.append(eot[-1] + 1 if eot else 0)
+            eot.append(starts[-1] + n - 1)
+        # padded slot (c, j) reads the stored row of (c, min(j, n - 1)): slots past a class's
+        # EOT repeat its EOT row; they are only seen by later (padded) queries, whose outputs
+        # are dropped, so they neither change a feature nor receive a gradient.
+        gather = [starts[c] + min(j, n - 1) for c, n in enumerate(suffix_lengths)
+                  for j in range(longest)]
+        scatter = [c * longest + j for c, n in enumerate(suffix_lengths) for j in range(n)]
+        return (storage, [_Segment(0, len(storage), n_cls, longest, True)], gather, scatter,
+                eot)
+    if layout == "bucketed":
+        storage, segments, eot = [], [], [0] * n_cls
+        for n in sorted(set(suffix_lengths)):
+            members = [c for c, m in enumerate(suffix_lengths) if m == n]
+            start = len(storage)
+            for c in members:
+                storage.extend((c, j) for j in range(n))
+                eot[c] = len(storage) - 1
+            segments.append(_Segment(start, len(members) * n, len(members), n, False))
+        return storage, segments, None, None, eot
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+class SharedPrefixEncoder(nn.Module):
+    """Text features of prompts whose first ``prefix_length`` tokens are the same in every
+    class, equal to :meth:`TextTower.encode_embeddings` (see the module docstring).
+
+    ``eot`` (C,) are the prompts' end-of-text positions and ``prompt_length`` the number of
+    tokens :meth:`forward`'s embeddings have.  Holds index buffers only (no parameters):
+    register it as a submodule so that ``.to(device)`` moves them.  Raises
+    :class:`NotShareable` when the tower or the prompts do not allow it.
+    """
+
+    def __init__(self, tower: TextTower, prefix_length: int, eot: Tensor, prompt_length: int,
+                 layout: str = DEFAULT_LAYOUT) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if prefix_length < 1:
+            raise NotShareable(f"prefix_length must be >= 1, got {prefix_length}")
+        for i, blk in enumerate(tower.transformer.resblocks):
+            _check_block(i, blk)
+        eots = [int(e) for e in eot.tolist()]  # once, at construction
+        lengths = [e - prefix_length + 1 for e in eots]
+        if min(lengths) < 1:
+            raise NotShareable("an end-of-text token lies inside the shared prefix")
+        if max(eots) >= prompt_length or prompt_length > tower.context_length:
+            raise ValueError(f"end-of-text positions {max(eots)} / prompt length {prompt_length} "
+                             f"do not fit the context length {tower.context_length}")
+        storage, segments, gather, scatter, eot_rows = _plan(lengths, layout)
+        device = eot.device
+        idx = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        self.register_buffer("rows", idx([c * prompt_length + prefix_length + j for c, j in storage]),
+                             persistent=False)
+        self.register_buffer("positions", idx(list(range(prefix_length))
+                                              + [prefix_length + j for _, j in storage]),
+                             persistent=False)
+        self.register_buffer("eot_rows", idx([prefix_length + r for r in eot_rows]), persistent=False)
+        self.register_buffer("gather", idx(gather) if gather is not None else None, persistent=False)
+        self.register_buffer("scatter", idx(scatter) if scatter is not None else None,
+                             persistent=False)
+        for i, seg in enumerate(segments):  # True: may attend (whole prefix, causal suffix)
+            mask = torch.ones(seg.length, prefix_length + seg.length, dtype=torch.bool)
+            mask[:, prefix_length:] = torch.ones(seg.length, seg.length, dtype=torch.bool).tril()
+            self.register_buffer(f"mask{i}", mask.to(device), persistent=False)
+        self.tower = tower
+        self.segments = segments
+        self.prefix_length, self.prompt_length, self.n_cls = prefix_length, prompt_length, len(eots)
+        self.layout = layout
+        self.suffix_lengths = lengths
+        self._blocks = list(tower.transformer.resblocks)
+        self._watched = list(tower.transformer.modules())
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Token positions each forward runs through the transformer (prefix once)."""
+        return self.prefix_length + int(self.rows.numel())
+
+    def applies(self) -> bool:
+        """False when a hook watches the transformer (its modules would not all run, or run
+        on differently shaped inputs) or a block with dropout is in training mode."""
+        from torch.nn.modules import module as nn_module
+
+        if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
+            return False
+        for m in self._watched:
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return False
+        return not any(blk.training and _dropout(blk) > 0 for blk in self._blocks)
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        """Text features (C, D) of prompt embeddings (C, prompt_length, width)."""
+        n_cls, length, width = embeddings.shape
+        if (n_cls, length) != (self.n_cls, self.prompt_length):
+            raise ValueError(f"expected embeddings of {self.n_cls} prompts x {self.prompt_length} "
+                             f"tokens, got {tuple(embeddings.shape)}")
+        tower = self.tower
+        dtype = tower.dtype
+        x = torch.cat([embeddings[0, : self.prefix_length],
+                       embeddings.reshape(n_cls * length, width).index_select(0, self.rows)])
+        x = x.to(dtype) + tower.positional_embedding.index_select(0, self.positions).to(dtype)
+        for blk in self._blocks:
+            x = self._block(blk, x)
+        return tower.head(x.index_select(0, self.eot_rows))
+
+    def _block(self, blk: nn.Module, x: Tensor) -> Tensor:
+        attn = blk.attn
+        if isinstance(attn, nn.MultiheadAttention):
+            y = self._mha(attn, blk.ln_1(x))
+        else:
+            y = blk.ln_attn(self._custom_attention(attn, blk.ln_1(x)))
+        x = x + blk.ls_1(y)
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    def _mha(self, attn: nn.MultiheadAttention, x: Tensor) -> Tensor:
+        rows, width = x.shape
+        heads = attn.num_heads
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(rows, 3, heads, -1)
+        q, k, v = qkv.unbind(1)
+        out = self._attend(q, k, v).reshape(rows, width)
+        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+    def _custom_attention(self, attn: nn.Module, x: Tensor) -> Tensor:
+        rows, width = x.shape
+        heads = attn.num_heads
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(rows, 3, heads, -1)
+        q, k, v = qkv.unbind(1)
+        out = self._attend(attn.ln_q(q), attn.ln_k(k), v)
+        if attn.head_scale is not None:
+            out = out * attn.head_scale.view(heads, 1)
+        return attn.out_proj(attn.ln_inner(out.reshape(rows, width)))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Attention of rows ``[prefix; stored suffixes]`` given as (rows, heads, head_dim)."""
+        p = self.prefix_length
+        kp, vp = k[:p].transpose(0, 1), v[:p].transpose(0, 1)  # (H, P, d)
+        outs = [F.scaled_dot_product_attention(q[:p].transpose(0, 1), kp, vp,
+                                               is_causal=True).transpose(0, 1)]
+        for i, seg in enumerate(self.segments):
+            part = slice(p + seg.start, p + seg.start + seg.rows)
+            qs, ks, vs = q[part], k[part], v[part]
+            if seg.gathered:
+                qs, ks, vs = (t.index_select(0, self.gather) for t in (qs, ks, vs))
+            out = _suffix_attention(qs, ks, vs, kp, vp, seg.n_cls, seg.length,
+                                    getattr(self, f"mask{i}"))
+            outs.append(out.index_select(0, self.scatter) if seg.gathered else out)
+        return torch.cat(outs)
+
+
+def _suffix_attention(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, n: int, s: int,
+                     mask: Tensor) -> Tensor:
+    """Attention of ``n`` suffixes of ``s`` rows each (q, k, v: (n*s, H, d)) over the shared
+    prefix keys/values ``kp``, ``vp`` (H, P, d) and their own causal keys, without copying
+    the prefix per suffix: the prefix scores are one (H, n*s, P) product."""
+    heads, p, d = kp.shape
+    qh = q.transpose(0, 1)  # (H, n*s, d)
+    pre = torch.matmul(qh, kp.transpose(1, 2)).view(heads, n, s, p).transpose(0, 1)
+    q4 = q.view(n, s, heads, d).transpose(1, 2)  # (n, H, s, d)
+    own = torch.matmul(q4, k.view(n, s, heads, d).permute(0, 2, 3, 1))  # (n, H, s, s)
+    scores = torch.cat([pre, own], dim=-1) * d ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
+    out = torch.matmul(probs[..., p:], v.view(n, s, heads, d).transpose(1, 2))  # (n, H, s, d)
+    pre_out = torch.matmul(probs[..., :p].transpose(0, 1).reshape(heads, n * s, p), vp)
+    return (out.transpose(1, 2) + pre_out.view(heads, n, s, d).permute(1, 2, 0, 3)).reshape(n * s, heads, d)
+
+
+def shared_prefix_encoder(tower: TextTower, prompt_learner: nn.Module, layout: str = DEFAULT_LAYOUT
+                          ) -> tuple[SharedPrefixEncoder | None, str | None]:
+    """``(encoder, None)`` where sharing the prompt prefix is exact, else ``(None, reason)``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    prefix = prompt_learner.shared_prefix_length
+    if prefix == 0:
+        if prompt_learner.class_specific:
+            why = "class-specific context: every prompt has its own context, nothing is shared"
+        elif prompt_learner.class_token_position == "front":
+            why = "class token in front: only [SOS] comes before the class name"
+        else:
+            why = "class token in the middle of a 1-token context: only [SOS] is shared"
+        return None, why
+    try:
+        return (SharedPrefixEncoder(tower, prefix, prompt_learner.eot, prompt_learner.length, layout),
+                None)
+    except NotShareable as e:
+        return None, str(e)
