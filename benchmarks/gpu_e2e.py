@@ -6,13 +6,23 @@ class prompt encoded at the full 77 tokens, ``general.backward(retain_graph=True
 ``.grad`` cloned, ``ce.backward()``, a per-tensor projection decided by a Python ``if``,
 ``torch.optim.SGD`` and the host syncs of its loss checks and logging.
 
-prograd_fast: one frozen CLIP, one image pass shared by student and teacher, prompts cut
-after the longest end-of-text token, both gradients from one batched backward through the
-text encoder, and the fused ``ProGradSGD`` step (no host sync), under bf16 autocast on CUDA.
+Official-style CoOp (what users pay today for plain CoOp, the official CoOp trainer): one
+CLIP, every class prompt at the full 77 tokens, cross-entropy, one backward,
+``torch.optim.SGD``, the ``.item()`` of its logging.
+
+prograd_fast: one frozen CLIP, one image pass shared by student and teacher, the prompt
+prefix common to all classes encoded once and the class suffixes cut at their end-of-text
+tokens (``prograd_fast.clip.shared_prefix``), both gradients from one batched backward
+through the text encoder, and the fused ``ProGradSGD`` step (no host sync), under bf16
+autocast on CUDA.  ``prograd_fast_unshared``: the same without the shared prefix (every
+prompt through the tower, truncated after the longest end-of-text token); ``coop_fast``:
+prograd_fast with ``lam=0`` (plain CoOp).
 
 Run: ``python benchmarks/gpu_e2e.py`` (CUDA: ViT-B-16, random weights, 100 classes, batch
 32; exits 0 with a message when CUDA is missing) or ``python benchmarks/gpu_e2e.py
---device cpu`` (small size).  It first checks that both compute the same update (fp32).
+--device cpu`` (small size; ``--classes 100`` for the size of BENCHMARKS.md).  It first
+checks in float64 that paper-style and prograd_fast ProGrad, and official-style and
+prograd_fast CoOp, compute the same updates.
 """
 
 from __future__ import annotations
@@ -73,12 +83,15 @@ class PaperStyle:
         self.opt = torch.optim.SGD(self.params, **HYPER)
         self.lam, self.T, self.dtype = lam, temperature, student_dtype
 
-    def step(self, images, labels) -> float:
+    def student_logits(self, images):
         s = self.student
         img = F.normalize(s.encode_image(images.to(self.dtype)), dim=-1)
         emb, eot = self.prompts()
         txt = F.normalize(self.tower.encode_embeddings(emb, eot), dim=-1)  # 77 tokens
-        logits = s.logit_scale.exp() * img @ txt.t()
+        return s.logit_scale.exp() * img @ txt.t()
+
+    def step(self, images, labels) -> float:
+        logits = self.student_logits(images)
         with torch.no_grad():  # the teacher's own image pass
             t_img = F.normalize(self.teacher.encode_image(images), dim=-1)
             zs = self.teacher.logit_scale.exp() * t_img @ self.teacher_text.t()
@@ -101,6 +114,18 @@ class PaperStyle:
         return ce.item()  # logging
 
 
+class OfficialCoOp(PaperStyle):
+    """The official CoOp step: the student of :class:`PaperStyle` (77-token prompts, no
+    teacher), cross-entropy, one backward, ``torch.optim.SGD``, the loss logged."""
+
+    def step(self, images, labels) -> float:
+        loss = F.cross_entropy(self.student_logits(images), labels)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss.item()  # logging
+
+
 @dataclass
 class Fast:
     """prograd_fast: PromptedCLIP + ProGradSGD + train_step."""
@@ -111,9 +136,10 @@ class Fast:
 
     @classmethod
     def build(cls, clip, names, ctx_init, template="a photo of a {}.", autocast=None,
-              lam: float = 1.0):
+              lam: float = 1.0, share_prefix: bool | str = True):
         model = PromptedCLIP(clip, names, templates=template, n_ctx=ctx_init.shape[-2],
-                             dtype=torch.promote_types(ctx_init.dtype, torch.float32))
+                             dtype=torch.promote_types(ctx_init.dtype, torch.float32),
+                             share_prefix=share_prefix)
         with torch.no_grad():
             model.prompt_learner.ctx.copy_(ctx_init)
         opt = ProGradSGD([model.prompt_learner.ctx], lam=lam, granularity="tensor", **HYPER)
@@ -155,6 +181,27 @@ def check_same_math(clip, names, images, labels=None, steps: int = 2, n_ctx: int
     return rel, fired
 
 
+def check_same_coop(clip, names, images, labels, steps: int = 2, n_ctx: int = 16,
+                    ctx_scale: float = 1.0) -> float:
+    """Official-style CoOp and prograd_fast CoOp (``lam=0``, shared prefix) in float64 from
+    the same context: the max difference of the context after ``steps`` steps relative to
+    how far it moved; raises above 1e-9."""
+    clip, images = copy.deepcopy(clip).double(), images.double()
+    g = torch.Generator().manual_seed(2)
+    ctx0 = (torch.randn(n_ctx, clip.token_embedding.weight.shape[1], generator=g) * ctx_scale).to(
+        images.device, torch.float64)
+    official = OfficialCoOp(clip, names, ctx0, student_dtype=torch.float64)
+    fast = Fast.build(clip, names, ctx0, lam=0.0)
+    for _ in range(steps):
+        official.step(images, labels)
+        fast.step(images, labels)
+    a, b = official.prompts.ctx.detach(), fast.model.prompt_learner.ctx.detach()
+    rel = float((a - b).abs().max() / (a - ctx0).abs().max())
+    if not rel < 1e-9:
+        raise AssertionError(f"official-style and prograd_fast CoOp updates differ: rel {rel:.2e}")
+    return rel
+
+
 def setup(device: torch.device, model="ViT-B-16", n_classes=None, batch=None, image_size=None,
           paper_dtype=None, fast_autocast=None):
     """``(paper, fast, images, labels)`` at the device's default size."""
@@ -191,6 +238,22 @@ def time_steps(fns, device, iters: int, warmup: int = 2) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+IMPLS = ("paper_style", "coop_official", "prograd_fast", "prograd_fast_unshared", "coop_fast")
+
+
+def step_fns(paper, fast, images, labels, clip, names) -> dict:
+    """One training step of each implementation of :data:`IMPLS`, from the same context."""
+    ctx0 = paper.prompts.ctx.detach().float().clone()
+    official = OfficialCoOp(clip, names, ctx0, student_dtype=paper.dtype)
+    unshared = Fast.build(clip, names, ctx0, autocast=fast.autocast, share_prefix=False)
+    coop = Fast.build(clip, names, ctx0, autocast=fast.autocast, lam=0.0)
+    return {"paper_style": lambda: paper.step(images, labels),
+            "coop_official": lambda: official.step(images, labels),
+            "prograd_fast": lambda: fast.step(images, labels),
+            "prograd_fast_unshared": lambda: unshared.step(images, labels),
+            "coop_fast": lambda: coop.step(images, labels)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -199,7 +262,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_e2e: no CUDA device here; skipped (use --device cpu for the small CPU size)")
@@ -207,18 +273,24 @@ def main(argv=None) -> int:
     paper, fast, images, labels, size, clip, names = setup(
         device, args.model, args.classes, args.batch, args.image_size)
     rel, fired = check_same_math(clip, names[:10], images[:4], ctx_scale=1.0)
+    rel_coop = check_same_coop(clip, names[:10], images[:4], labels[:4] % 10)
     iters = args.iters or (20 if device.type == "cuda" else 5)
-    t_paper, t_fast = time_steps([lambda: paper.step(images, labels),
-                                  lambda: fast.step(images, labels)], device, iters)
+    fns = step_fns(paper, fast, images, labels, clip, names)
+    times = dict(zip(fns, time_steps(list(fns.values()), device, iters)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\nOne CoOp+ProGrad step, {args.model} (random weights), {size['n_classes']} classes, "
-          f"batch {size['batch']}, image {size['image_size']}px, {name}, torch {torch.__version__}")
-    print(f"same math (fp64, 2 steps, projection fired in {fired}): max relative difference "
-          f"of the context {rel:.1e}")
-    print(f"prompt tokens encoded: paper-style 77, prograd_fast {fast.model.prompt_learner.length}")
-    print(f"{'implementation':16s} {'ms/step':>9s} {'speed-up':>9s}")
-    print(f"{'paper_style':16s} {t_paper:9.2f} {1.0:9.2f}")
-    print(f"{'prograd_fast':16s} {t_fast:9.2f} {t_paper / t_fast:9.2f}")
+    shared = fast.model.shared_prefix
+    print(f"\nOne CoOp / ProGrad step, {args.model} (random weights), {size['n_classes']} classes, "
+          f"batch {size['batch']}, image {size['image_size']}px, {name}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, prograd_fast autocast {fast.autocast}")
+    print(f"same math (fp64, 2 steps): ProGrad max relative difference of the context {rel:.1e} "
+          f"(projection fired in {fired}), CoOp {rel_coop:.1e}")
+    print(f"prompt tokens through the text tower per step: official/paper 77 x {len(names)} = "
+          f"{77 * len(names)}, prograd_fast_unshared {fast.model.prompt_learner.length} x "
+          f"{len(names)} = {fast.model.prompt_learner.length * len(names)}, prograd_fast "
+          f"{shared.tokens_per_step if shared is not None else 'n/a'} ({shared.layout if shared is not None else 'off'})")
+    print(f"{'implementation':22s} {'ms/step':>10s} {'vs paper':>9s} {'cost vs coop_official':>22s}")
+    for k, t in times.items():
+        print(f"{k:22s} {t:10.1f} {times['paper_style'] / t:8.2f}x {t / times['coop_official']:21.3f}x")
     return 0
 
 

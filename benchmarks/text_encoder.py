@@ -33,18 +33,18 @@ import gpu_e2e
 
 
 def build(clip, n_classes: int, layouts=LAYOUTS, n_ctx: int = 16, position: str = "end"):
-    """``(learner, {name: encode(embeddings, eot) -> features}, tokens per step)``."""
+    """``(learner, {name: encode() -> features of the learner's prompts}, tokens per step)``."""
     tower = TextTower.from_model(clip)
     torch.manual_seed(0)
     learner = PromptLearner(tower, gpu_e2e.classnames(n_classes), n_ctx=n_ctx,
                             class_token_position=position, dtype=torch.float32)
     learner.to(tower.positional_embedding.device)
-    encoders = {"truncated": tower.encode_embeddings}
+    encoders = {"truncated": lambda: tower.encode_embeddings(*learner())}
     tokens = {"truncated": learner.length * n_classes}
     for layout in layouts:
         enc = SharedPrefixEncoder(tower, learner.shared_prefix_length, learner.eot,
                                   learner.length, layout)
-        encoders[f"shared-{layout}"] = lambda emb, eot, enc=enc: enc(emb)
+        encoders[f"shared-{layout}"] = lambda enc=enc: enc(*learner.prefix_and_suffixes())
         tokens[f"shared-{layout}"] = enc.tokens_per_step
     return learner, encoders, tokens
 
@@ -61,10 +61,10 @@ def make_clip(model: str, device, text_layers: int | None = None):
 def fwd_bwd(learner, encode, cotangents, autocast):
     """Forward of all prompts, then one backward with both cotangents: d/d ctx, (2, n, width)."""
     with autocast():
-        feats = encode(*learner())
+        feats = encode()
     grads, = torch.autograd.grad(feats, learner.ctx, grad_outputs=cotangents.to(feats.dtype),
                                  is_grads_batched=True)
-    return feats, grads
+    return feats.detach(), grads
 
 
 def check(learner, encoders, cotangents, autocast, tol: float) -> float:
@@ -108,7 +108,10 @@ def main(argv=None) -> int:
     ap.add_argument("--text-layers", type=int, default=None,
                     help="fewer text blocks than the model has (memory: 1000 classes at 12 "
                          "layers hold ~12 GB of activations in the truncated encoder)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("text_encoder: no CUDA device here; skipped")
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     for n in args.classes:
         learner, encoders, tokens = build(clip, n, args.layouts)
         g = torch.Generator().manual_seed(n)
-        dim = encoders["truncated"](*learner()).shape[-1]
+        dim = encoders["truncated"]().shape[-1]
         cotangents = torch.randn(2, n, dim, generator=g).to(device)
         worst = check(learner, encoders, cotangents, autocast, 1e-4 if amp is None else 5e-2)
         fns = {k: (lambda enc=enc: fwd_bwd(learner, enc, cotangents, autocast)) for k, enc in encoders.items()}

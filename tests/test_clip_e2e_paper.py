@@ -55,3 +55,32 @@ def test_gpu_script_skips_without_cuda(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_e2e.main(["--device", "cuda"]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_official_coop_and_prograd_fast_coop_same_update():
+    """The official-style CoOp step (77 tokens, one backward, torch SGD) and prograd_fast
+    CoOp (lam=0, shared prefix, suffixes cut at their EOT) move the context alike (fp64)."""
+    clip = tiny_clip(seed=13)
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(5, 3, 16, 16, generator=g)
+    labels = torch.tensor([0, 6, 2, 3, 1])
+    assert gpu_e2e.check_same_coop(clip, CLASSNAMES, images, labels, steps=3, n_ctx=4) < 1e-9
+    assert gpu_e2e.Fast.build(clip, CLASSNAMES, torch.zeros(4, 32)).model.shared_prefix is not None
+
+
+def test_text_encoder_benchmark_checks_and_times_every_layout(monkeypatch):
+    """benchmarks/text_encoder.py at a tiny size: every layout is checked against the
+    truncated encoder, then timed; the GPU script skips without CUDA."""
+    import gpu_shared_prefix
+    import text_encoder
+    from contextlib import nullcontext
+
+    learner, encoders, tokens = text_encoder.build(tiny_clip(seed=14), 11, n_ctx=4)
+    assert set(encoders) == {"truncated"} | {f"shared-{lay}" for lay in text_encoder.LAYOUTS}
+    assert tokens["shared-bucketed"] < tokens["truncated"]
+    cot = torch.randn(2, 11, 24)
+    assert text_encoder.check(learner, encoders, cot, nullcontext, 1e-4) < 1e-4
+    fns = {k: (lambda e=e: text_encoder.fwd_bwd(learner, e, cot, nullcontext)) for k, e in encoders.items()}
+    assert set(text_encoder.time_all(fns, torch.device("cpu"), iters=1, warmup=0)) == set(encoders)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_shared_prefix.main([]) == 0

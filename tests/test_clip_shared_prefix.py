@@ -37,6 +37,7 @@ TOWERS = {  # text-tower options of open_clip (CLIP kwargs under "clip")
     "eos_pool_linear_proj_mlp2": dict(pool_type="eos", eos_id=49407, proj_bias=True, mlp_ratio=2.0),
     "quick_gelu": dict(clip=dict(quick_gelu=True)),
     "custom_text_clip": dict(clip=dict(custom_text=True)),
+    "sequence_first": dict(clip=dict(sequence_first=True)),  # Transformer(batch_first=False)
 }
 
 
@@ -46,7 +47,12 @@ def make_clip(seed: int = 0, clip=None, **text) -> nn.Module:
     clip = dict(clip or {})
     torch.manual_seed(seed)
     cls = open_clip.CustomTextCLIP if clip.pop("custom_text", False) else open_clip.CLIP
+    sequence_first = clip.pop("sequence_first", False)
     model = cls(**tiny_cfg(**text), **clip).eval()
+    if sequence_first:  # what Transformer(batch_first=False) builds
+        model.transformer.batch_first = False
+        for blk in model.transformer.resblocks:
+            blk.attn.batch_first = False
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for p in model.parameters():
@@ -105,7 +111,7 @@ def test_features_and_both_grads_equal_full_encoder_float64(config, position, tr
     enc = SharedPrefixEncoder(tower, learner.shared_prefix_length, learner.eot, learner.length)
     cot = cotangents_for(tower, len(NAMES))
     want = features_and_grads(full, lambda: reference_features(tower, full), cot)
-    got = features_and_grads(learner, lambda: enc(learner()[0]), cot)
+    got = features_and_grads(learner, lambda: enc(*learner.prefix_and_suffixes()), cot)
     assert want[1].abs().amax(dim=(1, 2)).min() > 0  # both gradients non-zero
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12 * w.abs().max())
@@ -122,7 +128,7 @@ def test_layouts_and_odd_class_counts(layout, n_cls):
     cot = cotangents_for(tower, n_cls, seed=n_cls)
     want = features_and_grads(full, lambda: reference_features(tower, full), cot)
     for batched in (True, False):
-        got = features_and_grads(short, lambda: enc(short()[0]), cot, batched)
+        got = features_and_grads(short, lambda: enc(*short.prefix_and_suffixes()), cot, batched)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12 * w.abs().max())
     lengths = enc.suffix_lengths
@@ -141,6 +147,13 @@ def test_prefix_rows_are_identical_in_every_prompt():
         assert p == 1 + (n_ctx if position == "end" else n_ctx // 2)
         assert torch.equal(emb[:, :p], emb[:1, :p].expand(len(NAMES), -1, -1))
         assert not torch.equal(emb[:, p], emb[:1, p].expand(len(NAMES), -1))
+        prefix, suffixes = pl.prefix_and_suffixes()
+        assert torch.equal(prefix, emb[:1, :p]) and torch.equal(suffixes, emb[:, p:])
+    for kw in (dict(class_specific=True), dict(class_token_position="front")):
+        pl = PromptLearner(tower, NAMES, TOK, n_ctx=4, **kw)
+        assert pl.shared_prefix_length == 0
+        with pytest.raises(ValueError, match="no prefix"):
+            pl.prefix_and_suffixes()
 
 
 @pytest.mark.parametrize("mode", ["batched", "two_pass"])
@@ -205,7 +218,7 @@ def test_fp32_and_bf16_autocast_as_close_to_float64_as_todays_encoder(config, am
         with ctx:
             return features_and_grads(short, encode, cot.float())
 
-    got = run(lambda: enc(short()[0]))
+    got = run(lambda: enc(*short.prefix_and_suffixes()))
     today = run(lambda: tower.encode_embeddings(*short()))
     # bf16 rounding (2**-8) compounds through the blocks; the backward more so: today's
     # truncated encoder is off by ~0.8% (features) and ~2% (gradients) here
@@ -230,7 +243,7 @@ def test_half_precision_tower(dtype):
     short, _ = learners(tower, NAMES, "end", dtype=torch.float32)
     enc = SharedPrefixEncoder(tower, short.shared_prefix_length, short.eot, short.length)
     cot = cotangents_for(tower, len(NAMES), dtype=torch.float32)
-    got = features_and_grads(short, lambda: enc(short()[0]), cot)
+    got = features_and_grads(short, lambda: enc(*short.prefix_and_suffixes()), cot)
     want = features_and_grads(short, lambda: tower.encode_embeddings(*short()), cot)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and torch.isfinite(g).all()
@@ -309,7 +322,11 @@ def _refusals():
         blk.attn = open_clip.transformer.Attention(32, 2)
         return m
 
-    return {"scaled cosine": cosine, "MyBlock": subclass_block, "Dropout": dropout_mlp,
+    def subclass_transformer(m):
+        m.transformer.__class__ = type("MyTransformer", (open_clip.transformer.Transformer,), {})
+        return m
+
+    return {"scaled cosine": cosine, "MyBlock": subclass_block, "MyTransformer": subclass_transformer, "Dropout": dropout_mlp,
             "bias_k": bias_kv, "ScaledMHA": mha_subclass, "separate q/k/v": separate_qkv,
             "attn is a Attention": foreign_attention}
 
@@ -322,7 +339,7 @@ def test_unhandled_blocks_fall_back_with_the_reason(why):
     enc, reason = shared_prefix_encoder(tower, pl)
     assert enc is None and why in reason
     # the others do not run in open_clip either (3.3 cannot run scaled cosine attention)
-    if why in ("MyBlock", "Dropout", "bias_k", "ScaledMHA"):
+    if why in ("MyBlock", "MyTransformer", "Dropout", "bias_k", "ScaledMHA"):
         model = PromptedCLIP(clip, CLASSNAMES, n_ctx=3, tokenizer=TOK)
         assert model.shared_prefix is None and why in model.shared_prefix_off
         torch.testing.assert_close(model.text_features(),
@@ -333,7 +350,8 @@ def test_hooks_and_training_dropout_use_todays_encoder_at_call_time(monkeypatch)
     model = PromptedCLIP(make_clip(seed=4).double(), CLASSNAMES, tokenizer=TOK, n_ctx=3)
     enc = model.shared_prefix
     calls = []
-    monkeypatch.setattr(type(enc), "forward", lambda self, e: calls.append(1) or self.tower.head(e[:, 0]))
+    monkeypatch.setattr(type(enc), "forward",
+                        lambda self, p, s: calls.append(1) or self.tower.head(s[:, 0]))
     model.text_features()
     assert calls == [1] and enc.applies()
     seen = []
@@ -349,17 +367,22 @@ def test_hooks_and_training_dropout_use_todays_encoder_at_call_time(monkeypatch)
     assert not enc.applies()
     model.train()  # PromptedCLIP keeps the frozen CLIP in eval mode
     assert enc.applies()
+    custom = PromptedCLIP(make_clip(block_type="custom"), CLASSNAMES, tokenizer=TOK, n_ctx=3)
+    custom.clip.transformer.resblocks[1].attn.attn_drop.p = 0.1
+    assert custom.shared_prefix.applies()
+    custom.clip.transformer.resblocks[1].attn.train()
+    assert not custom.shared_prefix.applies()
 
 
 def test_bad_inputs():
     model = PromptedCLIP(make_clip(), CLASSNAMES, tokenizer=TOK, n_ctx=3)
     with pytest.raises(ValueError, match="layout"):
         PromptedCLIP(make_clip(), CLASSNAMES, tokenizer=TOK, n_ctx=3, share_prefix="ragged")
-    emb, _ = model.prompt_learner()
-    with pytest.raises(ValueError, match="expected embeddings"):
-        model.shared_prefix(emb[:, :-1])
-    with pytest.raises(ValueError, match="expected embeddings"):
-        model.shared_prefix(emb[:-1])
+    prefix, suffixes = model.prompt_learner.prefix_and_suffixes()
+    for args in ((prefix, suffixes[:, :-1]), (prefix, suffixes[:-1]), (prefix[:, 1:], suffixes),
+                 (prefix.expand(2, -1, -1), suffixes)):
+        with pytest.raises(ValueError, match="expected a"):
+            model.shared_prefix(*args)
 
 
 def test_state_dict_and_dtype_moves_keep_the_index_buffers():

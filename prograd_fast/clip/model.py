@@ -70,11 +70,10 @@ class PromptedCLIP(nn.Module):
 
     def text_features(self) -> Tensor:
         """Unnormalised text features of the learned prompts (C, D), with grad."""
-        embeddings, eot = self.prompt_learner()
         shared = self.shared_prefix
         if shared is not None and shared.applies():
-            return shared(embeddings)
-        return self.tower.encode_embeddings(embeddings, eot)
+            return shared(*self.prompt_learner.prefix_and_suffixes())
+        return self.tower.encode_embeddings(*self.prompt_learner())
 
     def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         """Scaled cosine logits from normalised image features and raw text features."""

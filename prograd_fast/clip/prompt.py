@@ -204,6 +204,19 @@ class PromptLearner(nn.Module):
         shared = self.n_ctx if self.class_token_position == "end" else self.n_ctx // 2
         return 1 + shared if shared else 0
 
+    def prefix_and_suffixes(self) -> tuple[Tensor, Tensor]:
+        """The prompts of :meth:`forward` split after ``shared_prefix_length`` (P) tokens:
+        ``(prefix (1, P, width), suffixes (C, length - P, width))``, the prefix once.  At
+        the end position the suffixes are a buffer (no gradient flows through them)."""
+        p = self.shared_prefix_length
+        if p == 0:
+            raise ValueError("no prefix is shared by all class prompts")
+        if self.class_token_position == "end":
+            ctx = self.ctx.to(self.token_prefix.dtype).unsqueeze(0)
+            return torch.cat([self.token_prefix[:1], ctx], dim=1), self.token_suffix
+        prompts, _ = self.forward()
+        return prompts[:1, :p], prompts[:, p:]
+
     def forward(self) -> tuple[Tensor, Tensor]:
         ctx = self.ctx
         if ctx.dim() == 2:

@@ -9,13 +9,17 @@ to the prefix's keys and values and to the earlier tokens of its own suffix.  Au
 the gradients of all suffixes into the one prefix.  Exact: the block math of open_clip on
 fewer tokens (tested in float64 against the full 77-token encoder).
 
-The stored suffix tokens have three layouts, all exact (``"packed"`` by measurement,
-BENCHMARKS.md):
+All tokens (prefix first, then the stored suffix tokens) go through the per-token layers
+(norms, projections, MLP: nearly all the FLOPs) as one (rows, width) matrix.  Attention is
+split: the prefix attends causally to itself; the suffixes' scores against the prefix are
+one product with the prefix keys (never copied per class), joined with their causal scores
+within their own suffix before one softmax.  Suffix layouts, all exact (``"bucketed"`` by
+measurement, BENCHMARKS.md):
 
-- ``"packed"``: only each class's tokens up to its EOT are stored, so the per-token work
-  (layer norms, projections, MLP: nearly all the FLOPs) has no padding; attention gathers
-  them into a (classes, longest suffix) rectangle and scatters its output back.
-- ``"bucketed"``: classes sorted by suffix length, one attention call per distinct length.
+- ``"bucketed"``: classes sorted by suffix length, each suffix stored up to its EOT; one
+  attention call per distinct length.  No padding.
+- ``"packed"``: each suffix stored up to its EOT; attention gathers them into one (classes,
+  longest suffix) rectangle and scatters its output back.  One attention call.
 - ``"padded"``: every suffix padded to the longest one, as the truncated encoder pads.
 
 Handled (checked at construction, from the blocks' own weights): open_clip
@@ -66,7 +70,7 @@ def _per_token_types() -> tuple[type, ...]:
 def _check_per_token(module: nn.Module, where: str) -> None:
     ok = _per_token_types()
     for name, m in module.named_modules():
-        if isinstance(m, nn.Sequential) and m is module:
+        if m is module and type(m) is nn.Sequential:
             continue
         if not isinstance(m, ok):
             raise NotShareable(f"{where}{'.' + name if name else ''} is a {type(m).__name__}, "
@@ -106,20 +110,22 @@ def _check_block(i: int, blk: nn.Module) -> None:
         _check_per_token(getattr(blk, name), f"{where}.{name}")
 
 
-def _dropout(blk: nn.Module) -> float:
+def _dropout_active(blk: nn.Module) -> bool:
+    """Whether the block's attention would drop anything now (its modules in training mode
+    with a dropout probability above 0)."""
     attn = blk.attn
     if isinstance(attn, nn.MultiheadAttention):
-        return float(attn.dropout)
-    return max(attn.attn_drop.p, attn.out_drop.p)
+        return attn.training and attn.dropout > 0
+    return ((attn.training and attn.attn_drop.p > 0)
+            or (attn.out_drop.training and attn.out_drop.p > 0))
 
 
 @dataclass(frozen=True)
 class _Segment:
-    """One attention call: ``n_cls`` suffixes of ``length`` tokens each, stored from row
-    ``start`` (after the prefix rows) on; ``gathered`` when the rows must be gathered into
-    the rectangle (and scattered back), otherwise they are the rectangle itself."""
+    """One attention call over the next ``rows`` stored suffix rows (segments follow each
+    other): ``n_cls`` suffixes of ``length`` tokens each; ``gathered`` when the rows must be
+    gathered into that rectangle (and scattered back), otherwise they are the rectangle."""
 
-    start: int
     rows: int
     n_cls: int
     length: int
@@ -134,7 +140,7 @@ def _plan(suffix_lengths: list[int], layout: str):
     if layout == "padded":
         storage = [(c, j) for c in range(n_cls) for j in range(longest)]
         eot = [c * longest + n - 1 for c, n in enumerate(suffix_lengths)]
-        return storage, [_Segment(0, len(storage), n_cls, longest, False)], None, None, eot
+        return storage, [_Segment(len(storage), n_cls, longest, False)], None, None, eot
     if layout == "packed":
         storage = [(c, j) for c, n in enumerate(suffix_lengths) for j in range(n)]
         starts, eot = [], []
@@ -147,17 +153,16 @@ def _plan(suffix_lengths: list[int], layout: str):
         gather = [starts[c] + min(j, n - 1) for c, n in enumerate(suffix_lengths)
                   for j in range(longest)]
         scatter = [c * longest + j for c, n in enumerate(suffix_lengths) for j in range(n)]
-        return (storage, [_Segment(0, len(storage), n_cls, longest, True)], gather, scatter,
+        return (storage, [_Segment(len(storage), n_cls, longest, True)], gather, scatter,
                 eot)
     if layout == "bucketed":
         storage, segments, eot = [], [], [0] * n_cls
         for n in sorted(set(suffix_lengths)):
             members = [c for c, m in enumerate(suffix_lengths) if m == n]
-            start = len(storage)
             for c in members:
                 storage.extend((c, j) for j in range(n))
                 eot[c] = len(storage) - 1
-            segments.append(_Segment(start, len(members) * n, len(members), n, False))
+            segments.append(_Segment(len(members) * n, len(members), n, False))
         return storage, segments, None, None, eot
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
@@ -167,8 +172,9 @@ class SharedPrefixEncoder(nn.Module):
     class, equal to :meth:`TextTower.encode_embeddings` (see the module docstring).
 
     ``eot`` (C,) are the prompts' end-of-text positions and ``prompt_length`` the number of
-    tokens :meth:`forward`'s embeddings have.  Holds index buffers only (no parameters):
-    register it as a submodule so that ``.to(device)`` moves them.  Raises
+    tokens of a whole prompt (prefix and suffix, as :meth:`forward` gets them).  Holds index
+    buffers only (no parameters): register it as a submodule so that ``.to(device)`` moves
+    them.  Raises
     :class:`NotShareable` when the tower or the prompts do not allow it.
     """
 
@@ -179,6 +185,11 @@ class SharedPrefixEncoder(nn.Module):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if prefix_length < 1:
             raise NotShareable(f"prefix_length must be >= 1, got {prefix_length}")
+        oct = _open_clip_classes()
+        if type(tower.transformer) not in (oct.Transformer, oct.CustomTransformer):
+            kind = type(tower.transformer)
+            raise NotShareable(f"the text transformer is a {kind.__module__}.{kind.__name__}, not "
+                               f"an open_clip Transformer")
         for i, blk in enumerate(tower.transformer.resblocks):
             _check_block(i, blk)
         eots = [int(e) for e in eot.tolist()]  # once, at construction
@@ -191,7 +202,8 @@ class SharedPrefixEncoder(nn.Module):
         storage, segments, gather, scatter, eot_rows = _plan(lengths, layout)
         device = eot.device
         idx = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-        self.register_buffer("rows", idx([c * prompt_length + prefix_length + j for c, j in storage]),
+        suffix_length = prompt_length - prefix_length
+        self.register_buffer("rows", idx([c * suffix_length + j for c, j in storage]),
                              persistent=False)
         self.register_buffer("positions", idx(list(range(prefix_length))
                                               + [prefix_length + j for _, j in storage]),
@@ -200,12 +212,13 @@ class SharedPrefixEncoder(nn.Module):
         self.register_buffer("gather", idx(gather) if gather is not None else None, persistent=False)
         self.register_buffer("scatter", idx(scatter) if scatter is not None else None,
                              persistent=False)
-        for i, seg in enumerate(segments):  # True: may attend (whole prefix, causal suffix)
-            mask = torch.ones(seg.length, prefix_length + seg.length, dtype=torch.bool)
-            mask[:, prefix_length:] = torch.ones(seg.length, seg.length, dtype=torch.bool).tril()
+        for i, seg in enumerate(segments):  # True: masked out (later tokens of the suffix)
+            mask = torch.zeros(seg.length, prefix_length + seg.length, dtype=torch.bool)
+            mask[:, prefix_length:] = torch.ones(seg.length, seg.length, dtype=torch.bool).triu(1)
             self.register_buffer(f"mask{i}", mask.to(device), persistent=False)
         self.tower = tower
         self.segments = segments
+        self._split_sizes = [prefix_length] + [seg.rows for seg in segments]
         self.prefix_length, self.prompt_length, self.n_cls = prefix_length, prompt_length, len(eots)
         self.layout = layout
         self.suffix_lengths = lengths
@@ -228,18 +241,21 @@ class SharedPrefixEncoder(nn.Module):
         for m in self._watched:
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
                 return False
-        return not any(blk.training and _dropout(blk) > 0 for blk in self._blocks)
+        return not any(_dropout_active(blk) for blk in self._blocks)
 
-    def forward(self, embeddings: Tensor) -> Tensor:
-        """Text features (C, D) of prompt embeddings (C, prompt_length, width)."""
-        n_cls, length, width = embeddings.shape
-        if (n_cls, length) != (self.n_cls, self.prompt_length):
-            raise ValueError(f"expected embeddings of {self.n_cls} prompts x {self.prompt_length} "
-                             f"tokens, got {tuple(embeddings.shape)}")
+    def forward(self, prefix: Tensor, suffixes: Tensor) -> Tensor:
+        """Text features (C, D) of the prompts ``[prefix; suffixes[c]]``: token embeddings
+        of the shared prefix (1, P, width) and of the class suffixes (C, prompt_length - P,
+        width) (:meth:`PromptLearner.prefix_and_suffixes`)."""
+        p = self.prefix_length
+        n_cls, length, width = suffixes.shape
+        if prefix.shape != (1, p, width) or (n_cls, length) != (self.n_cls, self.prompt_length - p):
+            raise ValueError(f"expected a (1, {p}, width) prefix and {self.n_cls} x "
+                             f"{self.prompt_length - p} suffix tokens, got "
+                             f"{tuple(prefix.shape)} and {tuple(suffixes.shape)}")
         tower = self.tower
         dtype = tower.dtype
-        x = torch.cat([embeddings[0, : self.prefix_length],
-                       embeddings.reshape(n_cls * length, width).index_select(0, self.rows)])
+        x = torch.cat([prefix[0], suffixes.reshape(n_cls * length, width).index_select(0, self.rows)])
         x = x.to(dtype) + tower.positional_embedding.index_select(0, self.positions).to(dtype)
         for blk in self._blocks:
             x = self._block(blk, x)
@@ -274,33 +290,35 @@ class SharedPrefixEncoder(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention of rows ``[prefix; stored suffixes]`` given as (rows, heads, head_dim)."""
-        p = self.prefix_length
-        kp, vp = k[:p].transpose(0, 1), v[:p].transpose(0, 1)  # (H, P, d)
-        outs = [F.scaled_dot_product_attention(q[:p].transpose(0, 1), kp, vp,
+        # one split per tensor (its backward is one cat), not a slice per segment (whose
+        # backwards would each write and add a full-size gradient)
+        sizes = self._split_sizes
+        (qp, *qs), (kp, *ks), (vp, *vs) = (t.split(sizes) for t in (q, k, v))
+        kp, vp = kp.transpose(0, 1), vp.transpose(0, 1)  # (H, P, d)
+        outs = [F.scaled_dot_product_attention(qp.transpose(0, 1), kp, vp,
                                                is_causal=True).transpose(0, 1)]
         for i, seg in enumerate(self.segments):
-            part = slice(p + seg.start, p + seg.start + seg.rows)
-            qs, ks, vs = q[part], k[part], v[part]
+            qi, ki, vi = qs[i], ks[i], vs[i]
             if seg.gathered:
-                qs, ks, vs = (t.index_select(0, self.gather) for t in (qs, ks, vs))
-            out = _suffix_attention(qs, ks, vs, kp, vp, seg.n_cls, seg.length,
+                qi, ki, vi = (t.index_select(0, self.gather) for t in (qi, ki, vi))
+            out = _suffix_attention(qi, ki, vi, kp, vp, seg.n_cls, seg.length,
                                     getattr(self, f"mask{i}"))
             outs.append(out.index_select(0, self.scatter) if seg.gathered else out)
         return torch.cat(outs)
 
 
 def _suffix_attention(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, n: int, s: int,
-                     mask: Tensor) -> Tensor:
+                      masked: Tensor) -> Tensor:
     """Attention of ``n`` suffixes of ``s`` rows each (q, k, v: (n*s, H, d)) over the shared
-    prefix keys/values ``kp``, ``vp`` (H, P, d) and their own causal keys, without copying
-    the prefix per suffix: the prefix scores are one (H, n*s, P) product."""
+    prefix keys/values ``kp``, ``vp`` (H, P, d) and their own causal keys (``masked``: (s,
+    P + s), True where a key is later than the query), without copying the prefix per
+    suffix: the prefix scores are one (H, n*s, P) product.  Softmax in at least fp32."""
     heads, p, d = kp.shape
-    qh = q.transpose(0, 1)  # (H, n*s, d)
-    pre = torch.matmul(qh, kp.transpose(1, 2)).view(heads, n, s, p).transpose(0, 1)
+    q = q * d ** -0.5  # scaled before the products, as torch's attention does (fp16 range)
+    pre = torch.matmul(q.transpose(0, 1), kp.transpose(1, 2)).view(heads, n, s, p).transpose(0, 1)
     q4 = q.view(n, s, heads, d).transpose(1, 2)  # (n, H, s, d)
     own = torch.matmul(q4, k.view(n, s, heads, d).permute(0, 2, 3, 1))  # (n, H, s, s)
-    scores = torch.cat([pre, own], dim=-1) * d ** -0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = torch.cat([pre, own], dim=-1).masked_fill(masked, float("-inf"))
     probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     out = torch.matmul(probs[..., p:], v.view(n, s, heads, d).transpose(1, 2))  # (n, H, s, d)
     pre_out = torch.matmul(probs[..., :p].transpose(0, 1).reshape(heads, n * s, p), vp)
