@@ -254,18 +254,25 @@ def step_fns(paper, fast, images, labels, clip, names) -> dict:
             "coop_fast": lambda: coop.step(images, labels)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
+def parse_args(ap: argparse.ArgumentParser, argv, device: str = "cuda", iters=None):
+    """Parse ``argv`` with the options every e2e-style script has (``--device``, ``--model``,
+    ``--iters``, ``--threads``) added to ``ap``; applies ``--threads``."""
+    ap.add_argument("--device", default=device)
     ap.add_argument("--model", default="ViT-B-16")
-    ap.add_argument("--classes", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=iters)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classes", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=None)
+    args = parse_args(ap, argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_e2e: no CUDA device here; skipped (use --device cpu for the small CPU size)")

@@ -19,9 +19,7 @@ medians of interleaved rounds, so a busy machine slows all alike: compare the ra
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
@@ -80,38 +78,15 @@ def check(learner, encoders, cotangents, autocast, tol: float) -> float:
     return worst
 
 
-def time_all(fns: dict, device, iters: int, warmup: int = 1) -> dict[str, float]:
-    """Median ms of each function, rounds interleaved."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync()
-    times = {k: [] for k in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            sync()
-            times[name].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--model", default="ViT-B-16")
     ap.add_argument("--classes", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     ap.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
-    ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--text-layers", type=int, default=None,
                     help="fewer text blocks than the model has (memory: 1000 classes at 12 "
                          "layers hold ~12 GB of activations in the truncated encoder)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = gpu_e2e.parse_args(ap, argv, device="cpu", iters=3)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("text_encoder: no CUDA device here; skipped")
@@ -132,7 +107,7 @@ def main(argv=None) -> int:
         cotangents = torch.randn(2, n, dim, generator=g).to(device)
         worst = check(learner, encoders, cotangents, autocast, 1e-4 if amp is None else 5e-2)
         fns = {k: (lambda enc=enc: fwd_bwd(learner, enc, cotangents, autocast)) for k, enc in encoders.items()}
-        ms = time_all(fns, device, args.iters)
+        ms = dict(zip(fns, gpu_e2e.time_steps(list(fns.values()), device, args.iters, warmup=1)))
         print(f"\n{n} classes, prompt length {learner.length}, prefix {learner.shared_prefix_length}, "
               f"max relative difference to truncated {worst:.1e}")
         print(f"{'encoder':18s} {'tokens':>7s} {'ms':>10s} {'speed-up':>9s}")
