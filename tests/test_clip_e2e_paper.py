@@ -81,6 +81,6 @@ def test_text_encoder_benchmark_checks_and_times_every_layout(monkeypatch):
     cot = torch.randn(2, 11, 24)
     assert text_encoder.check(learner, encoders, cot, nullcontext, 1e-4) < 1e-4
     fns = {k: (lambda e=e: text_encoder.fwd_bwd(learner, e, cot, nullcontext)) for k, e in encoders.items()}
-    assert len(gpu_e2e.time_steps(list(fns.values()), torch.device("cpu"), iters=1, warmup=0)) == 5
+    assert len(gpu_e2e.time_steps(list(fns.values()), torch.device("cpu"), iters=1, warmup=0)) == len(fns)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_shared_prefix.main([]) == 0
