@@ -295,8 +295,8 @@ class SharedPrefixEncoder(nn.Module):
         sizes = self._split_sizes
         (qp, *qs), (kp, *ks), (vp, *vs) = (t.split(sizes) for t in (q, k, v))
         kp, vp = kp.transpose(0, 1), vp.transpose(0, 1)  # (H, P, d)
-        outs = [F.scaled_dot_product_attention(qp.transpose(0, 1), kp, vp,
-                                               is_causal=True).transpose(0, 1)]
+        outs = [F.scaled_dot_product_attention(  # 4-D: the fused CUDA kernels want a batch dim
+            qp.transpose(0, 1)[None], kp[None], vp[None], is_causal=True)[0].transpose(0, 1)]
         for i, seg in enumerate(self.segments):
             qi, ki, vi = qs[i], ks[i], vs[i]
             if seg.gathered:
