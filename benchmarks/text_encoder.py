@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
     ap.add_argument("--text-layers", type=int, default=None,
                     help="fewer text blocks than the model has (memory: 1000 classes at 12 "
-                         "layers hold ~12 GB of activations in the truncated encoder)")
+                         "layers hold ~17 GB of activations in the truncated encoder)")
     args = gpu_e2e.parse_args(ap, argv, device="cpu", iters=3)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
