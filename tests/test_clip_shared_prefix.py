@@ -117,6 +117,37 @@ def test_features_and_both_grads_equal_full_encoder_float64(config, position, tr
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12 * w.abs().max())
 
 
+@pytest.mark.parametrize("ctx_init", ["a photo of a", "a type of pet, a photo of a"])
+def test_official_prograd_ctx_init_float64(ctx_init):
+    """ctx_init_mode="prograd" (zeros, then the template's words; a comma's extra token stays
+    fixed after the context, in every suffix): equal to the full encoder."""
+    tower = TextTower.from_model(make_clip(seed=21).double())
+    short, full = learners(tower, NAMES, "end", n_ctx=8, ctx_init=ctx_init, ctx_init_mode="prograd")
+    assert short.shared_prefix_length == 9
+    with torch.no_grad():  # the zeros would hide a misplaced context vector
+        for pl in (short, full):
+            pl.ctx.add_(torch.randn(pl.ctx.shape, generator=torch.Generator().manual_seed(1),
+                                    dtype=pl.ctx.dtype))
+    enc = SharedPrefixEncoder(tower, short.shared_prefix_length, short.eot, short.length)
+    cot = cotangents_for(tower, len(NAMES))
+    want = features_and_grads(full, lambda: reference_features(tower, full), cot)
+    got = features_and_grads(short, lambda: enc(*short.prefix_and_suffixes()), cot)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12 * w.abs().max())
+
+
+def test_transferred_context_keeps_the_share_prefix_choice():
+    from prograd_fast.clip.trainer import transfer_context
+
+    for share in (True, False, "packed"):
+        model = PromptedCLIP(make_clip(), CLASSNAMES, tokenizer=TOK, n_ctx=3, share_prefix=share)
+        other = transfer_context(model, NAMES[:4], tokenizer=TOK)
+        assert other.share_prefix == share
+        assert (other.shared_prefix is None) == (share is False)
+        if share == "packed":
+            assert other.shared_prefix.layout == "packed"
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("n_cls", [1, 2, 3, 5, 11, 13])
 def test_layouts_and_odd_class_counts(layout, n_cls):

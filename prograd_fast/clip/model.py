@@ -46,6 +46,7 @@ class PromptedCLIP(nn.Module):
         self.teacher = ZeroShotTeacher(self.tower, classnames, templates, tokenizer,
                                        template_set=template_set)
         self.classnames = list(self.prompt_learner.classnames)
+        self.share_prefix = share_prefix  # as asked (transfer_context passes it on)
         if share_prefix is False:
             self.shared_prefix, self.shared_prefix_off = None, "share_prefix=False"
         else:

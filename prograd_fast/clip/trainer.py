@@ -109,7 +109,7 @@ def transfer_context(model: PromptedCLIP, classnames: Sequence[str], templates=N
                          templates=templates if templates is not None else model.teacher.templates,
                          n_ctx=pl.n_ctx, class_token_position=pl.class_token_position,
                          dtype=pl.ctx.dtype, truncate=pl.truncate, ctx_init=init,
-                         ctx_init_mode=style)
+                         ctx_init_mode=style, share_prefix=model.share_prefix)
     with torch.no_grad():
         other.prompt_learner.ctx.copy_(pl.ctx)
     return other
