@@ -232,7 +232,7 @@ bool same_dense(const Tensor& ref, const Tensor& x) {
 template <typename acc_t>
 std::vector<Tensor> group_step(std::vector<Work>& work, bool has_momentum, acc_t lam, bool global,
                                const Hyper<acc_t>& hyper, bool amp, bool found_inf,
-                               at::ScalarType acc_dtype) {
+                               at::ScalarType acc_dtype, const Tensor& out_f, const Tensor& out_b) {
   const int64_t n = static_cast<int64_t>(work.size());
   std::vector<Chunk> chunks;
   int64_t total = 0;
@@ -310,6 +310,17 @@ std::vector<Tensor> group_step(std::vector<Work>& work, bool has_momentum, acc_t
     }
   }
 
+  if (out_f.defined()) {  // the caller's buffers: [dot | nn | dd | cos | coef], [conflict | skipped]
+    acc_t* f = out_f.mutable_data_ptr<acc_t>();
+    bool* b = out_b.mutable_data_ptr<bool>();
+    for (int64_t k = 0; k < s; ++k) {
+      f[k] = dot[k]; f[s + k] = nn[k]; f[2 * s + k] = dd[k]; f[3 * s + k] = cosv[k];
+      f[4 * s + k] = coef[k];
+      b[k] = conflict[k] != 0;
+    }
+    b[s] = skipped;
+    return {};
+  }
   auto opts = at::TensorOptions().dtype(acc_dtype);
   auto to_tensor = [&](const std::vector<acc_t>& v) {
     Tensor out = at::empty({s}, opts);
@@ -324,14 +335,17 @@ std::vector<Tensor> group_step(std::vector<Work>& work, bool has_momentum, acc_t
 }
 
 // Returns ([dot, nn, dd, cos, conflict, coef, skipped], momentum buffers).  Buffers given as
-// None are created (in the parameter's dtype) when momentum != 0.
+// None are created (in the parameter's dtype) when momentum != 0.  With stats_f ([5 * S] of
+// the accumulation dtype) and stats_b (bool [S + 1]) the statistics are written there instead
+// and the first list is empty: a steady step then allocates nothing.
 std::tuple<std::vector<Tensor>, std::vector<std::optional<Tensor>>> prograd_sgd_cpu(
     const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
     const std::vector<std::optional<Tensor>>& generals,
     std::vector<std::optional<Tensor>> bufs, double lr, const std::optional<Tensor>& lr_tensor,
     double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
     double lam, bool global, const std::optional<Tensor>& grad_scale,
-    const std::optional<Tensor>& found_inf) {
+    const std::optional<Tensor>& found_inf, const std::optional<Tensor>& stats_f,
+    const std::optional<Tensor>& stats_b) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, "prograd_sgd_cpu needs at least one parameter");
   TORCH_CHECK(grads.size() == n && generals.size() == n && bufs.size() == n,
@@ -385,11 +399,25 @@ std::tuple<std::vector<Tensor>, std::vector<std::optional<Tensor>>> prograd_sgd_
   const double inv_scale = grad_scale.has_value() ? 1.0 / grad_scale->item<double>() : 1.0;
   const bool amp = grad_scale.has_value() || found_inf.has_value();
   const bool inf = found_inf.has_value() && found_inf->item<double>() != 0.0;
+  Tensor out_f, out_b;
+  if (stats_f.has_value() || stats_b.has_value()) {
+    const int64_t S = global ? 1 : static_cast<int64_t>(n);
+    TORCH_CHECK(stats_f.has_value() && stats_b.has_value(), "prograd_sgd_cpu: give both stats_f and stats_b");
+    out_f = *stats_f;
+    out_b = *stats_b;
+    TORCH_CHECK(out_f.device().is_cpu() && out_f.is_contiguous() && out_f.numel() == 5 * S &&
+                    out_f.scalar_type() == (any_double ? at::kDouble : at::kFloat),
+                "prograd_sgd_cpu: stats_f must be a contiguous CPU tensor of 5 * S accumulation-dtype values");
+    TORCH_CHECK(out_b.device().is_cpu() && out_b.is_contiguous() && out_b.numel() == S + 1 &&
+                    out_b.scalar_type() == at::kBool,
+                "prograd_sgd_cpu: stats_b must be a contiguous CPU bool tensor of S + 1 values");
+  }
   std::vector<Tensor> stats;
   if (any_double) {
     Hyper<double> h{inv_scale, lr_value, weight_decay, momentum, 1.0 - dampening, nesterov,
                     maximize, lr_tensor.has_value()};
-    stats = group_step<double>(work, has_momentum, lam, global, h, amp, inf, at::kDouble);
+    stats = group_step<double>(work, has_momentum, lam, global, h, amp, inf, at::kDouble, out_f,
+                               out_b);
   } else {
     // Hyper-parameters rounded to float32 as the reference's float32 tensor math does.
     Hyper<float> h{static_cast<float>(inv_scale), static_cast<float>(lr_value),
@@ -397,7 +425,7 @@ std::tuple<std::vector<Tensor>, std::vector<std::optional<Tensor>>> prograd_sgd_
                    static_cast<float>(1.0 - dampening), nesterov, maximize,
                    lr_tensor.has_value()};
     stats = group_step<float>(work, has_momentum, static_cast<float>(lam), global, h, amp, inf,
-                              at::kFloat);
+                              at::kFloat, out_f, out_b);
   }
   return {stats, bufs};
 }
@@ -410,7 +438,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("grads"), py::arg("general_grads"),
         py::arg("momentum_buffers"), py::arg("lr"), py::arg("lr_tensor"), py::arg("momentum"),
         py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
-        py::arg("lam"), py::arg("global_"), py::arg("grad_scale"), py::arg("found_inf"));
+        py::arg("lam"), py::arg("global_"), py::arg("grad_scale"), py::arg("found_inf"),
+        py::arg("stats_f") = py::none(), py::arg("stats_b") = py::none());
   m.def("set_poison_new_buffers", [](bool on) { g_poison_new_buffers.store(on); },
         "Tests only: fill momentum buffers created by the kernel with NaN before writing them");
   m.attr("CHUNK") = kChunk;

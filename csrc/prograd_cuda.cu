@@ -4,12 +4,20 @@
 // combined in a fixed order, no float atomics) and all reading the conflict decision from
 // device memory:
 //   small     one block does everything (reduce -> coefficient -> update): one launch, for
-//             groups of at most kSmallMax elements (CoOp's 16x512 context).
+//             groups of at most kSmallMax elements (CoOp's 16x512 context; one SM streams
+//             about 16K elements in the time of a second launch, so larger groups spread).
 //   coop      one cooperative launch: every block loads its chunk of d and g into registers
 //             and shared memory, writes its partial sums, grid.sync(), block 0 finalizes,
 //             grid.sync(), every block updates from the on-chip copy: d and g are read once
-//             (24 B/element for fp32 instead of 32).  Used when all chunks are co-resident.
-//   two-pass  reduce (per-chunk partials) -> finalize (one block) -> update; any size.
+//             (24 B/element for fp32 instead of 32).  Used when all chunks are co-resident
+//             and the stream is not capturing a CUDA graph.  Full, aligned chunks load all
+//             of a thread's 16-byte packs before using any (8 to 16 loads in flight per
+//             thread, no branches); a tail chunk takes the guarded element path.  When the
+//             launch is refused as too large (MPS, another context holding SMs), the error
+//             is cleared, the capacity lowered and the step runs the two-pass plan.
+//   two-pass  reduce (per-chunk partials) -> finalize (one block) -> update; any size.  The
+//             update walks the chunks in reverse, so it starts on the tail of d and g that
+//             the reduce left in L2.
 // Tensors travel in a table passed by value in the kernel arguments (apex multi_tensor_apply
 // style): addresses, sizes and each tensor's first chunk; a block finds its tensor by a scan
 // of the chunk prefix.  Semantics: prograd_fast.functional.prograd_sgd.
@@ -40,7 +48,7 @@ constexpr int kMaxT = 36;            // tensors per launch table (kernel-argumen
 constexpr int64_t kChunk = 32768;    // elements per block (all plans)
 constexpr int kThreads = 512;        // reduce / update blocks
 constexpr int kSmallThreads = 1024;  // the single-block plan
-constexpr int64_t kSmallMax = 65536; // elements for the single-block plan
+constexpr int64_t kSmallMax = 16384; // elements for the single-block plan
 constexpr int kCoopThreads = 1024;
 constexpr int kCoopRegs = 8;         // elements of d and g per thread kept in registers
 constexpr int kCoopSmem = 24;        // ... and in shared memory: 8 + 24 = 32 = kChunk / 1024
@@ -65,7 +73,8 @@ struct Table {
 template <typename acc_t>
 struct Hyper {
   acc_t lr, wd, mom, omd, lam;
-  const acc_t* lr_ptr;        // device lr (0-d tensor) or nullptr
+  const float* lr_f32;        // device lr (0-d float32 tensor) or nullptr
+  const double* lr_f64;       // device lr (0-d float64 tensor) or nullptr
   const float* scale_f32;     // grad_scale (float32) or nullptr
   const double* scale_f64;    // grad_scale (float64) or nullptr
   const float* found_inf;     // found_inf (float32) or nullptr
@@ -82,7 +91,14 @@ __device__ __forceinline__ acc_t inv_scale(const Hyper<acc_t>& h) {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t lr_of(const Hyper<acc_t>& h) {
-  return h.lr_ptr != nullptr ? *h.lr_ptr : h.lr;
+  if (h.lr_f32 != nullptr) return static_cast<acc_t>(*h.lr_f32);
+  if (h.lr_f64 != nullptr) return static_cast<acc_t>(*h.lr_f64);
+  return h.lr;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ bool lr_on_device(const Hyper<acc_t>& h) {
+  return h.lr_f32 != nullptr || h.lr_f64 != nullptr;
 }
 
 __device__ __forceinline__ int find_tensor(const Table& t, int block) {
@@ -184,7 +200,7 @@ __device__ __forceinline__ void sgd_element(acc_t dv, acc_t gv, bool project, ac
     bv = first ? u : fma_rn(u, h.omd, mul_rn(bv, h.mom));
     u = h.nesterov ? fma_rn(bv, h.mom, u) : bv;
   }
-  pv = h.lr_ptr != nullptr ? sub_rn(pv, mul_rn(lr, u)) : fma_rn(u, -lr, pv);
+  pv = lr_on_device(h) ? sub_rn(pv, mul_rn(lr, u)) : fma_rn(u, -lr, pv);
 }
 
 // Update elements [lo, hi) of tensor k (thread-strided), reading d and g from memory.
@@ -315,12 +331,15 @@ __global__ void finalize_kernel(const acc_t* partials, const int* slot_start, in
   finalize_body(partials, slot_start, n, st, flags, h);
 }
 
+// Chunks in reverse: the blocks scheduled first take the end of the group, the part of d
+// and g the reduce read last and that is most likely still in L2.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) update_kernel(Table t, const acc_t* st,
                                                           const bool* flags, int S,
                                                           Hyper<acc_t> h) {
-  const int k = find_tensor(t, blockIdx.x);
-  const int c = blockIdx.x - t.chunk_start[k];
+  const int block = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  const int k = find_tensor(t, block);
+  const int c = block - t.chunk_start[k];
   const int64_t lo = static_cast<int64_t>(c) * kChunk;
   const int64_t hi = min64(lo + kChunk, t.numel[k]);
   if (flags[S]) {  // skipped (AMP): leave everything, a new buffer stays zero
@@ -373,8 +392,27 @@ __global__ void __launch_bounds__(kSmallThreads) small_kernel(Table t, acc_t* st
 }
 
 // Single pass: d and g of the block's chunk stay on chip between the reduction and the update.
-// Element e of a chunk is handled by thread e % 1024; rows 0..7 live in registers, rows 8..31
-// in shared memory.  Launched cooperatively with every block co-resident.
+// A thread keeps kPer = 32 elements: the first kCoopRegs in registers, the rest in shared
+// memory (slot q of thread tid at smem[(q - kCoopRegs) * kCoopThreads + tid]: conflict-free).
+// Full chunks of aligned tensors: element q of thread tid is element (j * kCoopThreads + tid)
+// * V + v of the chunk (q = j * V + v, V elements per 16-byte pack); the loads of kBatch packs
+// of d and of g are issued before any is used, with no bounds checks.  Other chunks (the
+// tail of a tensor, unaligned tensors): element q is q * kCoopThreads + tid, guarded.
+constexpr int kPer = kChunk / kCoopThreads;
+constexpr int kBatch = 2;  // 16-byte packs of each stream in flight per thread per batch
+
+template <typename scalar_t>
+__device__ __forceinline__ void coop_keep(int q, float dv, float gv, float* rd, float* rg,
+                                          float* sd, float* sg, int tid) {
+  if (q < kCoopRegs) {
+    rd[q] = dv;
+    rg[q] = gv;
+  } else {
+    sd[(q - kCoopRegs) * kCoopThreads + tid] = dv;
+    sg[(q - kCoopRegs) * kCoopThreads + tid] = gv;
+  }
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCoopThreads, 1) coop_kernel(Table t, float* partials,
                                                                const int* slot_start, int n_all,
@@ -383,38 +421,57 @@ __global__ void __launch_bounds__(kCoopThreads, 1) coop_kernel(Table t, float* p
   extern __shared__ float smem[];  // [2][kCoopSmem * kCoopThreads]: d then g
   float* sd = smem;
   float* sg = smem + kCoopSmem * kCoopThreads;
+  constexpr int V = 16 / sizeof(scalar_t);
+  constexpr int P = kPer / V;  // packs per thread
+  static_assert(P % kBatch == 0 && kCoopRegs % V == 0, "coop pack layout");
+  using Pk = Pack<scalar_t, V>;
   const int k = find_tensor(t, blockIdx.x);
   const int c = blockIdx.x - t.chunk_start[k];
   const int64_t lo = static_cast<int64_t>(c) * kChunk;
   const int len = static_cast<int>(min64(kChunk, t.numel[k] - lo));
-  const scalar_t* d = static_cast<const scalar_t*>(t.d[k]) + lo;
-  const scalar_t* g = static_cast<const scalar_t*>(t.g[k]);
+  const scalar_t* __restrict__ d = static_cast<const scalar_t*>(t.d[k]) + lo;
+  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(t.g[k]);
   if (g != nullptr) g += lo;
+  const bool full = len == kChunk && t.aligned[k];
   const float s = inv_scale(h);
   const int tid = threadIdx.x;
   float rd[kCoopRegs], rg[kCoopRegs];
   float dot = 0, nn = 0, dd = 0;
+  if (full) {
+    const Pk* __restrict__ dpk = reinterpret_cast<const Pk*>(d);
+    const Pk* __restrict__ gpk = reinterpret_cast<const Pk*>(g);
 #pragma unroll
-  for (int r = 0; r < kCoopRegs; ++r) {
-    const int e = r * kCoopThreads + tid;
-    float dv = 0, gv = 0;
-    if (e < len) {
-      dv = static_cast<float>(d[e]) * s;
-      if (g != nullptr) gv = static_cast<float>(g[e]) * s;
+    for (int j0 = 0; j0 < P; j0 += kBatch) {
+      Pk dp[kBatch], gp[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) dp[b] = dpk[(j0 + b) * kCoopThreads + tid];
+      if (g != nullptr) {
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) gp[b] = gpk[(j0 + b) * kCoopThreads + tid];
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const float dv = static_cast<float>(dp[b].v[v]) * s;
+          const float gv = g != nullptr ? static_cast<float>(gp[b].v[v]) * s : 0.0f;
+          coop_keep<scalar_t>((j0 + b) * V + v, dv, gv, rd, rg, sd, sg, tid);
+          dd += dv * dv; dot += dv * gv; nn += gv * gv;
+        }
+      }
     }
-    rd[r] = dv; rg[r] = gv;
-    dd += dv * dv; dot += dv * gv; nn += gv * gv;
-  }
-  for (int r = 0; r < kCoopSmem; ++r) {
-    const int e = (kCoopRegs + r) * kCoopThreads + tid;
-    float dv = 0, gv = 0;
-    if (e < len) {
-      dv = static_cast<float>(d[e]) * s;
-      if (g != nullptr) gv = static_cast<float>(g[e]) * s;
+  } else {
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int e = q * kCoopThreads + tid;
+      float dv = 0, gv = 0;
+      if (e < len) {
+        dv = static_cast<float>(d[e]) * s;
+        if (g != nullptr) gv = static_cast<float>(g[e]) * s;
+      }
+      coop_keep<scalar_t>(q, dv, gv, rd, rg, sd, sg, tid);
+      dd += dv * dv; dot += dv * gv; nn += gv * gv;
     }
-    sd[r * kCoopThreads + tid] = dv;
-    sg[r * kCoopThreads + tid] = gv;
-    dd += dv * dv; dot += dv * gv; nn += gv * gv;
   }
   block_sum3(dot, nn, dd);
   if (tid == 0) {
@@ -428,8 +485,8 @@ __global__ void __launch_bounds__(kCoopThreads, 1) coop_kernel(Table t, float* p
   const volatile bool* vflags = flags;
   const volatile float* vst = st;
   const bool skipped = vflags[S];
-  scalar_t* p = static_cast<scalar_t*>(t.p[k]) + lo;
-  scalar_t* buf = h.has_momentum ? static_cast<scalar_t*>(t.buf[k]) + lo : nullptr;
+  scalar_t* __restrict__ p = static_cast<scalar_t*>(t.p[k]) + lo;
+  scalar_t* __restrict__ buf = h.has_momentum ? static_cast<scalar_t*>(t.buf[k]) + lo : nullptr;
   const bool first = t.first[k];
   if (skipped) {
     if (buf != nullptr && first) zero_range(buf, 0, len);
@@ -439,21 +496,48 @@ __global__ void __launch_bounds__(kCoopThreads, 1) coop_kernel(Table t, float* p
   const bool project = g != nullptr && vflags[slot];
   const float coef = vst[4 * S + slot];
   const float lr = lr_of(h);
-  auto apply = [&](int e, float dv, float gv) {
-    float pv = static_cast<float>(p[e]);
-    float bv = (buf != nullptr && !first) ? static_cast<float>(buf[e]) : 0.0f;
-    sgd_element<float>(dv, gv, project, coef, pv, bv, first, h, lr);
-    p[e] = static_cast<scalar_t>(pv);
-    if (buf != nullptr) buf[e] = static_cast<scalar_t>(bv);
-  };
+  const bool read_buf = buf != nullptr && !first;
+  auto kept_d = [&](int q) { return q < kCoopRegs ? rd[q] : sd[(q - kCoopRegs) * kCoopThreads + tid]; };
+  auto kept_g = [&](int q) { return q < kCoopRegs ? rg[q] : sg[(q - kCoopRegs) * kCoopThreads + tid]; };
+  if (full) {
+    Pk* __restrict__ ppk = reinterpret_cast<Pk*>(p);
+    Pk* __restrict__ bpk = reinterpret_cast<Pk*>(buf);
 #pragma unroll
-  for (int r = 0; r < kCoopRegs; ++r) {
-    const int e = r * kCoopThreads + tid;
-    if (e < len) apply(e, rd[r], rg[r]);
-  }
-  for (int r = 0; r < kCoopSmem; ++r) {
-    const int e = (kCoopRegs + r) * kCoopThreads + tid;
-    if (e < len) apply(e, sd[r * kCoopThreads + tid], sg[r * kCoopThreads + tid]);
+    for (int j0 = 0; j0 < P; j0 += kBatch) {
+      Pk pp[kBatch], bp[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) pp[b] = ppk[(j0 + b) * kCoopThreads + tid];
+      if (read_buf) {
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) bp[b] = bpk[(j0 + b) * kCoopThreads + tid];
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const int q = (j0 + b) * V + v;
+          float pv = static_cast<float>(pp[b].v[v]);
+          float bv = read_buf ? static_cast<float>(bp[b].v[v]) : 0.0f;
+          sgd_element<float>(kept_d(q), kept_g(q), project, coef, pv, bv, first, h, lr);
+          pp[b].v[v] = static_cast<scalar_t>(pv);
+          bp[b].v[v] = static_cast<scalar_t>(bv);
+        }
+        ppk[(j0 + b) * kCoopThreads + tid] = pp[b];
+        if (buf != nullptr) bpk[(j0 + b) * kCoopThreads + tid] = bp[b];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int e = q * kCoopThreads + tid;
+      if (e < len) {
+        float pv = static_cast<float>(p[e]);
+        float bv = read_buf ? static_cast<float>(buf[e]) : 0.0f;
+        sgd_element<float>(kept_d(q), kept_g(q), project, coef, pv, bv, first, h, lr);
+        p[e] = static_cast<scalar_t>(pv);
+        if (buf != nullptr) buf[e] = static_cast<scalar_t>(bv);
+      }
+    }
   }
 }
 
@@ -468,14 +552,21 @@ struct Work {
 
 constexpr size_t kCoopSmemBytes = 2 * kCoopSmem * kCoopThreads * sizeof(float);
 
+// Co-resident blocks of coop_kernel<scalar_t> per device (0: not possible): computed once,
+// lowered when a cooperative launch is refused as too large (the real limit can be lower than
+// the occupancy query says: MPS, another context).  Tests may override it.
+std::mutex g_coop_mu;
+std::map<std::pair<int, int>, int> g_coop_capacity;  // (device, element size) -> blocks
+std::atomic<int> g_coop_override{-1};
+
 template <typename scalar_t>
 int coop_capacity(int device) {
-  // Co-resident blocks of coop_kernel<scalar_t> on this device (0: not possible), cached.
-  static std::mutex mu;
-  static std::map<int, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
+  std::lock_guard<std::mutex> lock(g_coop_mu);
+  const int forced = g_coop_override.load();
+  if (forced >= 0) return forced;
+  const auto key = std::make_pair(device, static_cast<int>(sizeof(scalar_t)));
+  auto it = g_coop_capacity.find(key);
+  if (it != g_coop_capacity.end()) return it->second;
   int capacity = 0;
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.cooperativeLaunch &&
@@ -489,8 +580,16 @@ int coop_capacity(int device) {
     }
   }
   (void)cudaGetLastError();  // a refused attribute must not poison later launches
-  cache[device] = capacity;
+  g_coop_capacity[key] = capacity;
   return capacity;
+}
+
+template <typename scalar_t>
+void lower_coop_capacity(int device, int below) {
+  std::lock_guard<std::mutex> lock(g_coop_mu);
+  if (g_coop_override.load() >= 0) return;  // a test's value stays
+  int& cap = g_coop_capacity[std::make_pair(device, static_cast<int>(sizeof(scalar_t)))];
+  cap = std::max(0, std::min(cap, below - 1));
 }
 
 // Split the tensors of one dtype into launch tables (at most kMaxT tensors each).
@@ -537,6 +636,35 @@ bool same_dense(const Tensor& ref, const Tensor& x) {
 
 enum Plan { kAuto = 0, kSmall = 1, kCoop = 2, kTwoPass = 3 };
 
+bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+template <typename acc_t>
+void run_two_pass(std::vector<Work>& work, const std::map<at::ScalarType, std::vector<int>>& by_dtype,
+                  Hyper<acc_t> h, const Tensor& partials, const Tensor& slot_start, acc_t* stp,
+                  bool* flp, int S, cudaStream_t stream) {
+  const int n = static_cast<int>(work.size());
+  acc_t* part = partials.mutable_data_ptr<acc_t>();
+  std::vector<std::pair<at::ScalarType, std::vector<Table>>> launches;
+  for (auto& kv : by_dtype) launches.emplace_back(kv.first, make_tables(work, kv.second));
+  for (auto& l : launches)
+    for (Table& t : l.second)
+      if (t.chunk_start[t.n] > 0)
+        PG_CUDA_DISPATCH(l.first, reduce_kernel<scalar_t, acc_t><<<t.chunk_start[t.n], kThreads, 0, stream>>>(t, part, h));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finalize_kernel<acc_t><<<1, 1024, 0, stream>>>(part, slot_start.const_data_ptr<int>(), n, stp, flp, h);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Last table first, each walked in reverse (update_kernel): the reverse of the reduce order.
+  for (auto l = launches.rbegin(); l != launches.rend(); ++l)
+    for (auto t = l->second.rbegin(); t != l->second.rend(); ++t)
+      if (t->chunk_start[t->n] > 0)
+        PG_CUDA_DISPATCH(l->first, update_kernel<scalar_t, acc_t><<<t->chunk_start[t->n], kThreads, 0, stream>>>(*t, stp, flp, S, h));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename acc_t>
 int run(std::vector<Work>& work, int plan, Hyper<acc_t> h, const Tensor& partials,
         const Tensor& slot_start, const Tensor& st, const Tensor& flags) {
@@ -549,18 +677,21 @@ int run(std::vector<Work>& work, int plan, Hyper<acc_t> h, const Tensor& partial
     by_dtype[work[i].p.scalar_type()].push_back(i);
     total += work[i].p.numel();
   }
-  const int total_chunks = slot_start.numel() > 0 ? work.back().slot + work.back().chunks : 0;
+  const int total_chunks = work.back().slot + work.back().chunks;
   const bool one_table = by_dtype.size() == 1 && n <= kMaxT;
   const at::ScalarType dtype = work[0].p.scalar_type();
+  const int device = work[0].p.get_device();
+  const bool capturing = stream_capturing(stream);
   acc_t* stp = st.mutable_data_ptr<acc_t>();
   bool* flp = flags.mutable_data_ptr<bool>();
   if (plan == kAuto) {
     plan = kTwoPass;
     if (one_table && total <= kSmallMax) {
       plan = kSmall;
-    } else if (std::is_same<acc_t, float>::value && one_table && dtype != at::kDouble) {
+    } else if (std::is_same<acc_t, float>::value && one_table && dtype != at::kDouble &&
+               !capturing) {  // a cooperative launch is not a known-capturable plan
       int cap = 0;
-      PG_CUDA_DISPATCH(dtype, cap = coop_capacity<scalar_t>(work[0].p.get_device()));
+      PG_CUDA_DISPATCH(dtype, cap = coop_capacity<scalar_t>(device));
       if (total_chunks > 0 && total_chunks <= cap) plan = kCoop;
     }
   }
@@ -568,12 +699,17 @@ int run(std::vector<Work>& work, int plan, Hyper<acc_t> h, const Tensor& partial
     TORCH_CHECK(one_table, "prograd_cuda: the small plan needs one dtype and at most ", kMaxT, " tensors");
     Table t = make_tables(work, by_dtype.begin()->second).at(0);
     PG_CUDA_DISPATCH(dtype, small_kernel<scalar_t, acc_t><<<1, kSmallThreads, 0, stream>>>(t, stp, flp, h));
-  } else if (plan == kCoop) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return plan;
+  }
+  if (plan == kCoop) {
     if constexpr (std::is_same<acc_t, float>::value) {
       TORCH_CHECK(one_table && dtype != at::kDouble,
                   "prograd_cuda: the cooperative plan needs one float32/16/bf16 dtype and at most ", kMaxT, " tensors");
+      TORCH_CHECK(!capturing, "prograd_cuda: the cooperative plan is not used under CUDA-graph "
+                  "capture; use the auto or two_pass plan");
       int cap = 0;
-      PG_CUDA_DISPATCH(dtype, cap = coop_capacity<scalar_t>(work[0].p.get_device()));
+      PG_CUDA_DISPATCH(dtype, cap = coop_capacity<scalar_t>(device));
       TORCH_CHECK(total_chunks > 0 && total_chunks <= cap, "prograd_cuda: cooperative plan needs ",
                   total_chunks, " co-resident blocks, the device holds ", cap);
       Table t = make_tables(work, by_dtype.begin()->second).at(0);
@@ -583,45 +719,44 @@ int run(std::vector<Work>& work, int plan, Hyper<acc_t> h, const Tensor& partial
       int S_ = S;
       Hyper<float> hf = h;
       void* args[] = {&t, &part, &ss, &n_all, &stp, &flp, &S_, &hf};
-      PG_CUDA_DISPATCH(dtype, C10_CUDA_CHECK(cudaLaunchCooperativeKernel(
+      cudaError_t err = cudaSuccess;
+      PG_CUDA_DISPATCH(dtype, err = cudaLaunchCooperativeKernel(
           reinterpret_cast<void*>(coop_kernel<scalar_t>), dim3(total_chunks), dim3(kCoopThreads),
-          args, kCoopSmemBytes, stream)));
+          args, kCoopSmemBytes, stream));
+      if (err == cudaSuccess) return plan;
+      TORCH_CHECK(err == cudaErrorCooperativeLaunchTooLarge, "prograd_cuda: cooperative launch failed: ",
+                  cudaGetErrorString(err));
+      (void)cudaGetLastError();  // clear it: the step continues with the two-pass plan
+      PG_CUDA_DISPATCH(dtype, lower_coop_capacity<scalar_t>(device, total_chunks));
+      plan = kTwoPass;
     } else {
       TORCH_CHECK(false, "prograd_cuda: the cooperative plan needs float32 math (no float64 tensors)");
     }
-  } else {
-    acc_t* part = partials.mutable_data_ptr<acc_t>();
-    std::vector<std::pair<at::ScalarType, std::vector<Table>>> launches;
-    for (auto& kv : by_dtype) launches.emplace_back(kv.first, make_tables(work, kv.second));
-    for (auto& l : launches)
-      for (Table& t : l.second)
-        if (t.chunk_start[t.n] > 0)
-          PG_CUDA_DISPATCH(l.first, reduce_kernel<scalar_t, acc_t><<<t.chunk_start[t.n], kThreads, 0, stream>>>(t, part, h));
-    finalize_kernel<acc_t><<<1, 1024, 0, stream>>>(part, slot_start.const_data_ptr<int>(), n, stp, flp, h);
-    for (auto& l : launches)
-      for (Table& t : l.second)
-        if (t.chunk_start[t.n] > 0)
-          PG_CUDA_DISPATCH(l.first, update_kernel<scalar_t, acc_t><<<t.chunk_start[t.n], kThreads, 0, stream>>>(t, stp, flp, S, h));
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return plan;
+  run_two_pass<acc_t>(work, by_dtype, h, partials, slot_start, stp, flp, S, stream);
+  return kTwoPass;
 }
 
 }  // namespace prograd_cuda
 
 using namespace prograd_cuda;
 
-// See the binding (prograd_cuda_bind.cpp) for the argument list.  Returns
-// ([dot, nn, dd, cos, conflict, coef, skipped], buffers, partials workspace, slot starts, plan).
-std::tuple<std::vector<Tensor>, std::vector<std::optional<Tensor>>, Tensor, Tensor, int64_t>
+// See the binding (prograd_cuda_bind.cpp) for the argument list.  Returns (buffers, partials
+// workspace, plan used).  The statistics go into the caller's stats_f ([dot | nn | dd | cos |
+// coef], S each, accumulation dtype) and stats_b ([conflict (S) | skipped], bool), and the
+// per-tensor partial-slot starts come from the caller's slot_starts (int32, n + 1, on the
+// device): made once per group, so a step allocates nothing and copies nothing from the host
+// (the workspace grows only with the group).  A device lr, grad_scale and found_inf are read
+// by the kernels; a CPU lr must arrive as the float ``lr`` (the Python side does that).
+std::tuple<std::vector<std::optional<Tensor>>, Tensor, int64_t>
 prograd_sgd_cuda(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                  const std::vector<std::optional<Tensor>>& generals,
                  std::vector<std::optional<Tensor>> bufs, double lr,
                  const std::optional<Tensor>& lr_tensor, double momentum, double dampening,
                  double weight_decay, bool nesterov, bool maximize, double lam, bool global,
                  const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
-                 const std::optional<Tensor>& workspace, const std::optional<Tensor>& slot_cache,
-                 int64_t plan) {
+                 const std::optional<Tensor>& workspace, const Tensor& slot_starts,
+                 const Tensor& stats_f, const Tensor& stats_b, int64_t plan) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, "prograd_sgd_cuda needs at least one parameter");
   TORCH_CHECK(grads.size() == n && generals.size() == n && bufs.size() == n,
@@ -679,18 +814,16 @@ prograd_sgd_cuda(const std::vector<Tensor>& params, const std::vector<Tensor>& g
     slot += w.chunks;
   }
   const at::ScalarType acc = any_double ? at::kDouble : at::kFloat;
-  // Slot starts per tensor (device, int32, n+1): uploaded once per layout, then reused.
-  Tensor slots;
-  if (slot_cache.has_value() && slot_cache->defined() && slot_cache->numel() == static_cast<int64_t>(n) + 1 &&
-      slot_cache->device() == device) {
-    slots = *slot_cache;
-  } else {
-    Tensor host = at::empty({static_cast<int64_t>(n) + 1}, at::TensorOptions().dtype(at::kInt));
-    int* hp = host.mutable_data_ptr<int>();
-    for (size_t i = 0; i < n; ++i) hp[i] = work[i].slot;
-    hp[n] = slot;
-    slots = host.to(device);
-  }
+  const int64_t S = global ? 1 : static_cast<int64_t>(n);
+  TORCH_CHECK(slot_starts.device() == device && slot_starts.scalar_type() == at::kInt &&
+                  slot_starts.numel() == static_cast<int64_t>(n) + 1 && slot_starts.is_contiguous(),
+              "prograd_sgd_cuda: slot_starts must be int32 [n + 1] on ", device);
+  TORCH_CHECK(stats_f.device() == device && stats_f.scalar_type() == acc &&
+                  stats_f.numel() == 5 * S && stats_f.is_contiguous(),
+              "prograd_sgd_cuda: stats_f must be ", acc, " [5 * S] on ", device);
+  TORCH_CHECK(stats_b.device() == device && stats_b.scalar_type() == at::kBool &&
+                  stats_b.numel() == S + 1 && stats_b.is_contiguous(),
+              "prograd_sgd_cuda: stats_b must be bool [S + 1] on ", device);
   Tensor part;
   const int64_t need = 3 * std::max(slot, 1);
   if (workspace.has_value() && workspace->defined() && workspace->scalar_type() == acc &&
@@ -699,16 +832,22 @@ prograd_sgd_cuda(const std::vector<Tensor>& params, const std::vector<Tensor>& g
   } else {
     part = at::empty({need}, at::TensorOptions().dtype(acc).device(device));
   }
-  const int64_t S = global ? 1 : static_cast<int64_t>(n);
-  Tensor st = at::empty({5 * S}, at::TensorOptions().dtype(acc).device(device));
-  Tensor fl = at::empty({S + 1}, at::TensorOptions().dtype(at::kBool).device(device));
+  // Device scalars: used in place when already on the device in a dtype the kernels read
+  // (the usual case: no allocation, no copy); anything else is converted.
+  auto on_device = [&](const Tensor& t, bool allow_f64) {
+    TORCH_CHECK(t.numel() == 1, "prograd_sgd_cuda: lr, grad_scale and found_inf must have one element");
+    const bool ok = t.device() == device &&
+                    (t.scalar_type() == at::kFloat || (allow_f64 && t.scalar_type() == at::kDouble));
+    return ok ? t : t.to(device, at::kFloat);
+  };
   Tensor lr_dev, scale_dev, inf_dev;
-  if (lr_tensor.has_value()) lr_dev = lr_tensor->to(device, acc).reshape({});
-  if (grad_scale.has_value()) {
-    scale_dev = grad_scale->to(device);
-    if (scale_dev.scalar_type() != at::kDouble) scale_dev = scale_dev.to(at::kFloat);
+  if (lr_tensor.has_value()) {
+    TORCH_CHECK(lr_tensor->device() == device,
+                "prograd_sgd_cuda: a tensor lr must be on the parameters' device (", device, ")");
+    lr_dev = on_device(*lr_tensor, true);
   }
-  if (found_inf.has_value()) inf_dev = found_inf->to(device, at::kFloat);
+  if (grad_scale.has_value()) scale_dev = on_device(*grad_scale, true);
+  if (found_inf.has_value()) inf_dev = on_device(*found_inf, false);
   const bool amp = grad_scale.has_value() || found_inf.has_value();
   int used = 0;
   auto fill = [&](auto& h) {
@@ -718,7 +857,8 @@ prograd_sgd_cuda(const std::vector<Tensor>& params, const std::vector<Tensor>& g
     h.mom = static_cast<acc_t>(momentum);
     h.omd = static_cast<acc_t>(1.0 - dampening);
     h.lam = static_cast<acc_t>(lam);
-    h.lr_ptr = lr_dev.defined() ? lr_dev.const_data_ptr<acc_t>() : nullptr;
+    h.lr_f32 = lr_dev.defined() && lr_dev.scalar_type() == at::kFloat ? lr_dev.const_data_ptr<float>() : nullptr;
+    h.lr_f64 = lr_dev.defined() && lr_dev.scalar_type() == at::kDouble ? lr_dev.const_data_ptr<double>() : nullptr;
     h.scale_f32 = scale_dev.defined() && scale_dev.scalar_type() == at::kFloat ? scale_dev.const_data_ptr<float>() : nullptr;
     h.scale_f64 = scale_dev.defined() && scale_dev.scalar_type() == at::kDouble ? scale_dev.const_data_ptr<double>() : nullptr;
     h.found_inf = inf_dev.defined() ? inf_dev.const_data_ptr<float>() : nullptr;
@@ -731,24 +871,21 @@ prograd_sgd_cuda(const std::vector<Tensor>& params, const std::vector<Tensor>& g
   if (any_double) {
     Hyper<double> h{};
     fill(h);
-    used = run<double>(work, static_cast<int>(plan), h, part, slots, st, fl);
+    used = run<double>(work, static_cast<int>(plan), h, part, slot_starts, stats_f, stats_b);
   } else {
     Hyper<float> h{};
     fill(h);
-    used = run<float>(work, static_cast<int>(plan), h, part, slots, st, fl);
+    used = run<float>(work, static_cast<int>(plan), h, part, slot_starts, stats_f, stats_b);
   }
   for (auto& w : work) {
     if (w.p_user.defined()) w.p_user.copy_(w.p);
     if (w.buf_user.defined()) w.buf_user.copy_(w.buf);
   }
-  auto view = [&](int64_t k) {
-    Tensor v = st.narrow(0, k * S, S);
-    return global ? v.reshape({}) : v;
-  };
-  Tensor conflict = global ? fl.narrow(0, 0, 1).reshape({}) : fl.narrow(0, 0, S);
-  Tensor skipped = fl.narrow(0, S, 1).reshape({});
-  std::vector<Tensor> stats{view(0), view(1), view(2), view(3), conflict, view(4), skipped};
-  return {stats, bufs, part, slots, used};
+  return {bufs, part, used};
 }
 
 void set_poison_new_buffers_cuda(bool on) { g_poison_new_buffers.store(on); }
+int64_t chunk_elements_cuda() { return kChunk; }
+void set_coop_capacity_override_cuda(int64_t blocks) {
+  g_coop_override.store(static_cast<int>(blocks));
+}

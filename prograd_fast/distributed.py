@@ -48,7 +48,7 @@ def is_sharded(t: Tensor | None) -> bool:
 def any_sharded(tensors) -> bool:
     """True when any of ``tensors`` is a DTensor (one cheap pass, called every step)."""
     cls = _DTENSOR[0] if _DTENSOR else _dtensor_type()
-    return cls is not None and any(isinstance(t, cls) for t in tensors)
+    return cls is not None and any(issubclass(kind, cls) for kind in set(map(type, tensors)))
 
 
 def distributed_world(process_group=None) -> int:

@@ -13,27 +13,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .backends import BACKENDS, GroupStep, run_step
+from ._step import GENERAL_KEY, gather, hooked_step, refill, release, stash_general, store_buffers
+from .backends import BACKENDS, run_step
 from .distributed import any_sharded, sharded_group_step
 from .functional import GRANULARITIES, ProGradStats
 
 __all__ = ["ProGradSGD"]
-
-GENERAL_KEY = "general_grad"
-
-
-def _check_grad(p: Tensor, grad: Tensor, what: str) -> None:
-    if grad.is_sparse or grad.layout != torch.strided:
-        raise RuntimeError(f"ProGradSGD does not support sparse {what} gradients")
-    if grad.is_complex() or p.is_complex():
-        raise RuntimeError(f"ProGradSGD does not support complex {what} gradients or parameters")
-    if grad.shape != p.shape:
-        raise RuntimeError(f"{what} gradient of shape {tuple(grad.shape)} does not match "
-                           f"its parameter's shape {tuple(p.shape)}")
-    if grad.device != p.device:
-        raise RuntimeError(f"{what} gradient on {grad.device} but its parameter is on {p.device}")
-    if grad.dtype != p.dtype:
-        raise RuntimeError(f"{what} gradient of dtype {grad.dtype} but its parameter is {p.dtype}")
 
 
 def _training_state(state: dict) -> dict:
@@ -159,7 +144,6 @@ class ProGradSGD(Optimizer):
         """True when general gradients are stored and waiting for the next step."""
         return any(GENERAL_KEY in self.state[p] for p in self._params_in_order() if p in self.state)
 
-    @torch.no_grad()
     def store_general_grads(self, grads: list[Tensor | None] | None = None) -> None:
         """Store the general (zero-shot KL) gradients for the next :meth:`step`.
 
@@ -185,17 +169,7 @@ class ProGradSGD(Optimizer):
             if len(grads) != len(params):
                 raise ValueError(f"store_general_grads got {len(grads)} gradients for "
                                  f"{len(params)} parameters")
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
-            if not isinstance(g, Tensor):
-                raise TypeError(f"general gradients must be tensors or None, got {type(g).__name__}")
-            _check_grad(p, g, "general")
-            state = self.state[p]
-            if GENERAL_KEY in state:
-                state[GENERAL_KEY] = state[GENERAL_KEY].add_(g.detach())
-            else:
-                state[GENERAL_KEY] = g.detach()
+        stash_general(self.state, params, grads)
 
     def stats(self) -> list[dict[str, Tensor] | None]:
         """Per group, the last step's device tensors: ``cos``, ``conflict``, ``coef``,
@@ -205,7 +179,7 @@ class ProGradSGD(Optimizer):
         return [s.as_dict() if s is not None else None for s in self._stats]
 
     # ---------------------------------------------------------------- the step
-    @torch.no_grad()
+    @hooked_step
     def step(self, closure: Callable[[], float] | None = None):
         """Perform one ProGrad-SGD step (``closure`` re-evaluates the loss, as in torch)."""
         loss = None
@@ -215,39 +189,31 @@ class ProGradSGD(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         any_general = any_stepped = False
+        state = self.state
         for index, group in enumerate(self.param_groups):
-            params, grads, generals, bufs = [], [], [], []
-            for p in group["params"]:
-                state = self.state[p]
-                general = state.pop(GENERAL_KEY, None)  # consumed: never stale
-                if p.grad is None:
-                    continue
-                _check_grad(p, p.grad, "domain")
-                params.append(p)
-                grads.append(p.grad)
-                generals.append(general)
-                bufs.append(state.get("momentum_buffer"))
-                any_general |= general is not None
-            if not params:
+            momentum = group["momentum"] != 0
+            picked = gather(state, group["params"], momentum)
+            if picked is None:
                 continue
+            params, grads, generals, bufs, has_general = picked
             any_stepped = True
-            step = GroupStep(params, grads, generals, bufs, lr=group["lr"],
-                             momentum=group["momentum"], dampening=group["dampening"],
-                             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                             maximize=group["maximize"], lam=group["lam"],
-                             granularity=group["granularity"], grad_scale=grad_scale,
-                             found_inf=found_inf, extra=self._backend_cache[index])
-            if any_sharded(params):
-                self._stats[index] = sharded_group_step(step)  # FSDP2: see distributed.py
-            else:
-                self._stats[index] = run_step(group["backend"], step)
-            if group["momentum"] != 0:
-                for p, buf in zip(params, bufs):
-                    self.state[p]["momentum_buffer"] = buf
+            any_general |= has_general
+            before = list(bufs)
+            step = refill(self._backend_cache[index], group, params, grads, generals, bufs,
+                          grad_scale, found_inf)
+            try:
+                if any_sharded(params):
+                    self._stats[index] = sharded_group_step(step)  # FSDP2: see distributed.py
+                else:
+                    self._stats[index] = run_step(group["backend"], step)
+            finally:
+                release(step)
+            if momentum:
+                store_buffers(state, params, before, bufs)
         if any_stepped and not any_general and not self._warned_no_general and any(
                 g["lam"] > 0 for g in self.param_groups):
             self._warned_no_general = True
             warnings.warn("ProGradSGD.step() ran without general gradients: this was a plain "
                           "SGD step. Call store_general_grads() or prograd_fast.backward() "
-                          "before step() to get ProGrad.", stacklevel=2)
+                          "before step() to get ProGrad.", stacklevel=3)
         return loss

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 ENV_VAR = "PROGRAD_FAST_BACKEND"
+_ENV_KEY = os.fsencode(ENV_VAR)
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 # Fastest first, per device type; "torch" always closes the list.
 AUTO_ORDER = {
@@ -100,9 +101,23 @@ def available_backends() -> dict[str, str | None]:
     return out
 
 
+def _env_backend() -> str:
+    """``PROGRAD_FAST_BACKEND`` (read every step; a plain dict look-up where the platform's
+    ``os.environ`` keeps one, as CPython does on POSIX)."""
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict) and os.name == "posix":
+        value = data.get(_ENV_KEY)
+        return "" if value is None else os.fsdecode(value).strip()
+    return os.environ.get(ENV_VAR, "").strip()
+
+
 def requested_backend(name: str = "auto") -> str:
     """The backend name in force: the environment variable overrides ``"auto"`` only."""
-    env = os.environ.get(ENV_VAR, "").strip()
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+        return name
+    env = _env_backend()
     if name == "auto" and env:
         name = env
     if name != "auto" and name not in BACKENDS:
@@ -130,5 +145,53 @@ def select_backend(name: str, step: GroupStep):
     raise BackendUnavailableError("no backend can run this step")  # torch always can
 
 
+def _try(backend, step: GroupStep) -> ProGradStats | str:
+    """Run ``step`` on ``backend`` if it can, else return why not (nothing launched)."""
+    try_step = getattr(backend, "try_step", None)
+    if try_step is not None:
+        return try_step(step)
+    reason = backend.unsupported(step)
+    return reason if reason else backend.step(step)
+
+
 def run_step(name: str, step: GroupStep) -> ProGradStats:
-    return select_backend(name, step).step(step)
+    """Dispatch one group's step (the rules of :func:`select_backend`), validating each
+    group once per step: backends with ``try_step`` check and launch in one call, and
+    ``"auto"`` tries the backend that ran the group last time first."""
+    backend = _loaded.get(name)  # an explicit name, already imported: the common case
+    if backend is not None:
+        reason = backend.available()
+        if reason is None:
+            out = backend.try_step(step)
+            if not isinstance(out, str):
+                return out
+            reason = out
+        raise BackendUnavailableError(f"backend {name!r} cannot run this step: {reason}")
+    name = requested_backend(name)
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.available()
+        if reason is None:
+            out = _try(backend, step)
+            if not isinstance(out, str):
+                return out
+            reason = out
+        raise BackendUnavailableError(f"backend {name!r} cannot run this step: {reason}")
+    extra = step.extra
+    last = _loaded.get(extra.get("auto_backend"))  # a name: the cache stays picklable
+    if last is not None:
+        out = _try(last, step)
+        if not isinstance(out, str):
+            return out
+    for candidate in AUTO_ORDER.get(step.params[0].device.type, ("torch",)):
+        try:
+            backend = get_backend(candidate)
+        except Exception:
+            continue
+        if backend is last or backend.available() is not None:
+            continue
+        out = _try(backend, step)
+        if not isinstance(out, str):
+            extra["auto_backend"] = candidate
+            return out
+    raise BackendUnavailableError("no backend can run this step")  # torch always can

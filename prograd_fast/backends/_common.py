@@ -9,6 +9,27 @@ import torch
 from ..functional import GRANULARITIES, ProGradStats
 
 
+class ExtensionBackend:
+    """What the C++ (``cpp``) and CUDA (``cuda``) backends share: the cached per-group check
+    of the tensors (the C++ side re-checks devices, dtypes and shapes itself) and
+    ``try_step``.  Subclasses set ``name`` and ``device_type`` and implement ``available``
+    and ``step``."""
+
+    name = ""
+    device_type = ""
+
+    def unsupported(self, step) -> str | None:
+        return cached_problem(step, f"{self.name}_checked", self._check)
+
+    def _check(self, step) -> str | None:
+        return group_tensor_problem(step, self.device_type, self.name)
+
+    def try_step(self, step):
+        """``step`` when the group can run here, else the reason (nothing launched)."""
+        reason = self.unsupported(step)
+        return reason if reason else self.step(step)
+
+
 def cached_problem(step, tag: str, check: Callable) -> str | None:
     """``check(step)`` (why the group cannot run, or None), cached per group: the same tensor
     objects as last step give the same answer (the kernels re-check devices, dtypes and
@@ -72,10 +93,70 @@ def kernel_args(step) -> tuple:
             step.granularity == "global", step.grad_scale, step.found_inf)
 
 
-def finish_step(step, stats, bufs) -> ProGradStats:
-    """Store new momentum buffers in the group's list and wrap the kernel's stats tuple."""
-    if step.momentum != 0:
-        step.momentum_buffers[:] = bufs
-    dot, nn, dd, cos, conflict, coef, skipped = stats
-    return ProGradStats(dot=dot, general_norm_sq=nn, domain_norm_sq=dd, cos=cos,
-                        conflict=conflict, coef=coef, skipped=skipped)
+def stats_buffers(S: int, acc: torch.dtype, device, glob: bool) -> tuple:
+    """``(stats_f, stats_b, ProGradStats views)`` a kernel writes every step: ``stats_f`` is
+    ``[dot | nn | dd | cos | coef]`` (``S`` each, ``acc``), ``stats_b`` is ``[conflict (S) |
+    skipped]`` (bool).  Made once per group layout; the views are what ``step`` returns."""
+    stats_f = torch.empty(5 * S, dtype=acc, device=device)
+    stats_b = torch.zeros(S + 1, dtype=torch.bool, device=device)
+    if glob:
+        views = [stats_f[k] for k in range(5)] + [stats_b[0]]
+    else:
+        views = [stats_f[k * S:(k + 1) * S] for k in range(5)] + [stats_b[:S]]
+    dot, nn, dd, cos, coef, conflict = views
+    return stats_f, stats_b, ProGradStats(dot=dot, general_norm_sq=nn, domain_norm_sq=dd,
+                                          cos=cos, conflict=conflict, coef=coef,
+                                          skipped=stats_b[S])
+
+
+# ----------------------------------------------------------------- capture-safe uploads
+def capturing(device: torch.device) -> bool:
+    """True while the current CUDA stream of ``device`` is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _pinned_empty(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(n, dtype=dtype, pin_memory=True)
+
+
+def _device_empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(n, dtype=dtype, device=device)
+
+
+def keep_for_graphs(extra: dict, *tensors) -> None:
+    """Keep tensors a captured CUDA graph reads or writes alive as long as the group's cache:
+    every replay repeats the captured launches and copies on the same addresses."""
+    extra.setdefault("graph_keep", []).extend(t for t in tensors if t is not None)
+
+
+def upload(values: list[int], dtype: torch.dtype, device: torch.device, extra: dict,
+           tag: str) -> torch.Tensor:
+    """A new device tensor holding ``values``, copied from pinned host memory without a host
+    sync (never from pageable memory: recent torch refuses that under capture, older torch
+    replays then read a freed host buffer).
+
+    Eager: a fresh pinned buffer per upload (torch's pinned allocator recycles it once the
+    copy has run), plus a spare of the same size kept in ``extra``.  Under CUDA-graph capture:
+    the spare is filled and used (nothing is allocated on the host while capturing) and, with
+    the device tensor, kept for as long as the group exists, because every replay copies
+    from it again.
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    n = len(values)
+    spare_key = f"{tag}_spare"
+    spare = extra.get(spare_key)
+    fits = spare is not None and spare.numel() == n and spare.dtype == dtype
+    if capturing(device):
+        host = spare if fits else _pinned_empty(n, dtype)  # the latter: torch >= 2.10 only
+        extra.pop(spare_key, None)
+    else:
+        host = _pinned_empty(n, dtype)
+        if not fits:
+            extra[spare_key] = _pinned_empty(n, dtype)
+    host.copy_(torch.tensor(values, dtype=dtype))
+    out = _device_empty(n, dtype, device)
+    out.copy_(host, non_blocking=True)
+    if capturing(device):
+        keep_for_graphs(extra, host, out)
+    return out

@@ -14,6 +14,9 @@ class TorchBackend:
     def unsupported(self, step) -> str | None:
         return None
 
+    def try_step(self, step) -> ProGradStats:
+        return self.step(step)
+
     def step(self, step) -> ProGradStats:
         return prograd_sgd(step.params, step.grads, step.general_grads, step.momentum_buffers,
                            **step.hyper())

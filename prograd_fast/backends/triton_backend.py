@@ -1,35 +1,56 @@
 """The Triton backend: one parameter group's ProGrad-SGD step in one or two kernel launches.
 
-Groups of at most ``kernels.prograd_sgd.SMALL_MAX`` elements run in ONE single-program
-launch (CoOp's 16x512 context); larger groups run a reduce launch (its last program
-finalizes the statistics on the device) and an update launch, whatever the number of
-tensors.  Many tensors are addressed through a per-group offset table (see the kernel
-module's docstring for why, rather than a flat copy).
+Groups of at most ``kernels.prograd_sgd.SMALL_MAX`` elements in a few chunks run in ONE
+single-program launch (CoOp's 16x512 context); larger groups, or many small tensors, run a
+reduce launch (its last program finalizes the statistics on the device) and an update
+launch, whatever the number of tensors.  Many tensors are addressed through a per-group
+offset table (see the kernel module's docstring for why, rather than a flat copy).
 
-Per-group state lives in ``GroupStep.extra`` (kept by the optimizer between steps): the
-validated tensor signature (addresses, sizes), the device pointer table, and preallocated
-``stats``/``partials``/ticket buffers.  After the first step a step allocates nothing
-(unless tensor addresses or sizes change) and never synchronises with the host, so it can
-be captured in a CUDA graph after a warm-up step.  The returned :class:`ProGradStats`
-are views of those preallocated buffers: the next step overwrites them (clone to keep).
-Float64 parameters are refused (Triton passes float scalars as fp32): use "torch"/"cpp".
+Validate once, re-check only what can change.  Each group keeps a :class:`_Plan` in
+``GroupStep.extra``: the launchers with their arguments packed, the offset table, the
+statistics, partials and ticket buffers.  A step computes the group's *key* -- the
+addresses of every tensor the kernels touch, their contiguity and the gradients' dtypes,
+the parameters' sizes, the options that select kernel code (granularity, momentum,
+nesterov, maximize, weight decay on/off, AMP tensors and a tensor lr with their dtype and
+alignment) -- and reuses the plan while the key is equal; any difference runs the full
+validation and builds a new plan.  Scalar values (lr, lam, momentum, dampening, weight
+decay, the AMP and lr tensors themselves) are written into the launchers every step.
+
+CUDA graphs: after the first step nothing is allocated and nothing is copied from the host
+unless the key changes; when it changes inside a capture (``zero_grad(set_to_none=True)``
+gives ``.grad`` new addresses from the graph's pool), the table is uploaded from pinned
+memory that, like every buffer the captured launches touch, stays alive as long as the
+group.  A tensor ``lr`` on the device is read by the kernels, so a scheduler that writes
+it in place (as torch's schedulers do) steers the replays; a float lr is baked into the
+graph, and a CPU tensor lr is refused under capture.  Buffers used on a stream other than
+the last one get ``record_stream``.
+
+The returned :class:`ProGradStats` are views of preallocated buffers: the next step
+overwrites them (clone to keep).  Float64 parameters are refused (Triton passes float
+scalars as fp32): use "torch"/"cpp".
 """
 
 from __future__ import annotations
 
 import operator
 import os
-from itertools import repeat
 
 import torch
 from torch import Tensor
 
-from ..functional import ProGradStats, _check_options
+from ..functional import GRANULARITIES, ProGradStats
+from ._common import capturing, keep_for_graphs, stats_buffers, upload
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_data_ptr = Tensor.data_ptr
+_dp = Tensor.data_ptr
 _numel = Tensor.numel
 _contig = Tensor.is_contiguous
+_dtype = operator.attrgetter("dtype")
+_NO_KEY = object()  # a key that equals nothing (tensors the key cannot describe)
+_NONE_TYPE = type(None)
+# Kernel arguments written every step (in this order; see TritonBackend._launch).
+_STEP_ARGS = ("grad_scale", "lam", "found_inf", "lr", "lr_ptr", "momentum",
+              "one_minus_dampening", "weight_decay")
 
 
 def _import_kernels():
@@ -39,11 +60,45 @@ def _import_kernels():
 
 def _new_buffer(p: Tensor) -> Tensor:
     """A first-step momentum buffer; the kernel writes every element (tests poison it)."""
-    return torch.empty_like(p)
+    return torch.empty_like(p, memory_format=torch.contiguous_format)
 
 
-def _ptr(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+def _ptrs(tensors: list) -> tuple:
+    """Addresses (0 for None)."""
+    if _NONE_TYPE in map(type, tensors):
+        return tuple([0 if t is None else t.data_ptr() for t in tensors])
+    return tuple(map(_dp, tensors))
+
+
+def _present(tensors: list) -> list:
+    return [t for t in tensors if t is not None] if _NONE_TYPE in map(type, tensors) else tensors
+
+
+def _tensor_key(t) -> tuple | None:
+    """What a compiled kernel is specialised on for an AMP / lr tensor: dtype, alignment."""
+    if t is None:
+        return None
+    return (t.dtype, t.data_ptr() % 16 == 0, t.device)
+
+
+class _Plan:
+    """One group's prepared step (valid while ``key`` equals the group's key)."""
+
+    __slots__ = ("key", "launchers", "slots", "stats", "owned", "lr_ptr", "device", "cpu_lr")
+
+    def __init__(self) -> None:
+        self.key = _NO_KEY
+        self.launchers: tuple = ()
+        self.slots: tuple = ()  # per launcher: argument positions of the per-step values
+        self.stats: ProGradStats | None = None
+        self.owned: list[Tensor] = []
+        self.lr_ptr = False
+        self.cpu_lr = False
+        self.device = None
+
+    def __reduce__(self):
+        # Copies (deepcopy, pickle) start from an empty plan, rebuilt by their first step.
+        return (_Plan, ())
 
 
 class TritonBackend:
@@ -74,34 +129,53 @@ class TritonBackend:
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
         return None
 
-    # ------------------------------------------------------------------ validation
-    def _signature(self, step) -> tuple:
-        """Addresses, sizes and contiguity of everything the kernels touch (C-level maps:
-        this runs every step; about 0.5 us per tensor on a slow CPU)."""
-        params, grads = step.params, step.grads
-        general = step.general_grads
-        g_none = any(map(operator.is_, general, repeat(None)))
-        if g_none:
-            g_ptrs = tuple([0 if g is None else g.data_ptr() for g in general])
-            g_ok = all([g is None or g.is_contiguous() for g in general])
-        else:
-            g_ptrs = tuple(map(_data_ptr, general))
-            g_ok = all(map(_contig, general))
-        b_ptrs = ()
-        if step.momentum != 0:
-            bufs = step.momentum_buffers
-            if any(map(operator.is_, bufs, repeat(None))):
-                b_ptrs = tuple([0 if b is None else b.data_ptr() for b in bufs])
-            else:
-                b_ptrs = tuple(map(_data_ptr, bufs))
-        return (
-            tuple(map(_data_ptr, params)), tuple(map(_data_ptr, grads)), g_ptrs, b_ptrs,
-            tuple(map(_numel, params)), params[0].dtype,
-            g_ok and all(map(_contig, params)) and all(map(_contig, grads)),
-        )
+    # ------------------------------------------------------------------ the key
+    @staticmethod
+    def _key(step) -> object:
+        """Everything a plan depends on that can change between steps (see module doc).
+        Cheap C-level passes over the tensor lists: this runs every step."""
+        params, grads, generals = step.params, step.grads, step.general_grads
+        momentum = step.momentum != 0
+        lr = step.lr
+        try:
+            p0 = params[0]
+            dtype = p0.dtype
+            options = (step.granularity, momentum, bool(step.nesterov), bool(step.maximize),
+                       step.weight_decay != 0,
+                       _tensor_key(lr) if isinstance(lr, Tensor) else None,
+                       _tensor_key(step.grad_scale), _tensor_key(step.found_inf))
+            if len(params) == 1:  # CoOp: no passes, plain attribute reads
+                d, g = grads[0], generals[0]
+                b = step.momentum_buffers[0] if momentum else None
+                return (p0.data_ptr(), d.data_ptr(), 0 if g is None else g.data_ptr(),
+                        0 if b is None else b.data_ptr(), p0.numel(), dtype, p0.device,
+                        p0.is_contiguous() and d.is_contiguous()
+                        and (g is None or g.is_contiguous()) and (b is None or b.is_contiguous()),
+                        d.dtype is dtype and (g is None or g.dtype is dtype), options)
+            bufs = step.momentum_buffers if momentum else ()
+            gens = _present(generals)
+            dtypes = list(map(_dtype, grads))
+            dtypes += map(_dtype, gens)
+            return (
+                _ptrs(params), tuple(map(_dp, grads)), _ptrs(generals), _ptrs(bufs),
+                tuple(map(_numel, params)), dtype, p0.device,
+                all(map(_contig, params)) and all(map(_contig, grads))
+                and all(map(_contig, gens)) and all(map(_contig, _present(bufs))),
+                dtypes.count(dtype) == len(dtypes), options,
+            )
+        except (RuntimeError, TypeError, AttributeError, IndexError):
+            return _NO_KEY  # sparse tensors, wrong types, an empty group: the full check says why
 
+    # ------------------------------------------------------------------ validation
     def _full_check(self, step) -> str | None:
         params = step.params
+        if not params:
+            return "empty group"
+        if not (len(params) == len(step.grads) == len(step.general_grads)
+                == len(step.momentum_buffers)):
+            return "params, grads, general_grads and momentum_buffers differ in length"
+        if step.granularity not in GRANULARITIES:
+            return f"unknown granularity {step.granularity!r}"
         device, dtype = params[0].device, params[0].dtype
         if device.type == "cpu" and not self._k.INTERPRET:
             return "CPU tensors need TRITON_INTERPRET=1 (set before import)"
@@ -114,12 +188,16 @@ class TritonBackend:
                     "scalars are fp32); use the torch backend")
         momentum = step.momentum != 0
         for i, p in enumerate(params):
+            if not isinstance(p, Tensor) or not isinstance(step.grads[i], Tensor):
+                return f"parameter {i} or its domain gradient is not a tensor"
             others = [step.grads[i], step.general_grads[i]]
             if momentum:
                 others.append(step.momentum_buffers[i])
             for t in [p] + others:
                 if t is None:
                     continue
+                if not isinstance(t, Tensor):
+                    return f"expected tensors, got {type(t).__name__}"
                 if t.layout != torch.strided or t.is_sparse:
                     return "sparse tensors are not supported"
                 if t.device != device:
@@ -132,21 +210,10 @@ class TritonBackend:
                     return "non-contiguous tensors are not supported"
                 if t.data_ptr() % t.element_size():
                     return "a tensor's address is not a multiple of its element size"
-        return None
-
-    @staticmethod
-    def _scalars_check(step) -> str | None:
-        """Checks that run every step (cheap): list lengths, AMP tensors, a tensor lr."""
-        params = step.params
-        if not params:
-            return "empty group"
-        if not (len(params) == len(step.grads) == len(step.general_grads)
-                == len(step.momentum_buffers)):
-            return "params, grads, general_grads and momentum_buffers differ in length"
-        device = params[0].device
         for name in ("grad_scale", "found_inf"):
             t = getattr(step, name)
-            if t is not None and (t.device != device or t.numel() != 1):
+            if t is not None and (not isinstance(t, Tensor) or t.device != device
+                                  or t.numel() != 1):
                 return f"{name} must be a one-element tensor on {device}"
         lr = step.lr
         if isinstance(lr, Tensor):
@@ -156,57 +223,49 @@ class TritonBackend:
                 return f"lr tensor on {lr.device} but parameters on {device}"
         return None
 
-    def _check(self, step) -> tuple[str | None, tuple | None]:
-        """(reason, signature), computed once per GroupStep object and remembered on it."""
-        cached = step.__dict__.get("_triton_check")
-        if cached is not None:
-            return cached
+    def _plan_or_reason(self, step) -> tuple[_Plan | None, str | None]:
+        """The group's plan if the key is unchanged, else the full check's verdict (and a new
+        plan when it passes).  Nothing is allocated or launched for a group that fails."""
         reason = self.available()
-        sig = None
-        if reason is None:
-            reason = self._scalars_check(step)
-            if reason is None:
-                sig = self._signature(step)
-                extra = step.extra
-                if extra.get("triton_valid") != sig:
-                    reason = self._full_check(step)
-                    extra["triton_valid"] = sig if reason is None else None
-        result = (reason, sig)
-        step.__dict__["_triton_check"] = result
-        return result
+        if reason is not None:
+            return None, reason
+        key = self._key(step)
+        plan = step.extra.get("triton_plan")
+        if plan is not None and key is not _NO_KEY and plan.key == key:
+            return plan, None
+        reason = self._full_check(step)
+        if reason is not None:
+            return None, reason
+        if key is _NO_KEY:  # cannot happen for tensors that pass the check; be safe anyway
+            return None, "the group's tensors cannot be described for the launch cache"
+        return self._build(step, key, plan), None
 
     def unsupported(self, step) -> str | None:
-        return self._check(step)[0]
+        return self._plan_or_reason(step)[1]
 
-    # ------------------------------------------------------------------ per-group plan
+    # ------------------------------------------------------------------ building a plan
     def _buffers(self, extra: dict, T: int, n_parts: int, device, granularity: str) -> dict:
+        """Statistics, partials and the ticket counter, reused while their sizes hold."""
         key = (T, n_parts, device, granularity)
         bufs = extra.get("triton_bufs")
         if bufs is not None and bufs["key"] == key:
             return bufs
-        stats_f = torch.empty(5 * T, device=device, dtype=torch.float32)
-        stats_b = torch.zeros(T + 1, device=device, dtype=torch.uint8)
-        sb = stats_b.view(torch.bool)
-        if granularity == "global":
-            views = [stats_f[k] for k in range(5)] + [sb[0]]
-        else:
-            views = [stats_f[k * T:(k + 1) * T] for k in range(5)] + [sb[:T]]
-        dot, nn, dd, cos, coef, conflict = views
-        stats = ProGradStats(dot=dot, general_norm_sq=nn, domain_norm_sq=dd, cos=cos,
-                             conflict=conflict, coef=coef, skipped=sb[T])
+        stats_f, stats_b, stats = stats_buffers(T, torch.float32, device,
+                                                granularity == "global")
+        stats_b = stats_b.view(torch.uint8)  # the kernels store bytes
         bufs = dict(key=key, stats_f=stats_f, stats_b=stats_b, stats=stats,
                     partials=torch.empty(max(1, 3 * n_parts), device=device, dtype=torch.float32),
-                    counter=torch.zeros(1, device=device, dtype=torch.int32))
+                    # monotonic int64 ticket (see the kernels): zero when made, never reset
+                    counter=torch.zeros(1, device=device, dtype=torch.int64))
         extra["triton_bufs"] = bufs
         return bufs
 
-    def _layout(self, extra: dict, numels: tuple, fused: bool) -> dict:
-        """Chunking of the group (depends on sizes only)."""
-        layout = extra.get("triton_layout")
-        if layout is not None and layout["numels"] == numels and layout["fused"] == fused:
-            return layout
+    def _layout(self, numels: tuple) -> dict:
+        """Chunking of the group (sizes only) and whether one program does the whole step."""
         k = self._k
         total = sum(numels)
+        fused_chunks = sum(1 for n in numels if n)  # one SMALL_MAX chunk per non-empty tensor
+        fused = total <= k.SMALL_MAX and fused_chunks <= k.FUSED_MAX_CHUNKS
         chunk = k.SMALL_MAX if fused else k.chunk_size(total)
         counts = [(n + chunk - 1) // chunk for n in numels]
         firsts, acc = [], 0
@@ -217,123 +276,179 @@ class TritonBackend:
         for t, (n, c) in enumerate(zip(numels, counts)):
             for j in range(c):
                 chunks.extend((t, j * chunk))
-        layout = dict(numels=numels, fused=fused, chunk=chunk, n_parts=acc, counts=counts,
-                      firsts=firsts, chunks=chunks)
-        extra["triton_layout"] = layout
-        return layout
+        return dict(fused=fused, chunk=chunk, n_parts=acc, counts=counts, firsts=firsts,
+                    chunks=chunks)
 
-    def _table(self, extra: dict, step, sig: tuple | None, layout: dict, device,
-               firsts: list[bool]) -> tuple[Tensor, int]:
-        """The int64 offset table (element offsets from ``params[0]``), rebuilt with one small
-        async upload when addresses change, and the alignment hint ``ALIGN`` (elements per
-        16 bytes when every tensor is 16-byte aligned and every size a multiple of 16, else 1).
-        """
-        table = extra.get("triton_table")
-        if sig is not None and table is not None and table[0] == sig:
-            return table[1], table[2]
+    def _table(self, step, layout: dict, firsts: list[bool], device, extra) -> Tensor:
+        """The int64 offset table (element offsets from ``params[0]``); per tensor an
+        ``aligned`` bit when all four of its pointers are 16-byte aligned."""
         k = self._k
         params = step.params
         size = params[0].element_size()
         base = params[0].data_ptr()
-        aligned = True
-        rows = []
         momentum = step.momentum != 0
+        offsets, bits = [], []
         for i, p in enumerate(params):
             g = step.general_grads[i]
             buf = step.momentum_buffers[i] if momentum else None
             addrs = [p.data_ptr(), step.grads[i].data_ptr()]
             addrs += [base if t is None else t.data_ptr() for t in (g, buf)]
-            aligned = aligned and all(a % 16 == 0 for a in addrs) and layout["numels"][i] % 16 == 0
-            rows.extend([(a - base) // size for a in addrs])
-            rows.extend((layout["numels"][i], layout["firsts"][i], layout["counts"][i],
-                         int(firsts[i]) | (2 if g is not None else 0)))
-        meta = torch.tensor(rows + layout["chunks"], dtype=torch.int64)
-        if device.type != "cpu":
-            meta = meta.to(device, non_blocking=True)  # pageable source: staged, no sync
-        align = 16 // size if aligned else 1
-        if sig is not None:
-            extra["triton_table"] = (sig, meta, align)
-        return meta, align
+            offsets.append(tuple((a - base) // size for a in addrs))
+            bits.append((k.BIT_FIRST if firsts[i] else 0)
+                        | (k.BIT_GENERAL if g is not None else 0)
+                        | (k.BIT_ALIGNED if all(a % 16 == 0 for a in addrs) else 0))
+        rows = k.table_rows(offsets, list(map(_numel, params)), layout["firsts"],
+                            layout["counts"], bits, layout["chunks"])
+        return upload(rows, torch.int64, device, extra, "triton_table")
 
-    # ------------------------------------------------------------------ the step
-    def step(self, step) -> ProGradStats:
-        _check_options(step.lam, step.granularity)  # ValueError, as the reference
-        reason, sig = self._check(step)
-        if reason is not None:
-            raise RuntimeError(f"triton backend cannot run this step: {reason}")
+    def _build(self, step, key, old: _Plan | None) -> _Plan:
         k = self._k
         extra = step.extra
         params = step.params
-        device = params[0].device
+        p0 = params[0]
+        device = p0.device
         n = len(params)
         momentum = step.momentum != 0
-        first0 = 0
-        firsts = None
+        firsts = [False] * n
         if momentum:
             bufs_list = step.momentum_buffers
-            firsts = [b is None for b in bufs_list]
-            if any(firsts):
-                first0 = 1
-                for i, b in enumerate(bufs_list):
-                    if b is None:  # first step: the kernel writes buf = u
-                        bufs_list[i] = _new_buffer(params[i])
-        numels = sig[4]
-        total = sum(numels)
-        fused = total <= k.SMALL_MAX
-        layout = self._layout(extra, numels, fused)
+            for i, b in enumerate(bufs_list):
+                if b is None:  # first step: the kernel writes buf = u
+                    bufs_list[i] = _new_buffer(params[i])
+                    firsts[i] = True
+        layout = self._layout(tuple(map(_numel, params)))
         glob = step.granularity == "global"
         T = 1 if glob else n
         bufs = self._buffers(extra, T, layout["n_parts"], device, step.granularity)
         table = n > 1
-        align = 1
-        args = dict(chunk=layout["chunk"], n_parts=layout["n_parts"], T=T,
-                    partials=bufs["partials"], counter=bufs["counter"],
-                    stats_f=bufs["stats_f"], stats_b=bufs["stats_b"])
+        plan = _Plan()
+        plan.device = device
+        # A plan that made momentum buffers must not be reused: the same key (no buffers)
+        # next time would mean other new buffers at other addresses.
+        plan.key = _NO_KEY if any(firsts) else key
+        common = dict(chunk_base=0, CHUNK=layout["chunk"], stats_f=bufs["stats_f"],
+                      stats_b=bufs["stats_b"], T=T, grad_scale=None, GLOBAL=glob, TABLE=table,
+                      AMP_SCALE=step.grad_scale is not None, ROW=k.ROW,
+                      VEC=16 // p0.element_size(), BLOCK=k.BLOCK)
+        meta = None
         if table:
-            # The signature taken before new buffers were made says "no buffer": a table
-            # built now must not be reused, so key it on a signature that cannot recur.
-            key = sig if not first0 else None
-            meta, align = self._table(extra, step, key, layout, device, firsts or [False] * n)
-            p0 = params[0]
-            args.update(meta=meta, chunk_base=n * k.ROW, p=p0, d=p0, g=p0, b=p0,
-                        numel0=0, has_g0=0, first0=0)
+            meta = self._table(step, layout, firsts, device, extra)
+            common.update(meta=meta, chunk_base=n * k.ROW, p_ref=p0, d_ref=p0, g_ref=p0,
+                          b_ref=p0, numel0=0, has_g0=0, first0=0)
         else:
             d0, g0 = step.grads[0], step.general_grads[0]
-            b0 = step.momentum_buffers[0] if momentum else params[0]
-            args.update(meta=None, chunk_base=0, p=params[0], d=d0,
-                        g=g0 if g0 is not None else d0, b=b0, numel0=numels[0],
-                        has_g0=int(g0 is not None), first0=first0)
+            b0 = step.momentum_buffers[0] if momentum else p0
+            common.update(meta=None, p_ref=p0, d_ref=d0, g_ref=g0 if g0 is not None else d0,
+                          b_ref=b0, numel0=p0.numel(), has_g0=int(g0 is not None),
+                          first0=int(firsts[0]))
         lr = step.lr
-        lr_ptr = None
-        if isinstance(lr, Tensor):
-            if lr.device == device:
-                lr_ptr, lr = lr, 0.0
-            else:  # a CPU tensor lr for device parameters: reading it is not a device sync
-                lr = float(lr)
-        grad_scale, found_inf = step.grad_scale, step.found_inf
-        flags = dict(GLOBAL=glob, TABLE=table, ALIGN=align,
-                     AMP=grad_scale is not None or found_inf is not None,
-                     AMP_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                     LR_PTR=lr_ptr is not None, MOMENTUM=momentum, NESTEROV=bool(step.nesterov),
-                     MAXIMIZE=bool(step.maximize), WEIGHT_DECAY=step.weight_decay != 0)
-        lam = float(step.lam)
-        mom, omd, wd = float(step.momentum), 1.0 - float(step.dampening), float(step.weight_decay)
-        if device.type == "cuda" and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):  # Triton launches on the current device
-                self._launch(fused, args, flags, lam, float(lr), lr_ptr, grad_scale, found_inf,
-                             mom, omd, wd)
+        lr_ptr = isinstance(lr, Tensor) and lr.device == device
+        plan.lr_ptr = lr_ptr
+        plan.cpu_lr = isinstance(lr, Tensor) and not lr_ptr
+        amp = dict(AMP=step.grad_scale is not None or step.found_inf is not None,
+                   HAS_FOUND_INF=step.found_inf is not None, found_inf=None, lam=0.0)
+        upd = dict(lr=0.0, lr_ptr=None, momentum=0.0, one_minus_dampening=1.0,
+                   weight_decay=0.0, LR_PTR=lr_ptr, MOMENTUM=momentum,
+                   NESTEROV=bool(step.nesterov), MAXIMIZE=bool(step.maximize),
+                   WEIGHT_DECAY=step.weight_decay != 0)
+        finalize = dict(partials=bufs["partials"], n_parts=layout["n_parts"],
+                        BLOCK_F=k.BLOCK_F, TBLOCK=k.TBLOCK, CBLOCK=k.CBLOCK)
+        if layout["fused"]:
+            plan.launchers = (k.Launcher(k.KERNELS["fused"], 1,
+                                         {**common, **amp, **upd, **finalize}, device),)
         else:
-            self._launch(fused, args, flags, lam, float(lr), lr_ptr, grad_scale, found_inf,
-                         mom, omd, wd)
-        return bufs["stats"]
+            grid = layout["n_parts"]
+            plan.launchers = (
+                k.Launcher(k.KERNELS["reduce"], grid,
+                           {**common, **amp, **finalize, "counter": bufs["counter"]}, device),
+                k.Launcher(k.KERNELS["update"], grid, {**common, **upd}, device))
+        plan.slots = tuple(tuple(launcher.index.get(name, -1) for name in _STEP_ARGS)
+                           for launcher in plan.launchers)
+        plan.stats = bufs["stats"]
+        plan.owned = [bufs["stats_f"], bufs["stats_b"], bufs["partials"], bufs["counter"]]
+        if meta is not None:
+            plan.owned.append(meta)
+        if momentum:
+            plan.owned += step.momentum_buffers
+        if capturing(device):
+            keep_for_graphs(extra, *plan.owned)
+        extra["triton_plan"] = plan
+        return plan
 
-    def _launch(self, fused, args, flags, lam, lr, lr_ptr, grad_scale, found_inf, mom, omd, wd):
-        k = self._k
-        if fused:
-            k.launch_fused(args, flags, lam, lr, lr_ptr, grad_scale, found_inf, mom, omd, wd)
+    # ------------------------------------------------------------------ the step
+    def step(self, step) -> ProGradStats:
+        lam = step.lam
+        if step.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got "
+                             f"{step.granularity!r}")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        plan, reason = self._plan_or_reason(step)
+        if reason is not None:
+            raise RuntimeError(f"triton backend cannot run this step: {reason}")
+        return self._launch(plan, step)
+
+    def try_step(self, step) -> ProGradStats | str:
+        """``step`` when the group can run here, else the reason (nothing launched)."""
+        plan, reason = self._plan_or_reason(step)
+        if reason is not None:
+            return reason
+        return self._launch(plan, step)
+
+    def _launch(self, plan: _Plan, step) -> ProGradStats:
+        device = plan.device
+        lr = step.lr
+        if plan.lr_ptr:
+            lr_value, lr_tensor = 0.0, lr
         else:
-            k.launch_reduce(args, flags, lam, grad_scale, found_inf)
-            k.launch_update(args, flags, lr, lr_ptr, grad_scale, mom, omd, wd)
+            if plan.cpu_lr and capturing(device):
+                raise RuntimeError(
+                    "a CPU tensor lr would be baked into the CUDA graph (a scheduler's later "
+                    f"values ignored on replay): pass lr as a 0-d tensor on {device}")
+            lr_value, lr_tensor = float(lr), None
+        lam = float(step.lam)
+        mom = float(step.momentum)
+        omd = 1.0 - float(step.dampening)
+        wd = float(step.weight_decay)
+        gs, fi = step.grad_scale, step.found_inf
+        for launcher, (i_gs, i_lam, i_fi, i_lr, i_lrp, i_mom, i_omd, i_wd) in zip(
+                plan.launchers, plan.slots):
+            args = launcher.args
+            args[i_gs] = gs
+            if i_lam >= 0:
+                args[i_lam] = lam
+                args[i_fi] = fi
+            if i_lr >= 0:
+                args[i_lr] = lr_value
+                args[i_lrp] = lr_tensor
+                args[i_mom] = mom
+                args[i_omd] = omd
+                args[i_wd] = wd
+        if device.type == "cuda":
+            self._streams(plan, step.extra, device)
+            if device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):  # Triton launches on the current device
+                    for launcher in plan.launchers:
+                        launcher()
+                return plan.stats
+        for launcher in plan.launchers:
+            launcher()
+        return plan.stats
+
+    @staticmethod
+    def _streams(plan: _Plan, extra: dict, device) -> None:
+        """``record_stream`` the group's buffers on a stream other than the last one used
+        (buffers first made on a side stream -- the warm-up before a capture -- and then used
+        on another must not be recycled by the first stream while the second reads them).
+        Skipped while capturing: what a capture uses is kept alive instead."""
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        if extra.get("triton_stream") == stream:
+            return
+        if not capturing(device):
+            current = torch.cuda.current_stream(device)
+            for t in plan.owned:
+                t.record_stream(current)
+        extra["triton_stream"] = stream
 
 
 BACKEND = TritonBackend()
