@@ -1,9 +1,10 @@
 """Time one ProGrad-SGD optimizer step per backend on the DESIGN.md section 2 scenarios.
 
 On CUDA: CoOp 16x512, 27 tensors / 3.6M (MaPLe-like), one 8.2M tensor, dense 64M and 256M,
-fp32, for every available backend (torch reference, triton, cuda) and for
-``torch.optim.SGD(fused=True)`` alone (no ProGrad); the cuda backend also with each launch
-plan forced.  Per implementation: median wall time of one step in a loop (host clock,
+fp32, for every available backend (torch reference, triton, cuda) and for the peers of
+``peers.py`` (the official per-tensor loop ``paper_style``, no-sync ``foreach``, ``compile``
+of the reference, ``torch_sgd``: ``torch.optim.SGD(fused=True)`` alone, no ProGrad); the cuda
+backend also with each launch plan forced.  Per implementation: median wall time of one step in a loop (host clock,
 synchronised once around the loop) and the CUDA-event time of the same loop divided by the
 step count (it includes GPU idle gaps, so it approaches the wall time when the host is the
 bottleneck and the kernel time when the GPU is).  Also a measured device-to-device copy bandwidth and the 32 B/element floor.
@@ -31,6 +32,9 @@ import torch
 
 import prograd_fast
 from prograd_fast.backends import available_backends
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (benchmarks/peers.py: the implementations a user could run instead)
 
 HYPER = dict(lr=0.002, momentum=0.9, weight_decay=5e-4, lam=1.0)
 PLAN_NAMES = {1: "small", 2: "coop", 3: "two_pass"}
@@ -227,14 +231,18 @@ def main(argv=None) -> int:
             impls[f"prograd_fast-{b}"] = (lambda b=b: ProGradRunner(b, *make_group(shapes, device), args.granularity))
             if b == "cuda":  # each launch plan on its own (a refused plan shows as n/a)
                 for plan in ("small", "coop", "two_pass"):
-                    if plan == "small" and elements > 65536:
+                    if plan == "small" and elements > 16384:  # kSmallMax
                         continue
                     impls[f"prograd_fast-cuda[{plan}]"] = (lambda plan=plan: ProGradRunner(
                         "cuda", *make_group(shapes, device), args.granularity, plan=plan))
         if device.type == "cpu":
             impls["foreach (torch, no sync)"] = lambda: ForeachRunner(*make_group(shapes, device), args.granularity)
-        impls["torch SGD fused alone" if device.type == "cuda" else "torch SGD foreach alone"] = (
-            lambda: SGDRunner(*make_group(shapes, device)[:2], fused=device.type == "cuda"))
+            impls["torch SGD foreach alone"] = (
+                lambda: SGDRunner(*make_group(shapes, device)[:2], fused=False))
+        else:
+            for peer in peers.PEERS:  # paper_style, foreach, compile, torch_sgd
+                impls[peer] = (lambda peer=peer: peers.build(peer, peers.make_problem(
+                    shapes, device, granularity=args.granularity, hyper=HYPER)).step)
         for name, make in impls.items():
             backend = name.split("-", 1)[1].split("[")[0] if name.startswith("prograd_fast-") else None
             if backend and reasons.get(backend):
@@ -300,7 +308,15 @@ def main(argv=None) -> int:
     out = os.environ.get("OUT")
     if out:
         path = Path(out) / "gpu_kernels_bench.json"
-        path.write_text(json.dumps(dict(device=str(device), torch=torch.__version__,
+        try:
+            import triton
+            triton_version = triton.__version__
+        except Exception:  # noqa: BLE001 - optional
+            triton_version = None
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        path.write_text(json.dumps(dict(device=str(device), device_name=name,
+                                        torch=torch.__version__, triton=triton_version,
+                                        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                         bandwidth_Bps=bw, granularity=args.granularity,
                                         results=results), indent=1))
         print(f"\nwrote {path}")

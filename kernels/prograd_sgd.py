@@ -87,6 +87,8 @@ BLOCK_F = 1024          # partials per finalize step (global)
 TBLOCK = 32             # tensors per finalize tile ("tensor" granularity)
 CBLOCK = 32             # chunks per finalize tile ("tensor"; 32x32 keeps the reduce at 64 regs)
 BIT_FIRST, BIT_GENERAL, BIT_ALIGNED = 1, 2, 4
+# Tensor arguments the caller writes before every launch (kept as tensors).
+PER_STEP_TENSORS = frozenset(("grad_scale", "found_inf", "lr_ptr"))
 
 
 @triton.jit
@@ -477,6 +479,14 @@ class Launcher:
     def set(self, name: str, value) -> None:
         self.args[self.index[name]] = value
 
+    def bind(self, **tensors) -> None:
+        """Pointer arguments: the tensors for Triton's JIT entry point, their addresses once
+        the compiled kernel is launched directly (the caller keeps the tensors alive for as
+        long as they are bound, or binds others)."""
+        compiled = self.compiled is not None
+        for name, t in tensors.items():
+            self.args[self.index[name]] = t.data_ptr() if compiled else t
+
     def __call__(self) -> None:
         compiled = self.compiled
         if compiled is not None and _hooks_idle():
@@ -485,8 +495,15 @@ class Launcher:
                          None, None, None, *self.args)
             return
         out = self.kernel[(self.grid,)](*self.args, num_warps=NUM_WARPS)
-        if self.device_index is not None and hasattr(out, "packed_metadata"):
+        if self.device_index is not None and hasattr(out, "packed_metadata") \
+                and self.compiled is None:
             self.compiled = out
+            # From now on the compiled launcher takes addresses: no tensor (a consumed
+            # gradient) is held by the arguments between steps.
+            for i, name in enumerate(self.names):
+                value = self.args[i]
+                if isinstance(value, torch.Tensor) and name not in PER_STEP_TENSORS:
+                    self.args[i] = value.data_ptr()
 
 
 def chunk_size(total: int, target_programs: int = 1024) -> int:

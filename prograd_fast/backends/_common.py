@@ -130,19 +130,21 @@ def keep_for_graphs(extra: dict, *tensors) -> None:
 
 
 def upload(values: list[int], dtype: torch.dtype, device: torch.device, extra: dict,
-           tag: str) -> torch.Tensor:
-    """A new device tensor holding ``values``, copied from pinned host memory without a host
-    sync (never from pageable memory: recent torch refuses that under capture, older torch
-    replays then read a freed host buffer).
+           tag: str, into: torch.Tensor | None = None) -> torch.Tensor:
+    """A device tensor holding ``values`` (``into`` when given, else a new one), copied from
+    pinned host memory without a host sync (never from pageable memory: recent torch refuses
+    that under capture, older torch replays then read a freed host buffer).
 
     Eager: a fresh pinned buffer per upload (torch's pinned allocator recycles it once the
     copy has run), plus a spare of the same size kept in ``extra``.  Under CUDA-graph capture:
     the spare is filled and used (nothing is allocated on the host while capturing) and, with
     the device tensor, kept for as long as the group exists, because every replay copies
-    from it again.
+    from it again.  ``into`` is written in stream order: only pass a tensor that no captured
+    graph reads and that the current stream was the last to use.
     """
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
+        out = torch.tensor(values, dtype=dtype, device=device)
+        return out if into is None else into.copy_(out)
     n = len(values)
     spare_key = f"{tag}_spare"
     spare = extra.get(spare_key)
@@ -155,7 +157,7 @@ def upload(values: list[int], dtype: torch.dtype, device: torch.device, extra: d
         if not fits:
             extra[spare_key] = _pinned_empty(n, dtype)
     host.copy_(torch.tensor(values, dtype=dtype))
-    out = _device_empty(n, dtype, device)
+    out = _device_empty(n, dtype, device) if into is None else into
     out.copy_(host, non_blocking=True)
     if capturing(device):
         keep_for_graphs(extra, host, out)

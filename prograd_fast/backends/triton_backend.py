@@ -8,13 +8,17 @@ offset table (see the kernel module's docstring for why, rather than a flat copy
 
 Validate once, re-check only what can change.  Each group keeps a :class:`_Plan` in
 ``GroupStep.extra``: the launchers with their arguments packed, the offset table, the
-statistics, partials and ticket buffers.  A step computes the group's *key* -- the
-addresses of every tensor the kernels touch, their contiguity and the gradients' dtypes,
-the parameters' sizes, the options that select kernel code (granularity, momentum,
-nesterov, maximize, weight decay on/off, AMP tensors and a tensor lr with their dtype and
-alignment) -- and reuses the plan while the key is equal; any difference runs the full
-validation and builds a new plan.  Scalar values (lr, lam, momentum, dampening, weight
-decay, the AMP and lr tensors themselves) are written into the launchers every step.
+statistics, partials and ticket buffers.  A step computes two keys with a few C-level
+passes: the *addresses* of every tensor the kernels touch, and the *structure* -- the
+parameters' sizes, dtype and device, everyone's contiguity, the gradients' dtypes, the
+options that select kernel code (granularity, momentum, nesterov, maximize, weight decay
+on/off, AMP tensors and a tensor lr with their dtype, device and alignment).  Both equal:
+launch.  New addresses with the same structure (fresh ``.grad`` after
+``zero_grad(set_to_none=True)`` where the allocator did not hand back the same blocks):
+the full validation runs, then the addresses are re-bound (pointer arguments; for a table,
+one upload into the same device tensor) and the compiled kernels are kept.  A different
+structure: full validation and a new plan.  Scalar values (lr, lam, momentum, dampening,
+weight decay, the AMP and lr tensors themselves) are written into the launchers every step.
 
 CUDA graphs: after the first step nothing is allocated and nothing is copied from the host
 unless the key changes; when it changes inside a capture (``zero_grad(set_to_none=True)``
@@ -82,12 +86,16 @@ def _tensor_key(t) -> tuple | None:
 
 
 class _Plan:
-    """One group's prepared step (valid while ``key`` equals the group's key)."""
+    """One group's prepared step: valid for ``key`` (structure), bound to ``addrs``."""
 
-    __slots__ = ("key", "launchers", "slots", "stats", "owned", "lr_ptr", "device", "cpu_lr")
+    __slots__ = ("key", "addrs", "align", "layout", "launchers", "slots", "stats", "owned",
+                 "lr_ptr", "device", "cpu_lr", "meta", "meta_stream")
 
     def __init__(self) -> None:
         self.key = _NO_KEY
+        self.addrs = _NO_KEY
+        self.align = None       # what the compiled kernels were specialised on (addresses)
+        self.layout: dict = {}
         self.launchers: tuple = ()
         self.slots: tuple = ()  # per launcher: argument positions of the per-step values
         self.stats: ProGradStats | None = None
@@ -95,6 +103,8 @@ class _Plan:
         self.lr_ptr = False
         self.cpu_lr = False
         self.device = None
+        self.meta: Tensor | None = None  # the offset table (groups of several tensors)
+        self.meta_stream = None          # stream that last wrote/used it; None: do not reuse
 
     def __reduce__(self):
         # Copies (deepcopy, pickle) start from an empty plan, rebuilt by their first step.
@@ -129,11 +139,11 @@ class TritonBackend:
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
         return None
 
-    # ------------------------------------------------------------------ the key
+    # ------------------------------------------------------------------ the keys
     @staticmethod
-    def _key(step) -> object:
-        """Everything a plan depends on that can change between steps (see module doc).
-        Cheap C-level passes over the tensor lists: this runs every step."""
+    def _keys(step) -> tuple:
+        """``(addresses, structure)`` of the group (see the module docstring).  Cheap C-level
+        passes over the tensor lists: this runs every step."""
         params, grads, generals = step.params, step.grads, step.general_grads
         momentum = step.momentum != 0
         lr = step.lr
@@ -147,24 +157,25 @@ class TritonBackend:
             if len(params) == 1:  # CoOp: no passes, plain attribute reads
                 d, g = grads[0], generals[0]
                 b = step.momentum_buffers[0] if momentum else None
-                return (p0.data_ptr(), d.data_ptr(), 0 if g is None else g.data_ptr(),
-                        0 if b is None else b.data_ptr(), p0.numel(), dtype, p0.device,
-                        p0.is_contiguous() and d.is_contiguous()
-                        and (g is None or g.is_contiguous()) and (b is None or b.is_contiguous()),
-                        d.dtype is dtype and (g is None or g.dtype is dtype), options)
+                addrs = (p0.data_ptr(), d.data_ptr(), 0 if g is None else g.data_ptr(),
+                         0 if b is None else b.data_ptr())
+                return addrs, (
+                    p0.numel(), dtype, p0.device,
+                    p0.is_contiguous() and d.is_contiguous()
+                    and (g is None or g.is_contiguous()) and (b is None or b.is_contiguous()),
+                    d.dtype is dtype and (g is None or g.dtype is dtype), options)
             bufs = step.momentum_buffers if momentum else ()
             gens = _present(generals)
             dtypes = list(map(_dtype, grads))
             dtypes += map(_dtype, gens)
-            return (
-                _ptrs(params), tuple(map(_dp, grads)), _ptrs(generals), _ptrs(bufs),
+            addrs = (_ptrs(params), tuple(map(_dp, grads)), _ptrs(generals), _ptrs(bufs))
+            return addrs, (
                 tuple(map(_numel, params)), dtype, p0.device,
                 all(map(_contig, params)) and all(map(_contig, grads))
                 and all(map(_contig, gens)) and all(map(_contig, _present(bufs))),
-                dtypes.count(dtype) == len(dtypes), options,
-            )
+                dtypes.count(dtype) == len(dtypes), options)
         except (RuntimeError, TypeError, AttributeError, IndexError):
-            return _NO_KEY  # sparse tensors, wrong types, an empty group: the full check says why
+            return _NO_KEY, _NO_KEY  # sparse tensors, wrong types, an empty group
 
     # ------------------------------------------------------------------ validation
     def _full_check(self, step) -> str | None:
@@ -223,25 +234,31 @@ class TritonBackend:
                 return f"lr tensor on {lr.device} but parameters on {device}"
         return None
 
-    def _plan_or_reason(self, step) -> tuple[_Plan | None, str | None]:
-        """The group's plan if the key is unchanged, else the full check's verdict (and a new
-        plan when it passes).  Nothing is allocated or launched for a group that fails."""
+    def _plan_or_reason(self, step, prepare: bool = True) -> tuple[_Plan | None, str | None]:
+        """The group's plan, bound to this step's tensors, or why the group cannot run.
+        Nothing is allocated or launched for a group that fails the check, and nothing at
+        all with ``prepare=False`` (``unsupported``: a question, not a step)."""
         reason = self.available()
         if reason is not None:
             return None, reason
-        key = self._key(step)
+        addrs, struct = self._keys(step)
         plan = step.extra.get("triton_plan")
-        if plan is not None and key is not _NO_KEY and plan.key == key:
+        if plan is not None and plan.addrs == addrs and plan.key == struct \
+                and struct is not _NO_KEY:
             return plan, None
         reason = self._full_check(step)
         if reason is not None:
             return None, reason
-        if key is _NO_KEY:  # cannot happen for tensors that pass the check; be safe anyway
+        if struct is _NO_KEY:  # cannot happen for tensors that pass the check; be safe anyway
             return None, "the group's tensors cannot be described for the launch cache"
-        return self._build(step, key, plan), None
+        if not prepare:
+            return None, None
+        if plan is None or plan.key != struct or not self._bind(plan, step, addrs):
+            plan = self._build(step, struct, addrs)
+        return plan, None
 
     def unsupported(self, step) -> str | None:
-        return self._plan_or_reason(step)[1]
+        return self._plan_or_reason(step, prepare=False)[1]
 
     # ------------------------------------------------------------------ building a plan
     def _buffers(self, extra: dict, T: int, n_parts: int, device, granularity: str) -> dict:
@@ -279,9 +296,10 @@ class TritonBackend:
         return dict(fused=fused, chunk=chunk, n_parts=acc, counts=counts, firsts=firsts,
                     chunks=chunks)
 
-    def _table(self, step, layout: dict, firsts: list[bool], device, extra) -> Tensor:
-        """The int64 offset table (element offsets from ``params[0]``); per tensor an
-        ``aligned`` bit when all four of its pointers are 16-byte aligned."""
+    def _table_rows(self, step, layout: dict, firsts: list[bool]) -> list[int] | None:
+        """The int64 offset table (element offsets from ``params[0]``), with per tensor an
+        ``aligned`` bit when all four of its pointers are 16-byte aligned; None when an
+        address is not a whole number of elements away from ``params[0]``."""
         k = self._k
         params = step.params
         size = params[0].element_size()
@@ -293,15 +311,78 @@ class TritonBackend:
             buf = step.momentum_buffers[i] if momentum else None
             addrs = [p.data_ptr(), step.grads[i].data_ptr()]
             addrs += [base if t is None else t.data_ptr() for t in (g, buf)]
+            if any((a - base) % size for a in addrs):
+                return None
             offsets.append(tuple((a - base) // size for a in addrs))
             bits.append((k.BIT_FIRST if firsts[i] else 0)
                         | (k.BIT_GENERAL if g is not None else 0)
                         | (k.BIT_ALIGNED if all(a % 16 == 0 for a in addrs) else 0))
-        rows = k.table_rows(offsets, list(map(_numel, params)), layout["firsts"],
+        return k.table_rows(offsets, list(map(_numel, params)), layout["firsts"],
                             layout["counts"], bits, layout["chunks"])
-        return upload(rows, torch.int64, device, extra, "triton_table")
 
-    def _build(self, step, key, old: _Plan | None) -> _Plan:
+    @staticmethod
+    def _new_buffers(step) -> list[bool]:
+        """Momentum buffers for the tensors that have none yet (the kernel writes ``buf = u``);
+        which ones were made."""
+        firsts = [False] * len(step.params)
+        if step.momentum != 0:
+            bufs = step.momentum_buffers
+            for i, b in enumerate(bufs):
+                if b is None:
+                    bufs[i] = _new_buffer(step.params[i])
+                    firsts[i] = True
+        return firsts
+
+    def _bind(self, plan: _Plan, step, addrs) -> bool:
+        """Point ``plan`` at this step's tensors (False: the compiled kernels were specialised
+        on another alignment, build a new plan).  Makes missing momentum buffers."""
+        params = step.params
+        p0 = params[0]
+        device = plan.device
+        momentum = step.momentum != 0
+        table = len(params) > 1
+        if table:
+            align = p0.data_ptr() % 16 == 0
+        else:
+            d0, g0 = step.grads[0], step.general_grads[0]
+            b0 = step.momentum_buffers[0] if momentum else None
+            align = tuple(t is None or t.data_ptr() % 16 == 0 for t in (p0, d0, g0, b0))
+        if plan.align is not None and align != plan.align:
+            return False
+        plan.align = align
+        firsts = self._new_buffers(step)
+        if table:
+            rows = self._table_rows(step, plan.layout, firsts)
+            if rows is None:
+                return False
+            stream = (torch._C._cuda_getCurrentRawStream(device.index)
+                      if device.type == "cuda" else "cpu")
+            now_capturing = capturing(device)
+            # The table is rewritten in place (in stream order) unless a captured graph reads
+            # it or another stream used it last; else a new one is uploaded.
+            reuse = (plan.meta is not None and plan.meta.numel() == len(rows)
+                     and plan.meta_stream == stream and not now_capturing)
+            plan.meta = upload(rows, torch.int64, device, step.extra, "triton_table",
+                               into=plan.meta if reuse else None)
+            plan.meta_stream = None if now_capturing else stream
+            meta = plan.meta
+            for launcher in plan.launchers:
+                launcher.bind(meta=meta, p_ref=p0, d_ref=p0, g_ref=p0, b_ref=p0)
+        else:
+            b0 = step.momentum_buffers[0] if momentum else p0
+            for launcher in plan.launchers:
+                launcher.bind(p_ref=p0, d_ref=d0, g_ref=d0 if g0 is None else g0, b_ref=b0)
+                launcher.set("has_g0", int(g0 is not None))
+                launcher.set("first0", int(firsts[0]))
+        plan.owned = plan.owned[:4] + ([plan.meta] if table else []) \
+            + (list(step.momentum_buffers) if momentum else [])
+        if capturing(device):
+            keep_for_graphs(step.extra, *plan.owned)
+        # With new buffers the next step differs (their addresses replace the 0s): re-bound.
+        plan.addrs = addrs
+        return True
+
+    def _build(self, step, struct, addrs) -> _Plan:
         k = self._k
         extra = step.extra
         params = step.params
@@ -309,13 +390,6 @@ class TritonBackend:
         device = p0.device
         n = len(params)
         momentum = step.momentum != 0
-        firsts = [False] * n
-        if momentum:
-            bufs_list = step.momentum_buffers
-            for i, b in enumerate(bufs_list):
-                if b is None:  # first step: the kernel writes buf = u
-                    bufs_list[i] = _new_buffer(params[i])
-                    firsts[i] = True
         layout = self._layout(tuple(map(_numel, params)))
         glob = step.granularity == "global"
         T = 1 if glob else n
@@ -323,24 +397,14 @@ class TritonBackend:
         table = n > 1
         plan = _Plan()
         plan.device = device
-        # A plan that made momentum buffers must not be reused: the same key (no buffers)
-        # next time would mean other new buffers at other addresses.
-        plan.key = _NO_KEY if any(firsts) else key
-        common = dict(chunk_base=0, CHUNK=layout["chunk"], stats_f=bufs["stats_f"],
+        plan.key = struct
+        plan.layout = layout
+        common = dict(meta=None, chunk_base=n * k.ROW if table else 0, p_ref=p0, d_ref=p0,
+                      g_ref=p0, b_ref=p0, numel0=0 if table else p0.numel(), has_g0=0,
+                      first0=0, CHUNK=layout["chunk"], stats_f=bufs["stats_f"],
                       stats_b=bufs["stats_b"], T=T, grad_scale=None, GLOBAL=glob, TABLE=table,
                       AMP_SCALE=step.grad_scale is not None, ROW=k.ROW,
                       VEC=16 // p0.element_size(), BLOCK=k.BLOCK)
-        meta = None
-        if table:
-            meta = self._table(step, layout, firsts, device, extra)
-            common.update(meta=meta, chunk_base=n * k.ROW, p_ref=p0, d_ref=p0, g_ref=p0,
-                          b_ref=p0, numel0=0, has_g0=0, first0=0)
-        else:
-            d0, g0 = step.grads[0], step.general_grads[0]
-            b0 = step.momentum_buffers[0] if momentum else p0
-            common.update(meta=None, p_ref=p0, d_ref=d0, g_ref=g0 if g0 is not None else d0,
-                          b_ref=b0, numel0=p0.numel(), has_g0=int(g0 is not None),
-                          first0=int(firsts[0]))
         lr = step.lr
         lr_ptr = isinstance(lr, Tensor) and lr.device == device
         plan.lr_ptr = lr_ptr
@@ -366,12 +430,9 @@ class TritonBackend:
                            for launcher in plan.launchers)
         plan.stats = bufs["stats"]
         plan.owned = [bufs["stats_f"], bufs["stats_b"], bufs["partials"], bufs["counter"]]
-        if meta is not None:
-            plan.owned.append(meta)
-        if momentum:
-            plan.owned += step.momentum_buffers
-        if capturing(device):
-            keep_for_graphs(extra, *plan.owned)
+        if not self._bind(plan, step, addrs):  # cannot happen: the full check passed
+            raise RuntimeError("triton backend: a tensor address is not a whole number of "
+                               "elements away from the first parameter's")
         extra["triton_plan"] = plan
         return plan
 

@@ -1,0 +1,109 @@
+"""benchmarks/device_check.sh and its pieces, on the CPU: the script parses, its dry run
+exits 0 with a clear "no CUDA device" verdict per target, its GPU steps walk without a typo
+(plan-only mode), and the verdicts and the BENCHMARKS.md section come out right."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "device_check.sh"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import device_verdicts as dv  # noqa: E402
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="bash and coreutils timeout needed")
+
+
+def _run(tmp_path, **env):
+    full = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), **env)
+    full.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=600)
+
+
+@needs_bash
+def test_the_script_parses():
+    proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_bash
+@pytest.mark.slow
+def test_dry_run_exits_0_with_a_no_cuda_verdict_per_target(tmp_path):
+    proc = _run(tmp_path, DEVICE_CHECK_DRY_RUN="1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "no CUDA device" in out
+    verdicts = [line for line in out.splitlines() if line.startswith("VERDICT")]
+    assert verdicts == dv.no_device_lines(), verdicts
+    assert "sanitize driver done: 0 failed" in out  # the driver ran its Triton cases
+    assert (tmp_path / "out" / "device_check.log").exists()
+
+
+@needs_bash
+def test_plan_only_walks_every_gpu_step(tmp_path):
+    proc = _run(tmp_path, DEVICE_CHECK_PLAN_ONLY="1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    steps = [line.split(None, 1)[1] for line in out.splitlines() if line.startswith("  plan ")]
+    for name in ("build", "test_gpu_step_path", "gpu_kernels_bench", "verdicts",
+                 "test_cuda_build", "memcheck", "racecheck", "test_triton_backend"):
+        assert any(name in s for s in steps), (name, steps)
+    assert "FAIL" not in out
+
+
+def _results():
+    def row(scenario, impl, wall, floor=1.0):
+        return dict(scenario=scenario, impl=impl, wall_us=wall, device_us=wall * 0.9,
+                    floor_us=floor, tensors=1, elements=1, iters=10)
+
+    return [
+        row("coop 16x512", "prograd_fast-triton", 14.0),
+        row("coop 16x512", "prograd_fast-cuda plan=small", 12.0),
+        row("coop 16x512", "prograd_fast-cuda[coop]", 5.0),  # forced plans are not judged
+        row("coop 16x512", "torch_sgd", 9.0),
+        row("maple 27 / 3.6M", "prograd_fast-triton", 61.0),
+        row("maple 27 / 3.6M", "prograd_fast-cuda plan=two_pass", 55.0),
+        dict(scenario="classctx 8.2M", impl="prograd_fast-triton", skipped="no CUDA device"),
+        row("dense 64M", "prograd_fast-triton", 510.0, floor=500.0),
+        row("dense 256M", "prograd_fast-cuda plan=two_pass", 2100.0, floor=2000.0),
+    ]
+
+
+def test_verdicts_judge_the_best_fused_backend_per_target():
+    lines = dv.verdict_lines(_results())
+    assert len(lines) == len(dv.TARGETS)
+    coop, maple, classctx, d64, d256 = lines
+    assert coop.startswith("VERDICT PASS coop 16x512: 12.0 us <= 20 us")
+    assert "prograd_fast-cuda plan=small" in coop and "triton 14.0 us" in coop
+    assert maple.startswith("VERDICT FAIL maple 27 / 3.6M: 55.0 us <= 50 us")
+    assert classctx.startswith("VERDICT NOT RUN classctx 8.2M") and "no CUDA device" in classctx
+    assert d64.startswith("VERDICT PASS dense 64M: 1.020x")
+    assert d256.startswith("VERDICT FAIL dense 256M: 1.050x")
+
+
+def test_the_section_is_written_between_its_markers(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nprose\n\n<!-- prograd-bench:cpu:begin -->\ncpu\n"
+                  "<!-- prograd-bench:cpu:end -->\n")
+    data = dict(device="cuda", device_name="NVIDIA H200", torch="2.11", triton="3.6",
+                date="2026-11-29", bandwidth_Bps=4.3e12, granularity="tensor",
+                results=_results())
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps(data))
+    assert dv.main([str(results), "--write", str(md)]) == 0
+    text = md.read_text()
+    assert "prose" in text and "<!-- prograd-bench:cpu:end -->" in text
+    assert text.count("<!-- prograd-bench:gpu-check:begin -->") == 1
+    assert "NVIDIA H200" in text and "VERDICT PASS coop 16x512" in text
+    assert "| dense 64M | prograd_fast-triton | 510.0 |" in text
+    dv.main([str(results), "--write", str(md)])  # replaced, not appended
+    assert md.read_text().count("<!-- prograd-bench:gpu-check:begin -->") == 1
