@@ -14,8 +14,13 @@ import os
 import pytest
 import torch
 
-import scenarios
-from measure import copy_bandwidth_gbs, machine_facts
+if not torch.cuda.is_available():
+    # test_bench_host.py times the Triton backend's host path with CPU tensors, which select
+    # the interpreter mode (set before any Triton kernel is made; peers.py never times it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import scenarios  # noqa: E402
+from measure import copy_bandwidth_gbs, machine_facts  # noqa: E402
 
 # PROGRAD_BENCH_THREADS pins torch's intra-op threads (e.g. 1 on a shared, busy machine,
 # where OpenMP barriers waiting on descheduled threads add whole scheduler quanta).

@@ -29,6 +29,8 @@ _DEVICE = operator.attrgetter("device")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _SIZE = torch.Tensor.size
 _NONE_TYPE = type(None)
+_POP_GENERAL = operator.methodcaller("pop", GENERAL_KEY, None)
+_GET_BUFFER = operator.methodcaller("get", "momentum_buffer")
 _STRIDED = frozenset([torch.strided])
 _COMPLEX = frozenset([torch.complex32, torch.complex64, torch.complex128])
 
@@ -126,10 +128,8 @@ def gather(state, params: list, momentum: bool):
         bufs = ([None if sd is None else sd.get("momentum_buffer") for sd in sds] if momentum
                 else [None] * len(sds))
     else:
-        pop = operator.methodcaller("pop", GENERAL_KEY, None)
-        generals = list(map(pop, sds))
-        bufs = (list(map(operator.methodcaller("get", "momentum_buffer"), sds)) if momentum
-                else [None] * len(sds))
+        generals = list(map(_POP_GENERAL, sds))
+        bufs = list(map(_GET_BUFFER, sds)) if momentum else [None] * len(sds)
     any_general = any(map(operator.is_not, generals, repeat(None)))
     if _NONE_TYPE in map(type, grads):
         keep = [i for i, g in enumerate(grads) if g is not None]

@@ -107,3 +107,22 @@ def test_the_section_is_written_between_its_markers(tmp_path):
     assert "| dense 64M | prograd_fast-triton | 510.0 |" in text
     dv.main([str(results), "--write", str(md)])  # replaced, not appended
     assert md.read_text().count("<!-- prograd-bench:gpu-check:begin -->") == 1
+
+
+def test_host_report_renders_targets_and_the_paired_ratio(tmp_path):
+    import host_report
+
+    def bench(name, median, **extra):
+        return dict(name=name, stats=dict(median=median * 1e-6, iqr=1e-6),
+                    options=dict(timer="process_time"), extra_info=extra)
+
+    data = dict(datetime="2026-11-29", machine_info=dict(prograd_bench=dict(
+        device_name="cpu", cpu_count=2, torch_threads=1, torch="2.x", triton="3.x",
+        python="3.11")), benchmarks=[
+        bench("test_host_path[coop]", 7.5, target_us=8.0, tensors=1),
+        bench("test_host_path[maple27]", 25.0, target_us=20.0, tensors=27),
+        bench("test_whole_step[cpp]", 12.0, paired_over_torch_fused=0.8)])
+    text = host_report.render(data, "cmd")
+    assert "| test_host_path[coop] | 7.5 us | 1.0 us | 8 us | PASS |" in text
+    assert "| test_host_path[maple27] | 25.0 us | 1.0 us | 20 us | FAIL |" in text
+    assert "PASS | paired cpp / torch fused SGD = 0.80x" in text

@@ -150,10 +150,12 @@ class TritonBackend:
         try:
             p0 = params[0]
             dtype = p0.dtype
+            gs, fi = step.grad_scale, step.found_inf
             options = (step.granularity, momentum, bool(step.nesterov), bool(step.maximize),
                        step.weight_decay != 0,
                        _tensor_key(lr) if isinstance(lr, Tensor) else None,
-                       _tensor_key(step.grad_scale), _tensor_key(step.found_inf))
+                       None if gs is None else _tensor_key(gs),
+                       None if fi is None else _tensor_key(fi))
             if len(params) == 1:  # CoOp: no passes, plain attribute reads
                 d, g = grads[0], generals[0]
                 b = step.momentum_buffers[0] if momentum else None
@@ -234,14 +236,15 @@ class TritonBackend:
                 return f"lr tensor on {lr.device} but parameters on {device}"
         return None
 
-    def _plan_or_reason(self, step, prepare: bool = True) -> tuple[_Plan | None, str | None]:
+    def _plan_or_reason(self, step, prepare: bool = True,
+                        keys: tuple | None = None) -> tuple[_Plan | None, str | None]:
         """The group's plan, bound to this step's tensors, or why the group cannot run.
         Nothing is allocated or launched for a group that fails the check, and nothing at
         all with ``prepare=False`` (``unsupported``: a question, not a step)."""
         reason = self.available()
         if reason is not None:
             return None, reason
-        addrs, struct = self._keys(step)
+        addrs, struct = self._keys(step) if keys is None else keys
         plan = step.extra.get("triton_plan")
         if plan is not None and plan.addrs == addrs and plan.key == struct \
                 and struct is not _NO_KEY:
@@ -451,7 +454,12 @@ class TritonBackend:
 
     def try_step(self, step) -> ProGradStats | str:
         """``step`` when the group can run here, else the reason (nothing launched)."""
-        plan, reason = self._plan_or_reason(step)
+        plan = step.extra.get("triton_plan")
+        if plan is not None and self._available is None:  # the common case: nothing changed
+            addrs, struct = self._keys(step)
+            if plan.addrs == addrs and plan.key == struct and struct is not _NO_KEY:
+                return self._launch(plan, step)
+        plan, reason = self._plan_or_reason(step, keys=None if plan is None else (addrs, struct))
         if reason is not None:
             return reason
         return self._launch(plan, step)

@@ -1,0 +1,125 @@
+"""The host side of one optimizer step (issue 10, item 7), on the CPU.
+
+Run: ``PROGRAD_BENCH_THREADS=1 pytest benchmarks/test_bench_host.py --benchmark-only
+--benchmark-timer time.process_time --benchmark-json=benchmarks/results/host.json``, then
+``python benchmarks/host_report.py benchmarks/results/host.json --write BENCHMARKS.md
+--strip-data`` for the BENCHMARKS.md section.
+
+* ``test_host_path[<scenario>-triton]``: ``store_general_grads`` + ``step`` of a ProGradSGD
+  with the Triton backend, every kernel launch stubbed (``Launcher.__call__`` does nothing):
+  what the Python around the kernels costs per step, the floor a GPU step cannot go under.
+  Targets (``extra_info["target_us"]``): CoOp (one 16x512 tensor) <= 8 us, 27 tensors
+  <= 20 us.  Without a GPU the tensors are CPU tensors of the real shapes (Triton's
+  interpreter mode selects the backend; nothing runs in it); with one, CUDA tensors.
+* ``test_whole_step[coop-cpp]`` vs ``[coop-torch_fused_sgd]``: the cpp backend's whole CoOp
+  step (store + step, kernel included) against ``torch.optim.SGD(fused=True).step()`` on
+  the same shapes (no ProGrad).  Target: cpp no slower.  The cpp case also records a
+  paired ratio (the two steps alternated, median of per-round ratios: robust to the load
+  of a shared machine) as ``extra_info["paired_over_torch_fused"]``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+import prograd_fast as pf
+
+# Without a GPU, CPU tensors select the Triton backend in its interpreter mode
+# (benchmarks/conftest.py sets TRITON_INTERPRET); with one, CUDA tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+COOP = [(16, 512)]
+MAPLE27 = [(2, 512)] * 9 + [(768, 512), (768,)] * 9  # 27 tensors, 3.56M elements
+SCENARIOS = {"coop": (COOP, 8.0), "maple27": (MAPLE27, 20.0)}
+HYPER = dict(lr=0.002, momentum=0.9, weight_decay=5e-4)
+
+
+def _group(shapes, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
+    generals = [-0.5 * p.grad for p in params]
+    return params, generals
+
+
+@pytest.fixture
+def stubbed_launches(monkeypatch):
+    from prograd_fast.backends import triton_backend
+
+    if triton_backend.BACKEND.available() is not None:
+        pytest.skip(f"triton backend: {triton_backend.BACKEND.available()}")
+    kernels = triton_backend.BACKEND._k
+    monkeypatch.setattr(kernels.Launcher, "__call__", lambda self: None)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_host_path(benchmark, scenario, stubbed_launches):
+    shapes, target = SCENARIOS[scenario]
+    params, generals = _group(shapes, device=DEVICE)
+    opt = pf.ProGradSGD(params, backend="triton", **HYPER)
+
+    def step():
+        opt.store_general_grads(generals)
+        opt.step()
+
+    for _ in range(3):  # plan built, buffers made, addresses bound
+        step()
+    benchmark.group = "host path, launches stubbed"
+    benchmark.extra_info.update(kind="host_path", scenario=scenario, tensors=len(shapes),
+                                target_us=target, backend="triton", device=DEVICE)
+    benchmark(step)
+
+
+def _torch_fused(shapes):
+    params, _ = _group(shapes, seed=1)
+    opt = torch.optim.SGD(params, fused=True, **HYPER)
+    opt.step()
+    return opt.step
+
+
+def _cpp(shapes):
+    params, generals = _group(shapes, seed=1)
+    opt = pf.ProGradSGD(params, backend="cpp", **HYPER)
+
+    def step():
+        opt.store_general_grads(generals)
+        opt.step()
+
+    step()
+    return step
+
+
+def _paired(a, b, rounds=15, per_round=200) -> float:
+    """Median over rounds of (time of a) / (time of b), the two alternated."""
+    clock = time.process_time
+    ratios = []
+    for _ in range(rounds):
+        t0 = clock()
+        for _ in range(per_round):
+            a()
+        t1 = clock()
+        for _ in range(per_round):
+            b()
+        t2 = clock()
+        ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
+    return statistics.median(ratios)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch_fused_sgd"])
+def test_whole_step(benchmark, impl):
+    if pf.available_backends()["cpp"] is not None:
+        pytest.skip(f"cpp backend: {pf.available_backends()['cpp']}")
+    step = _cpp(COOP) if impl == "cpp" else _torch_fused(COOP)
+    for _ in range(3):
+        step()
+    benchmark.group = "whole CoOp step, CPU"
+    benchmark.extra_info.update(kind="whole_step", scenario="coop", impl=impl,
+                                threads=torch.get_num_threads())
+    if impl == "cpp":
+        benchmark.extra_info["paired_over_torch_fused"] = _paired(step, _torch_fused(COOP))
+    benchmark(step)
