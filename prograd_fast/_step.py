@@ -41,14 +41,17 @@ def hooked_step(func):
     walk the hook dictionaries only when a profiler runs, a hook is registered or dynamo
     traces the step; then torch's own wrapper runs, unchanged."""
     slow = Optimizer.profile_hook_step(torch.no_grad()(func))
-    pre_hooks = _optimizer_module._global_optimizer_pre_hooks
-    post_hooks = _optimizer_module._global_optimizer_post_hooks
+    hooks = _optimizer_module
     grad_enabled = torch.is_grad_enabled
     set_grad = torch._C._set_grad_enabled
 
+    # torch keeps a Python flag of the profiler state for such checks (no flag: always profile)
+    has_flag = hasattr(_profiler, "_is_profiler_enabled")
+
     @functools.wraps(func)
     def step(self, *args, **kwargs):
-        if (_profiler._is_profiler_enabled or pre_hooks or post_hooks
+        if ((not has_flag or _profiler._is_profiler_enabled)
+                or hooks._global_optimizer_pre_hooks or hooks._global_optimizer_post_hooks
                 or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
                 or torch.compiler.is_compiling()):
             return slow(self, *args, **kwargs)

@@ -572,3 +572,51 @@ def test_cuda_slot_starts_match_the_kernel_chunking():
     from prograd_fast.backends.cuda_backend import slot_starts
 
     assert slot_starts([0, 1, 32768, 32769, 5], 32768) == [0, 0, 1, 2, 4, 5]
+
+
+# --------------------------------------------- item 7: the optimizer's step wrapper
+def _tiny_opt(backend="torch"):
+    import prograd_fast as pf
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    return p, pf.ProGradSGD([p], lr=0.1, momentum=0.9, backend=backend)
+
+
+def test_step_wrapper_profiles_and_runs_hooks_like_torch():
+    """The cheap wrapper must keep what torch's does: the profiler label, global and
+    per-optimizer hooks, grad mode off inside the step and restored after."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    p, opt = _tiny_opt()
+    with torch.profiler.profile() as prof:
+        opt.store_general_grads([-p.grad])
+        opt.step()
+    assert any(e.name == "Optimizer.step#ProGradSGD.step" for e in prof.events())
+    seen = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: seen.append("global pre")),
+               register_optimizer_step_post_hook(lambda o, a, k: seen.append("global post")),
+               opt.register_step_pre_hook(lambda o, a, k: seen.append("pre")),
+               opt.register_step_post_hook(lambda o, a, k: seen.append("post"))]
+    try:
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == ["global pre", "pre", "post", "global post"]
+    seen.clear()
+    modes = []
+
+    def closure():
+        modes.append(torch.is_grad_enabled())
+        return torch.zeros(())
+
+    before = p.detach().clone()
+    opt.step(closure)
+    assert modes == [True] and torch.is_grad_enabled() and not seen
+    assert not torch.equal(before, p.detach())  # stepped, no autograd error on a leaf
+    with torch.no_grad():
+        opt.step()
+        assert not torch.is_grad_enabled()  # restored to what it was
+    assert torch.is_grad_enabled()
