@@ -413,6 +413,14 @@ __device__ __forceinline__ void coop_keep(int q, float dv, float gv, float* rd, 
   }
 }
 
+// kBatch 16-byte packs of one stream for thread tid, starting at pack row j0 (no checks).
+template <typename Pk>
+__device__ __forceinline__ void load_batch(Pk (&dst)[kBatch], const Pk* __restrict__ src,
+                                           int j0, int tid) {
+#pragma unroll
+  for (int b = 0; b < kBatch; ++b) dst[b] = src[(j0 + b) * kCoopThreads + tid];
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCoopThreads, 1) coop_kernel(Table t, float* partials,
                                                                const int* slot_start, int n_all,
@@ -443,12 +451,8 @@ __global__ void __launch_bounds__(kCoopThreads, 1) coop_kernel(Table t, float* p
 #pragma unroll
     for (int j0 = 0; j0 < P; j0 += kBatch) {
       Pk dp[kBatch], gp[kBatch];
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) dp[b] = dpk[(j0 + b) * kCoopThreads + tid];
-      if (g != nullptr) {
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) gp[b] = gpk[(j0 + b) * kCoopThreads + tid];
-      }
+      load_batch(dp, dpk, j0, tid);
+      if (g != nullptr) load_batch(gp, gpk, j0, tid);
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
 #pragma unroll
@@ -505,12 +509,8 @@ __global__ void __launch_bounds__(kCoopThreads, 1) coop_kernel(Table t, float* p
 #pragma unroll
     for (int j0 = 0; j0 < P; j0 += kBatch) {
       Pk pp[kBatch], bp[kBatch];
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) pp[b] = ppk[(j0 + b) * kCoopThreads + tid];
-      if (read_buf) {
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) bp[b] = bpk[(j0 + b) * kCoopThreads + tid];
-      }
+      load_batch(pp, ppk, j0, tid);
+      if (read_buf) load_batch(bp, bpk, j0, tid);
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
 #pragma unroll
