@@ -86,10 +86,8 @@ def _tensor_key(t) -> tuple | None:
 
 
 class _Plan:
-    """One group's prepared step: valid for ``key`` (structure), bound to ``addrs``."""
-
-    __slots__ = ("key", "addrs", "align", "layout", "launchers", "slots", "stats", "owned",
-                 "lr_ptr", "device", "cpu_lr", "meta", "meta_stream")
+    """One group's prepared step: valid for ``key`` (structure), bound to ``addrs``.  (No
+    ``__slots__``: memory accounting that walks the optimizer's objects sees its tensors.)"""
 
     def __init__(self) -> None:
         self.key = _NO_KEY
