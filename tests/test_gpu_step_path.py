@@ -221,10 +221,13 @@ def test_buffers_warmed_up_on_a_side_stream_are_recorded_on_the_next(backend, mo
         train_step(eager, opt_e, x, y, zs)
     torch.cuda.synchronize()
     assert_same_params(eager, model)
+    cache = opt._backend_cache[0]
     if backend == "triton":
-        default = torch.cuda.current_stream().cuda_stream
-        owned = {t.data_ptr() for t in opt._backend_cache[0]["triton_plan"].owned}
-        assert owned <= {ptr for ptr, s in recorded if s == default}
+        owned = {t.data_ptr() for t in cache["triton_plan"].owned}
+    else:
+        owned = {cache["cuda"][name].data_ptr() for name in ("stats_f", "stats_b", "slots")}
+    default = torch.cuda.current_stream().cuda_stream
+    assert owned <= {ptr for ptr, s in recorded if s == default}
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

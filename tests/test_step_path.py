@@ -490,7 +490,7 @@ def test_buffers_are_recorded_on_each_new_stream_once(monkeypatch):
     current = {"stream": None}
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["stream"])
     flags = {"capturing": False}
-    monkeypatch.setattr(tb, "capturing", lambda device: flags["capturing"])
+    monkeypatch.setattr(_common, "capturing", lambda device: flags["capturing"])
     recorded = []
 
     class Buf:

@@ -123,6 +123,23 @@ def _device_empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.empty(n, dtype=dtype, device=device)
 
 
+def note_stream(extra: dict, device: torch.device, tensors, key: str) -> None:
+    """``record_stream`` the group's buffers on the current stream when it is not the one
+    the group used last: buffers first made on a side stream (the warm-up before a capture)
+    and then used on another must not be recycled by the first stream while the second still
+    reads them.  Skipped while capturing: what a capture uses is kept alive instead
+    (:func:`keep_for_graphs`).  One raw-stream query per step otherwise."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index)
+    if extra.get(key) == stream:
+        return
+    if not capturing(device):
+        current = torch.cuda.current_stream(device)
+        for t in tensors:
+            if t is not None:
+                t.record_stream(current)
+    extra[key] = stream
+
+
 def keep_for_graphs(extra: dict, *tensors) -> None:
     """Keep tensors a captured CUDA graph reads or writes alive as long as the group's cache:
     every replay repeats the captured launches and copies on the same addresses."""

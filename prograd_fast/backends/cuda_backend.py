@@ -9,7 +9,8 @@ Nothing is allocated or copied from the host after a group's first step: the sta
 buffers, the partial-sum workspace and the per-tensor slot starts live in ``step.extra``
 (made again only when the group's sizes, dtypes or granularity change; the slot starts are
 uploaded from pinned memory, see ``_common.upload``).  The returned statistics are views of
-those buffers, overwritten by the next step.  A device tensor lr is read by the kernels (a
+those buffers, overwritten by the next step.  On a stream switch they get
+``record_stream`` (``_common.note_stream``).  A device tensor lr is read by the kernels (a
 scheduler writing it in place steers CUDA-graph replays); a CPU tensor lr is read on the
 host (no device sync) and refused under capture, where its value would be baked in.
 ``PROGRAD_FAST_CUDA_PLAN`` = auto | small | coop | two_pass forces a plan (tests, benchmarks).
@@ -21,8 +22,8 @@ import os
 
 import torch
 
-from ._common import (ExtensionBackend, capturing, kernel_args, keep_for_graphs, stats_buffers,
-                      upload)
+from ._common import (ExtensionBackend, capturing, kernel_args, keep_for_graphs, note_stream,
+                      stats_buffers, upload)
 from .. import _ext
 from ..functional import ProGradStats
 
@@ -91,6 +92,9 @@ class CudaBackend(ExtensionBackend):
                     "a CPU tensor lr would be baked into the CUDA graph (a scheduler's later "
                     f"values ignored on replay): pass lr as a 0-d tensor on {device}")
             args[4], args[5] = float(lr), None  # a host read of a CPU tensor: no device sync
+        if device.type == "cuda":
+            note_stream(cache, device, [cache["stats_f"], cache["stats_b"], cache["slots"],
+                                        cache["workspace"], *step.momentum_buffers], "stream")
         bufs, workspace, plan = module.prograd_sgd(
             *args, cache["workspace"], cache["slots"], cache["stats_f"], cache["stats_b"],
             requested_plan())

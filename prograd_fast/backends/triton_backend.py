@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..functional import GRANULARITIES, ProGradStats
-from ._common import capturing, keep_for_graphs, stats_buffers, upload
+from ._common import capturing, keep_for_graphs, note_stream, stats_buffers, upload
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _dp = Tensor.data_ptr
@@ -504,18 +504,8 @@ class TritonBackend:
 
     @staticmethod
     def _streams(plan: _Plan, extra: dict, device) -> None:
-        """``record_stream`` the group's buffers on a stream other than the last one used
-        (buffers first made on a side stream -- the warm-up before a capture -- and then used
-        on another must not be recycled by the first stream while the second reads them).
-        Skipped while capturing: what a capture uses is kept alive instead."""
-        stream = torch._C._cuda_getCurrentRawStream(device.index)
-        if extra.get("triton_stream") == stream:
-            return
-        if not capturing(device):
-            current = torch.cuda.current_stream(device)
-            for t in plan.owned:
-                t.record_stream(current)
-        extra["triton_stream"] = stream
+        """``record_stream`` on a stream switch (see ``_common.note_stream``)."""
+        note_stream(extra, device, plan.owned, "triton_stream")
 
 
 BACKEND = TritonBackend()
