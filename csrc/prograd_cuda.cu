@@ -563,10 +563,11 @@ template <typename scalar_t>
 int coop_capacity(int device) {
   std::lock_guard<std::mutex> lock(g_coop_mu);
   const int forced = g_coop_override.load();
-  if (forced >= 0) return forced;
   const auto key = std::make_pair(device, static_cast<int>(sizeof(scalar_t)));
   auto it = g_coop_capacity.find(key);
-  if (it != g_coop_capacity.end()) return it->second;
+  if (it != g_coop_capacity.end()) return forced >= 0 ? forced : it->second;
+  // Measured once even when a test overrides it: the measurement also raises the kernel's
+  // dynamic shared-memory limit, without which any cooperative launch of it would fail.
   int capacity = 0;
   cudaDeviceProp prop;
   if (cudaGetDeviceProperties(&prop, device) == cudaSuccess && prop.cooperativeLaunch &&
@@ -581,7 +582,7 @@ int coop_capacity(int device) {
   }
   (void)cudaGetLastError();  // a refused attribute must not poison later launches
   g_coop_capacity[key] = capacity;
-  return capacity;
+  return forced >= 0 ? forced : capacity;
 }
 
 template <typename scalar_t>

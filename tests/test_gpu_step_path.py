@@ -28,13 +28,15 @@ HYPER = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, lam=1.0)
 
 
 class Net(torch.nn.Module):
-    """Four parameter tensors (two of awkward sizes): a multi-tensor group."""
+    """Four parameter tensors (awkward sizes): a multi-tensor group; ``hidden=17`` keeps it
+    under 16K elements (one Triton program, the CUDA single block), ``hidden=700`` takes the
+    reduce + update launches (Triton ticket, CUDA two-pass or cooperative)."""
 
-    def __init__(self):
+    def __init__(self, hidden=17):
         super().__init__()
         torch.manual_seed(0)
-        self.a = torch.nn.Linear(33, 17)
-        self.b = torch.nn.Linear(17, 5)
+        self.a = torch.nn.Linear(33, hidden)
+        self.b = torch.nn.Linear(hidden, 5)
 
     def forward(self, x):
         return self.b(torch.tanh(self.a(x)))
@@ -53,8 +55,8 @@ def train_step(model, opt, x, y, zs):
     opt.step()
 
 
-def twins(backend, **hyper):
-    models = [Net().to(DEV), Net().to(DEV)]
+def twins(backend, hidden=17, **hyper):
+    models = [Net(hidden).to(DEV), Net(hidden).to(DEV)]
     opts = [pf.ProGradSGD(m.parameters(), backend=backend, **{**HYPER, **hyper}) for m in models]
     return models, opts
 
@@ -85,8 +87,9 @@ def capture(model, opt, static, warmup_batches, scheduler=None):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("granularity", ["global", "tensor"])
-def test_capture_after_set_to_none_replays_like_eager(backend, granularity):
-    (eager, graphed), (opt_e, opt_g) = twins(backend, granularity=granularity)
+@pytest.mark.parametrize("hidden", [17, 700], ids=["one_launch", "two_launches"])
+def test_capture_after_set_to_none_replays_like_eager(backend, granularity, hidden):
+    (eager, graphed), (opt_e, opt_g) = twins(backend, hidden, granularity=granularity)
     data = batches(8)
     warm, rest = data[:3], data[3:]
     static = tuple(t.clone() for t in rest[0])
