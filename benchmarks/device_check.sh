@@ -17,7 +17,9 @@
 #  6. tests/test_cuda_build.py on the device (every plan, every dtype)
 #  7. compute-sanitizer memcheck, then racecheck, on every kernel
 #     (benchmarks/sanitize_kernels.py, each tensor its own allocation)
-#  8. with the time left: tests/test_triton_backend.py on CUDA
+#  8. every other benchmarks/gpu_*.py script (hardening, end to end, shared prefix), each
+#     under its own limit (the end-to-end ones need open_clip: carry it in .whl/)
+#  9. with the time left: tests/test_triton_backend.py on CUDA
 # The summary and the VERDICT lines are printed last.  Exit status 0 when every step passed.
 # Without a CUDA device (or with DEVICE_CHECK_DRY_RUN=1) it checks its own pieces on the
 # CPU (the sanitizer driver in the Triton interpreter, the verdict script) and prints one
@@ -27,7 +29,7 @@
 #
 # Environment: PYTHON (default python3), OUT (logs, JSON, BENCHMARKS.md go there; at most
 # 8 files), DEVICE_CHECK_BUDGET_S (default 450), DEVICE_CHECK_{BUILD,GPUTESTS,CUDATESTS,
-# MEMCHECK,RACECHECK,BENCH,TRITONTESTS}_S per-step limits.  Carry wheels a test or benchmark
+# MEMCHECK,RACECHECK,BENCH,OTHER,TRITONTESTS}_S per-step limits.  Carry wheels a test or benchmark
 # needs and the machine lacks (open_clip_torch for the end-to-end suite) in .whl/, see
 # /work/.library/device/README.md.
 set -u
@@ -197,6 +199,10 @@ if [ -n "$SANITIZER" ]; then
 else
     SUMMARY+=("SKIP  compute-sanitizer (not found)")
 fi
+for script in benchmarks/gpu_*.py; do
+    [ "$script" = "benchmarks/gpu_kernels_bench.py" ] && continue
+    run_step "$(basename "$script")" "${DEVICE_CHECK_OTHER_S:-60}" env OUT="$OUTDIR" $PY "$script"
+done
 run_step "Triton tests on CUDA: tests/test_triton_backend.py" "${DEVICE_CHECK_TRITONTESTS_S:-300}" \
     $PY -m pytest -x -q tests/test_triton_backend.py
 finish

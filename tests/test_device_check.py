@@ -55,7 +55,8 @@ def test_plan_only_walks_every_gpu_step(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     steps = [line.split(None, 1)[1] for line in out.splitlines() if line.startswith("  plan ")]
     for name in ("build", "test_gpu_step_path", "gpu_kernels_bench", "verdicts",
-                 "test_cuda_build", "memcheck", "racecheck", "test_triton_backend"):
+                 "test_cuda_build", "memcheck", "racecheck", "gpu_hardening.py",
+                 "gpu_e2e.py", "test_triton_backend"):
         assert any(name in s for s in steps), (name, steps)
     assert "FAIL" not in out
 
