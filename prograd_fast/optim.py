@@ -175,7 +175,9 @@ class ProGradSGD(Optimizer):
         """Per group, the last step's device tensors: ``cos``, ``conflict``, ``coef``,
         ``dot``, ``general_norm_sq``, ``domain_norm_sq``, ``skipped`` (0-d for
         ``granularity="global"``, one entry per stepped tensor for ``"tensor"``).
-        ``None`` for a group that has not stepped.  Reading them is the caller's sync."""
+        ``None`` for a group that has not stepped.  Reading them is the caller's sync.  The
+        fused backends write them into buffers they reuse: the next step overwrites them
+        (``clone()`` to keep a step's values)."""
         return [s.as_dict() if s is not None else None for s in self._stats]
 
     # ---------------------------------------------------------------- the step
