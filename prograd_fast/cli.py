@@ -14,6 +14,12 @@ from typing import Sequence
 __all__ = ["main", "build_parser", "CLIError"]
 
 
+# --share-prefix: "auto" / "off" and the shared-prefix encoder's suffix layouts
+# (prograd_fast.clip.shared_prefix.LAYOUTS; spelled out so that --help needs no torch import).
+SHARE_PREFIX_CHOICES = ("auto", "off", "bucketed", "packed", "padded")
+_SHARE_PREFIX = {"auto": True, "off": False}
+
+
 class CLIError(Exception):
     """A bad command-line input: ``main`` reports it as one line on stderr, exit status 2."""
 
@@ -63,6 +69,9 @@ def _add_train(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype (fp16 adds a GradScaler)")
     p.add_argument("--grad-mode", choices=["auto", "batched", "two_pass"], default="auto")
+    p.add_argument("--share-prefix", choices=SHARE_PREFIX_CHOICES, default="auto",
+                   help="encode the prompt prefix common to all classes once (exact; docs/coop.md); "
+                        "auto: the default suffix layout, off: every prompt whole")
     p.add_argument("--shift", default="occlude", choices=["occlude", "noise", "thick", "none"],
                    help="digits only: the downstream shift")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
@@ -168,6 +177,15 @@ def _digits_split(args):
     return split, subsample_classes, (lambda items, train: to_ds(items, task.train if train else task.test))
 
 
+def _prefix_note(model) -> str:
+    """How the prompts are encoded, for the start-up line."""
+    shared = model.shared_prefix
+    if shared is None:
+        return f"shared prefix off: {model.shared_prefix_off}"
+    return (f"first {model.prompt_learner.shared_prefix_length} shared by all classes, encoded once, "
+            f"{shared.layout} suffixes")
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 400 else text[:397] + "..."
@@ -243,7 +261,8 @@ def cmd_train(args) -> int:
         model = PromptedCLIP(clip, split.classnames, tokenizer=tokenizer, templates=templates,
                              n_ctx=16 if n_ctx is None else n_ctx, ctx_init=ctx_init,
                              class_specific=args.class_specific,
-                             class_token_position=args.class_token_position)
+                             class_token_position=args.class_token_position,
+                             share_prefix=_SHARE_PREFIX.get(args.share_prefix, args.share_prefix))
     except (ValueError, TypeError) as exc:  # prompts too long, unknown template, refused tower
         raise CLIError(_one_line(exc)) from exc
     data_name = "digits" if args.data == "digits" else Path(args.data).stem
@@ -258,7 +277,7 @@ def cmd_train(args) -> int:
     say = print if parallel.is_main() else (lambda *a, **k: None)
     say(f"{args.method}: {len(split.classnames)} classes, {len(train_items)} training images "
         f"({args.shots} shots, seed {args.seed}), {len(split.test)} test images, "
-        f"prompt length {model.prompt_learner.length} tokens, device {device}, "
+        f"prompt length {model.prompt_learner.length} tokens ({_prefix_note(model)}), device {device}, "
         f"{parallel.world_size()} process(es)")
     trainer = Trainer(model, make(train_items, True), make(split.test, False), cfg, device)
     if not args.no_resume:

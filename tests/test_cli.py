@@ -154,3 +154,31 @@ def test_demo_pretrains_once_and_prints_table(tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "cache").glob("digits_tiny_clip_*.pt"))) == 1
     assert cli.main(argv) == 0
     assert "First run" not in capsys.readouterr().out  # loaded from the cache
+
+
+def test_share_prefix_choices_are_the_encoders_layouts():
+    from prograd_fast.clip.shared_prefix import LAYOUTS
+
+    assert cli.SHARE_PREFIX_CHOICES == ("auto", "off", *LAYOUTS)
+
+
+def test_share_prefix_option_changes_the_encoding_not_the_result(tree_and_cfg, capsys):
+    """--share-prefix only chooses how the text tower runs: one epoch of ProGrad lands on the
+    same context (to rounding) with the prefix shared (two layouts) and with it off."""
+    data, cfg, out = tree_and_cfg
+    ctx, lines = {}, {}
+    for choice in ("off", "auto", "packed"):
+        assert _train(data, cfg, out / choice, "--epochs", "1", "--method", "prograd",
+                      "--share-prefix", choice) == 0
+        ctx[choice] = torch.load(out / choice / "checkpoint.pt", weights_only=False)["ctx"]
+        lines[choice] = capsys.readouterr().out.splitlines()[0]
+    assert "shared prefix off: share_prefix=False" in lines["off"]
+    assert "first 4 shared by all classes, encoded once, bucketed suffixes" in lines["auto"]
+    assert "packed suffixes" in lines["packed"]
+    assert not torch.equal(ctx["off"], torch.zeros_like(ctx["off"]))
+    torch.testing.assert_close(ctx["auto"], ctx["off"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ctx["packed"], ctx["off"], rtol=1e-4, atol=1e-5)
+    # nothing to share with the class name in front: the start-up line says why
+    assert _train(data, cfg, out / "front", "--epochs", "1", "--method", "coop",
+                  "--class-token-position", "front", "--share-prefix", "padded") == 0
+    assert "shared prefix off: class token in front" in capsys.readouterr().out
