@@ -185,7 +185,6 @@ class SharedPrefixEncoder(nn.Module):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if prefix_length < 1:
             raise NotShareable(f"prefix_length must be >= 1, got {prefix_length}")
-        self.layout = layout
         oct = _open_clip_classes()
         if type(tower.transformer) not in (oct.Transformer, oct.CustomTransformer):
             kind = type(tower.transformer)
