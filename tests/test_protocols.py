@@ -230,3 +230,14 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, half)
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
+
+
+def test_plan_counts_each_run_once_and_never_tests_the_source_as_a_target():
+    # a repeated seed / shot / data set is one run (else a table averages one run with itself)
+    runs = plan("fewshot", ["dtd", "dtd"], ["coop", "coop"], [1, 1], [1, 1])
+    assert [(r.dataset, r.method, r.shots, r.seed) for r in runs] == [("dtd", "coop", 1, 1)]
+    # xd from another source: ImageNet becomes a target, the source is not one
+    tests = plan("xd", None, ["coop"], None, [1], source="oxford_pets")[0].tests
+    assert tests[0] == "oxford_pets/all" and tests.count("oxford_pets/all") == 1
+    assert "imagenet/all" in tests and len(tests) == 11
+    assert plan("xd", ["imagenet", "dtd"], ["coop"], None, [1])[0].tests == ("imagenet/all", "dtd/all")

@@ -100,13 +100,16 @@ def plan(protocol: str, datasets: Sequence[str] | None, methods: Sequence[str],
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ProtocolError(f"unknown method(s) {bad}: use {', '.join(METHODS)}")
-    datasets = list(datasets or default_datasets(protocol))
-    shots = list(shots or DEFAULT_SHOTS[protocol])
+    # a repeated value is one run (a table must not average a run with itself)
+    methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(seeds))
+    shots = list(dict.fromkeys(shots or DEFAULT_SHOTS[protocol]))
     if any(k < 1 for k in shots) or not seeds:
         raise ProtocolError("shots must be >= 1 and at least one seed is needed")
     if protocol != "fewshot" and len(shots) != 1:
         raise ProtocolError(f"{protocol} takes one --shots value (its table has no shots axis)")
-    specs = [get_spec(d) for d in datasets + ([source] if protocol in ("xd", "dg") else [])]
+    src = get_spec(source)
+    specs = list({s.name: s for s in map(get_spec, datasets or default_datasets(protocol, src.name))
+                  if protocol in ("fewshot", "base2new") or s.name != src.name}.values())
     runs: list[Run] = []
 
     def add(dataset, classes, tests):
@@ -125,11 +128,10 @@ def plan(protocol: str, datasets: Sequence[str] | None, methods: Sequence[str],
                 add(spec.name, "all", (f"{spec.name}/all",))
             else:
                 add(spec.name, "base", (f"{spec.name}/base", f"{spec.name}/new"))
-    else:
-        src = specs[-1]
+    else:  # the source is always tested first, so it is never also a target
         if src.test_only:
             raise DatasetError(f"{src.name} is a test-only data set: it cannot be the source")
-        add(src.name, "all", (f"{src.name}/all",) + tuple(f"{s.name}/all" for s in specs[:-1]))
+        add(src.name, "all", (f"{src.name}/all",) + tuple(f"{s.name}/all" for s in specs))
     return runs
 
 
