@@ -193,6 +193,11 @@ def test_pickle_with_other_objects_is_refused_unrun(tmp_path, monkeypatch):
     pkl.write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match="not a Dassl few-shot split"):
         read_fewshot_pickle(pkl, full.train, full.classnames, folder)
+    # corrupt files whose opcodes announce absurd sizes (MemoryError, OverflowError): one line too
+    for junk in (b"\x96\xf0!+\x14!sB\x14\x99", b"\x95tH\x93a5\xde\xeb\xa9\xc4V"):
+        pkl.write_bytes(junk)
+        with pytest.raises(DatasetError, match="not a Dassl few-shot split"):
+            read_fewshot_pickle(pkl, full.train, full.classnames, folder)
 
 
 # ---------------------------------------------------------------- bad inputs: one clear line

@@ -62,7 +62,10 @@ def _load(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             data = _RestrictedUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read the few-shot split ({e.strerror})") from None
+    except Exception as e:  # nothing in the file runs: any failure is a malformed file (a
+        # corrupt one can announce absurd sizes: MemoryError, OverflowError)
         raise DatasetError(f"{path}: not a Dassl few-shot split ({e}); expected "
                            f'{{"train": [Datum, ...], "val": [...]}} as Dassl writes it') from None
     if not isinstance(data, dict) or not isinstance(data.get("train"), list) or not all(
