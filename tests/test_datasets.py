@@ -258,3 +258,13 @@ def test_bad_fgvc(tmp_path):
     path.write_text(path.read_text() + "1234567 Boeing 999\n")
     msg = _error(lambda: load_split("fgvc_aircraft", tmp_path))
     assert f"{path}:9: '1234567 Boeing 999' is not '<image id> <variant>'" in msg
+
+
+@pytest.mark.parametrize("name,file", [("dtd", "split_zhou_DescribableTextures.json"),
+                                       ("fgvc_aircraft", "variants.txt"),
+                                       ("fgvc_aircraft", "images_variant_test.txt"),
+                                       ("imagenet_a", "classnames.txt")])
+def test_a_text_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, name, file):
+    path = L.make(tmp_path, name) / file
+    path.write_bytes(path.read_bytes() + "caf\u00e9\n".encode("latin-1"))
+    assert f"{path}: not UTF-8 text" in _error(lambda: load_split(name, tmp_path))

@@ -69,13 +69,21 @@ def read_dataset(spec: DatasetSpec, root: str | Path) -> Split:
     return reader(spec, folder)
 
 
+def _read_text(path: str, what: str) -> str:
+    """The text of ``path`` (universal newlines); unreadable or not UTF-8: one line."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}); expected the {what} as "
+                           f"CoOp's DATASETS.md gives it") from None
+
+
 # ---------------------------------------------------------------- split JSON
 def read_split_json(path: str, image_dir: str) -> Split:
     """CoOp's split file; rows ``[impath, label, classname]`` joined onto ``image_dir``."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read the split file ({e.strerror})") from None
+    text = _read_text(path, "split file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -136,8 +144,7 @@ def _read_fgvc(spec: DatasetSpec, folder: str) -> Split:
     variants = os.path.join(folder, "variants.txt")
     _need_file(variants, spec, "variants.txt (one aircraft variant per line)")
     _need_dir(os.path.join(folder, "images"), spec, "image folder")
-    with open(variants, encoding="utf-8") as f:
-        classnames = [line.strip() for line in f]
+    classnames = [line.strip() for line in _read_text(variants, "variant list").split("\n")]
     while classnames and not classnames[-1]:
         classnames.pop()
     if not classnames or any(not c for c in classnames):
@@ -148,16 +155,15 @@ def _read_fgvc(spec: DatasetSpec, folder: str) -> Split:
         path = os.path.join(folder, f"images_variant_{split}.txt")
         _need_file(path, spec, f"images_variant_{split}.txt")
         items = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                words = line.strip().split(" ")
-                if not line.strip():
-                    continue
-                name = " ".join(words[1:])
-                if len(words) < 2 or name not in index:
-                    raise DatasetError(f"{path}:{n}: {line.strip()!r} is not '<image id> <variant>' "
-                                       f"with a variant listed in {variants}")
-                items.append(Item(os.path.join(folder, "images", words[0] + ".jpg"), index[name]))
+        for n, line in enumerate(_read_text(path, "image list").split("\n"), 1):
+            words = line.strip().split(" ")
+            if not line.strip():
+                continue
+            name = " ".join(words[1:])
+            if len(words) < 2 or name not in index:
+                raise DatasetError(f"{path}:{n}: {line.strip()!r} is not '<image id> <variant>' "
+                                   f"with a variant listed in {variants}")
+            items.append(Item(os.path.join(folder, "images", words[0] + ".jpg"), index[name]))
         parts.append(items)
     return Split(*parts, classnames)
 
@@ -166,14 +172,13 @@ def _read_fgvc(spec: DatasetSpec, folder: str) -> Split:
 def read_classnames(path: str) -> "OrderedDict[str, str]":
     """``classnames.txt``: ``<folder> <class name words>`` per line, in file order."""
     names: OrderedDict[str, str] = OrderedDict()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            words = line.strip().split(" ")
-            if not line.strip():
-                continue
-            if len(words) < 2:
-                raise DatasetError(f"{path}:{n}: {line.strip()!r} is not '<folder> <class name>'")
-            names[words[0]] = " ".join(words[1:])
+    for n, line in enumerate(_read_text(path, "class name list").split("\n"), 1):
+        words = line.strip().split(" ")
+        if not line.strip():
+            continue
+        if len(words) < 2:
+            raise DatasetError(f"{path}:{n}: {line.strip()!r} is not '<folder> <class name>'")
+        names[words[0]] = " ".join(words[1:])
     if not names:
         raise DatasetError(f"{path}: no '<folder> <class name>' lines")
     return names
