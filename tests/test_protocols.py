@@ -241,3 +241,30 @@ def test_plan_counts_each_run_once_and_never_tests_the_source_as_a_target():
     assert tests[0] == "oxford_pets/all" and tests.count("oxford_pets/all") == 1
     assert "imagenet/all" in tests and len(tests) == 11
     assert plan("xd", ["imagenet", "dtd"], ["coop"], None, [1])[0].tests == ("imagenet/all", "dtd/all")
+
+
+def test_a_changed_data_set_is_not_answered_from_old_runs(env, tmp_path, capsys):
+    _, model, _ = env
+    root = tmp_path / "data"
+    folder = L.make(root, "dtd")
+
+    def main():
+        return cli.main(["protocol", "fewshot", "--root", str(root), "--model", str(model),
+                         "--pretrained", "none", "--output-dir", str(tmp_path / "out"),
+                         "--epochs", "1", "--seeds", "1", "--num-workers", "0", "--no-progress",
+                         "--datasets", "dtd", "--methods", "zeroshot", "coop", "--shots", "4"])
+
+    assert main() == 0
+    capsys.readouterr()
+    split = folder / "split_zhou_DescribableTextures.json"
+    data = json.loads(split.read_text())
+    data["test"] = data["test"][:-1]  # one test image fewer: both runs are tested again
+    split.write_text(json.dumps(data))
+    assert main() == 0
+    assert "trained 0 run(s); image features: 1 computed, 0 from the cache" in capsys.readouterr().out
+    runs = _json(tmp_path / "out" / "fewshot.json")["runs"]
+    assert len(runs) == 2
+    data["train"] = data["train"][1:]  # one training image fewer: another 4-shot set
+    split.write_text(json.dumps(data))
+    assert main() == 0
+    assert "trained 1 run(s); image features: 0 computed, 1 from the cache" in capsys.readouterr().out

@@ -3,11 +3,13 @@
 A *run* is one prompt: trained (CoOp / ProGrad) on a data set's few-shot split, or the
 zero-shot prompt.  It lives in ``<output>/runs/<data set>/<classes>/<method>/
 shots<K>-seed<S>-ep<E>-<hash>/`` (the hash covers every setting that changes the result:
-model weights, schedule, prompt, precision, inputs), holding the trainer's
-``checkpoint.pt`` and logs and ``result.json`` (accuracy per test set, written atomically
-when the run's tests are done).  A rerun skips runs whose ``result.json`` has every test
-the protocol needs, resumes a killed run from its checkpoint, and only tests a finished
-one that lacks a test (e.g. an ImageNet run trained by ``xd``, then used by ``dg``).
+model weights, schedule, prompt, precision, inputs, the few-shot images), holding the
+trainer's ``checkpoint.pt`` and logs and ``result.json`` (accuracy per test set and the
+test list it was made on, written atomically when the run's tests are done).  A rerun
+skips runs whose ``result.json`` has every test the protocol needs, made on the current
+test lists; resumes a killed run from its checkpoint; and only tests a finished one that
+lacks a test (e.g. an ImageNet run trained by ``xd``, then used by ``dg``) or whose test
+list changed.
 
 Test sets are named ``<data set>/<classes>`` (``oxford_pets/base``, ``imagenet_a/all``)
 and evaluated on cached image features (:mod:`.features`): a test set's images are encoded
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +34,7 @@ from ..atomic import atomic_write_json
 from ..clip import PromptedCLIP, parallel
 from ..clip.data import ImageDataset, Split, coop_transforms, subsample_classes
 from ..clip.trainer import PRECISIONS, TrainConfig, Trainer, correct_counts, transfer_context
-from ..datasets import (dataset_folder, few_shot_train, fewshot_pickle_path, get_spec,
-                        read_dataset)
+from ..datasets import dataset_folder, few_shot_train, get_spec, read_dataset
 from ..datasets.registry import DatasetError
 from .config import (DEFAULT_SHOTS, METHODS, PROTOCOLS, SOURCE, ProtocolError, Schedule,
                      default_datasets, method_prompt, official_schedule)
@@ -40,7 +42,7 @@ from .features import FeatureCache, model_fingerprint
 
 __all__ = ["Run", "GridOptions", "plan", "GridRunner", "RUN_FORMAT"]
 
-RUN_FORMAT = 1
+RUN_FORMAT = 2
 FEATURES_IN_MEMORY = 4 << 30  # bytes of test features kept between runs (ImageNet ViT-B: 0.1 GB)
 
 
@@ -162,6 +164,8 @@ class GridRunner:
                                   autocast_dtype=self.autocast)
         self.out = Path(opts.output_dir)
         self._features: dict[str, tuple] = {}
+        self._fewshot: dict[tuple[str, int, int], tuple] = {}
+        self._test_ids: dict[str, str] = {}
         self.trained = 0  # runs that trained at least one epoch in this call
 
     # ------------------------------------------------------------------ data
@@ -171,6 +175,22 @@ class GridRunner:
             self._splits[name] = (spec, read_dataset(spec, self.opts.root),
                                   dataset_folder(spec, self.opts.root))
         return self._splits[name]
+
+    def _few_shot(self, run: Run) -> tuple[list, str, str]:
+        """The run's few-shot items (all classes), where they came from and their identity."""
+        key = (run.dataset, run.shots, run.seed)
+        if key not in self._fewshot:
+            spec, full, folder = self._split(run.dataset)
+            items, source = few_shot_train(spec, folder, full, run.shots, run.seed)
+            self._fewshot[key] = (items, source, _items_id(items, folder))
+        return self._fewshot[key]
+
+    def _test_id(self, name: str) -> str:
+        """The identity of a data set's test list (its images and labels)."""
+        if name not in self._test_ids:
+            _, split, folder = self._split(name)
+            self._test_ids[name] = _items_id(split.test, folder)
+        return self._test_ids[name]
 
     def _test_features(self, name: str):
         """A test set's features: kept in memory (least recently used first out, up to
@@ -203,11 +223,10 @@ class GridRunner:
                "method": run.method, "model": self.opts.model, "pretrained": self.opts.pretrained,
                "model_sha256": self.model_fp, "prompt": method_prompt(run.method, spec.dassl),
                "precision": self.opts.precision}
-        if run.trained:
-            _, _, folder = self._split(run.dataset)
+        if run.trained:  # the few-shot images (drawn or a cached pickle's) are part of the run
             out.update(shots=run.shots, seed=run.seed, schedule=self.schedule(run).as_dict(),
                        inputs="features" if self.opts.cache_train_features else "images",
-                       fewshot_pickle=fewshot_pickle_path(folder, run.shots, run.seed).is_file())
+                       train_items=self._few_shot(run)[2])
         return out
 
     def run_dir(self, run: Run) -> Path:
@@ -233,8 +252,8 @@ class GridRunner:
     def _train(self, run: Run, out: Path) -> tuple[PromptedCLIP, str, int]:
         """The trained prompt (resumed, or loaded when finished), where its few-shot items
         came from, and the number of epochs run now."""
-        spec, full, folder = self._split(run.dataset)
-        items, source = few_shot_train(spec, folder, full, run.shots, run.seed)
+        spec, full, _ = self._split(run.dataset)
+        items, source, _ = self._few_shot(run)
         split = subsample_classes(Split(items, [], [], full.classnames), run.classes)
         torch.manual_seed(run.seed)  # the random context (CoOp) depends on the seed only
         model = PromptedCLIP(self.clip, split.classnames, tokenizer=self.tokenizer,
@@ -291,7 +310,10 @@ class GridRunner:
         """Train (or resume) and test ``run`` unless its result is complete; its result."""
         out = self.run_dir(run)
         result = parallel.broadcast_object(self._result(run))
-        missing = [t for t in run.tests if t not in result["tests"]]
+        ids = {t: self._test_id(t.split("/")[0]) for t in run.tests}
+        made_on = result.setdefault("test_sets", {})
+        # a test made on another test list (the data set changed since) is made again
+        missing = [t for t in run.tests if t not in result["tests"] or made_on.get(t) != ids[t]]
         if not missing:
             return result
         start = time.time()
@@ -303,6 +325,7 @@ class GridRunner:
             self.trained += epochs > 0
         for test in missing:
             result["tests"][test] = self._test(run, model, test)
+            result["test_sets"][test] = ids[test]
         result["seconds"] = round(time.time() - start, 2)
         if parallel.is_main():
             atomic_write_json(out / "result.json", result)
@@ -329,3 +352,12 @@ class GridRunner:
         self.log(f"trained {self.trained} run(s); image features: {self.cache.misses} computed, "
                  f"{self.cache.hits} from the cache")
         return results
+
+
+def _items_id(items, folder: str) -> str:
+    """SHA-256 of the items' paths under the data set folder and labels (not their bytes:
+    that is the feature cache's job): which images a run trains or is tested on."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{os.path.relpath(str(it.path), folder)}\0{it.label}\n".encode())
+    return h.hexdigest()[:16]
