@@ -191,6 +191,11 @@ def test_plan_and_official_schedule():
     (["--datasets", "pets"], "unknown data set 'pets'"),
     (["--datasets", "imagenet_a"], "imagenet_a is a test-only data set"),
     (["--datasets", "dtd", "--shots", "0"], "shots must be >= 1"),
+    (["--datasets", "dtd", "--lam", "1.5"], "--lam must be in [0, 1], got 1.5"),
+    (["--datasets", "dtd", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--datasets", "dtd", "--epochs", "-1"], "--epochs must be >= 0, got -1"),
+    (["--datasets", "dtd", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--datasets", "dtd", "--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
 ])
 def test_bad_input_is_one_clear_line(env, tmp_path, capsys, args, message):
     root, model, _ = env

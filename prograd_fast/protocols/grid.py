@@ -137,12 +137,24 @@ def plan(protocol: str, datasets: Sequence[str] | None, methods: Sequence[str],
     return runs
 
 
+def _check_options(opts: GridOptions) -> None:
+    """Refuse bad overrides before any work (the trainer would stop mid-grid with a traceback)."""
+    for flag, value, ok, need in (("--epochs", opts.epochs, lambda v: v >= 0, ">= 0"),
+                                  ("--batch-size", opts.batch_size, lambda v: v >= 1, ">= 1"),
+                                  ("--lr", opts.lr, lambda v: v > 0, "> 0"),
+                                  ("--lam", opts.lam, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                  ("--num-workers", opts.num_workers, lambda v: v >= 0, ">= 0")):
+        if value is not None and not ok(value):
+            raise ProtocolError(f"{flag} must be {need}, got {value}")
+
+
 class GridRunner:
     """Loads the model once, then runs (or skips, or resumes) every run of the grid."""
 
     def __init__(self, opts: GridOptions, log=print) -> None:
         from ..cli import _load_model
 
+        _check_options(opts)
         self.opts = opts
         self.device = parallel.init_from_env(opts.device)
         self.log = log if parallel.is_main() else (lambda *a, **k: None)
