@@ -273,3 +273,14 @@ def test_a_changed_data_set_is_not_answered_from_old_runs(env, tmp_path, capsys)
     split.write_text(json.dumps(data))
     assert main() == 0
     assert "trained 1 run(s); image features: 0 computed, 1 from the cache" in capsys.readouterr().out
+
+
+def test_train_refuses_data_set_flags_it_would_ignore(env, tmp_path, capsys):
+    root, model, _ = env
+    base = ["train", "--model", str(model), "--epochs", "0", "--no-progress",
+            "--output-dir", str(tmp_path / "t")]
+    assert cli.main(base + ["--root", str(root)]) == 2  # --root alone: --data digits was used
+    assert "--root needs --dataset" in capsys.readouterr().err
+    assert cli.main(base + ["--dataset", "dtd", "--root", str(root), "--data", str(root)]) == 2
+    assert "--dataset and --data" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -18,13 +18,18 @@ def load_named(args):
     """``(spec, full split, few-shot training items)`` for ``--dataset``, else ``None``.  The
     items are CoOp's cached ``split_fewshot`` pickle when present, else Dassl's draw; a bad
     data set raises :class:`prograd_fast.cli.CLIError` (one line naming the file)."""
-    if getattr(args, "dataset", None) is None:
-        return None
     from ..cli import CLIError
+
+    if getattr(args, "dataset", None) is None:
+        if getattr(args, "root", None):
+            raise CLIError("--root needs --dataset NAME (--data reads one folder or split file)")
+        return None
     from . import DatasetError, dataset_folder, few_shot_train, load_split
 
     if not args.root:
         raise CLIError("--dataset needs --root (the data root)")
+    if args.data != "digits":
+        raise CLIError("--dataset and --data both given: --dataset NAME --root DATA replaces --data")
     try:
         spec, full = load_split(args.dataset, args.root)
         items, _ = few_shot_train(spec, dataset_folder(spec, args.root), full, args.shots, args.seed)
