@@ -268,3 +268,11 @@ def test_a_text_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, name, file
     path = L.make(tmp_path, name) / file
     path.write_bytes(path.read_bytes() + "caf\u00e9\n".encode("latin-1"))
     assert f"{path}: not UTF-8 text" in _error(lambda: load_split(name, tmp_path))
+
+
+def test_a_missing_training_image_is_one_line_before_training(tmp_path):
+    L.make(tmp_path, "dtd")
+    spec, full = load_split("dtd", tmp_path)
+    os.unlink(full.train[2].path)  # 4 images per class: a 4-shot draw takes every one
+    msg = _error(lambda: few_shot_train(spec, dataset_folder(spec, tmp_path), full, 4, 1))
+    assert msg.startswith(f"{full.train[2].path}: image listed by the split is missing")

@@ -107,12 +107,18 @@ def read_fewshot_pickle(path: str | Path, train: list[Item], classnames: list[st
 def few_shot_train(spec: DatasetSpec, folder: str | Path, split: Split, shots: int,
                    seed: int) -> tuple[list[Item], str]:
     """``shots`` training items per class of the full ``split`` and where they came from
-    (the cached pickle's path, or ``"draw"``).  ``shots <= 0``: all training items."""
+    (the cached pickle's path, or ``"draw"``).  ``shots <= 0``: all training items.  The
+    few-shot items must exist."""
     if spec.test_only:
         raise DatasetError(f"{spec.name} is a test-only data set: it has no training split")
     if shots <= 0:
         return list(split.train), "all"
     pkl = fewshot_pickle_path(folder, shots, seed)
     if pkl.is_file():
-        return read_fewshot_pickle(pkl, split.train, split.classnames, folder), str(pkl)
-    return few_shot(split.train, shots, seed), "draw"
+        items, source = read_fewshot_pickle(pkl, split.train, split.classnames, folder), str(pkl)
+    else:
+        items, source = few_shot(split.train, shots, seed), "draw"
+    for it in items:  # a few stats: one line now, not a loader traceback in the middle of training
+        if not os.path.isfile(it.path):
+            raise DatasetError(f"{it.path}: image listed by the split is missing")
+    return items, source
