@@ -284,3 +284,12 @@ def test_train_refuses_data_set_flags_it_would_ignore(env, tmp_path, capsys):
     assert cli.main(base + ["--dataset", "dtd", "--root", str(root), "--data", str(root)]) == 2
     assert "--dataset and --data" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_atomic_write_gives_a_plain_write_s_permissions(tmp_path):
+    import os
+
+    from prograd_fast.atomic import atomic_write_text
+    (tmp_path / "plain.md").write_text("x")
+    path = atomic_write_text(tmp_path / "table.md", "x")  # mkstemp alone makes it 0600
+    assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "plain.md").st_mode & 0o777
