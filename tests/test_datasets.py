@@ -276,3 +276,14 @@ def test_a_missing_training_image_is_one_line_before_training(tmp_path):
     os.unlink(full.train[2].path)  # 4 images per class: a 4-shot draw takes every one
     msg = _error(lambda: few_shot_train(spec, dataset_folder(spec, tmp_path), full, 4, 1))
     assert msg.startswith(f"{full.train[2].path}: image listed by the split is missing")
+
+
+def test_a_data_set_without_test_images_is_one_line(tmp_path):
+    folder = L.make(tmp_path, "dtd")
+    split = folder / "split_zhou_DescribableTextures.json"
+    split.write_text(json.dumps({**json.loads(split.read_text()), "test": []}))
+    assert f"{folder}: no test images" in _error(lambda: load_split("dtd", tmp_path))
+    a = L.make(tmp_path, "imagenet_a")  # its class folders, all empty
+    for image in (a / "imagenet-a").glob("*/*"):
+        image.unlink()
+    assert f"{a}: no test images" in _error(lambda: load_split("imagenet_a", tmp_path))

@@ -65,8 +65,10 @@ def dataset_folder(spec: DatasetSpec, root: str | Path) -> str:
 def read_dataset(spec: DatasetSpec, root: str | Path) -> Split:
     """The full split (all classes) of ``spec`` under the data root ``root``."""
     folder = dataset_folder(spec, root)
-    reader = _READERS[spec.layout]
-    return reader(spec, folder)
+    split = _READERS[spec.layout](spec, folder)
+    if not split.test:  # an accuracy on nothing would be a silent 0 (and no features to cache)
+        raise DatasetError(f"{folder}: no test images (expected {spec.expected()})")
+    return split
 
 
 def _read_text(path: str, what: str) -> str:
