@@ -293,3 +293,17 @@ def test_atomic_write_gives_a_plain_write_s_permissions(tmp_path):
     (tmp_path / "plain.md").write_text("x")
     path = atomic_write_text(tmp_path / "table.md", "x")  # mkstemp alone makes it 0600
     assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "plain.md").st_mode & 0o777
+
+
+def test_a_bad_few_shot_set_is_refused_before_any_run(env, tmp_path, capsys):
+    _, model, _ = env
+    folder = L.make(tmp_path / "data", "dtd")
+    data = json.loads((folder / "split_zhou_DescribableTextures.json").read_text())
+    (folder / "images" / data["train"][-1][0]).unlink()  # drawn by every 4-shot set
+    argv = ["protocol", "fewshot", "--root", str(tmp_path / "data"), "--model", str(model),
+            "--pretrained", "none", "--output-dir", str(tmp_path / "out"), "--no-progress",
+            "--datasets", "dtd", "--shots", "4", "--epochs", "1", "--num-workers", "0"]
+    assert cli.main(argv) == 2
+    msg = capsys.readouterr().err
+    assert "image listed by the split is missing" in msg and msg.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # not even the zero-shot run

@@ -159,11 +159,15 @@ class GridRunner:
         self.device = parallel.init_from_env(opts.device)
         self.log = log if parallel.is_main() else (lambda *a, **k: None)
         self._splits: dict[str, tuple] = {}
+        self._fewshot: dict[tuple[str, int, int], tuple] = {}
         self.runs = plan(opts.protocol, opts.datasets, opts.methods, opts.shots, opts.seeds,
                          opts.source)
         for name in {r.dataset for r in self.runs} | {t.split("/")[0] for r in self.runs
                                                       for t in r.tests}:
             self._split(name)  # every data set is checked before the first run
+        for run in self.runs:  # and every few-shot set (pickles read, images present)
+            if run.trained:
+                self._few_shot(run)
         torch.manual_seed(0)  # random weights (--pretrained none, tests) are the same every call
         self.clip, self.tokenizer, size, mean, std = _load_model(
             SimpleNamespace(model=opts.model, pretrained=opts.pretrained, data=None), self.device)
@@ -176,7 +180,6 @@ class GridRunner:
                                   autocast_dtype=self.autocast)
         self.out = Path(opts.output_dir)
         self._features: dict[str, tuple] = {}
-        self._fewshot: dict[tuple[str, int, int], tuple] = {}
         self._test_ids: dict[str, str] = {}
         self.trained = 0  # runs that trained at least one epoch in this call
 
