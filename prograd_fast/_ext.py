@@ -1,4 +1,5 @@
-"""Just-in-time build of the C++/CUDA kernels in ``prograd_fast.csrc`` (ninja, cached).
+"""Just-in-time build of the C++/CUDA kernels in ``prograd_fast.csrc`` (ninja, cached), and
+of the optimizer's small host helper (kind ``"host"``, see :mod:`prograd_fast._host`).
 
 Each extension is compiled at most once per process, on first use, under a lock, with
 ``torch.utils.cpp_extension.load``; torch caches the build per machine (its default
@@ -186,6 +187,9 @@ def _build(kind: str) -> ModuleType:
     build_dir = os.environ.get(BUILD_DIR_ENV) or None
     if build_dir:
         Path(build_dir).mkdir(parents=True, exist_ok=True)
+    if kind == "host":  # the optimizer's host path (_host.py): no kernels, builds quickly
+        return cpp_extension.load(name="prograd_fast_host", sources=[str(src / "prograd_host.cpp")],
+                                  extra_cflags=["-O2"], build_directory=build_dir, verbose=False)
     if kind == "cpu":
         cap = _cpu_capability()
         name = f"prograd_fast_cpu_{cap.lower()}"
@@ -204,9 +208,9 @@ def _build(kind: str) -> ModuleType:
 
 
 def load(kind: str) -> ModuleType:
-    """The compiled module for ``kind`` ("cpu" or "cuda"); builds it on first use."""
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    """The compiled module for ``kind`` ("cpu", "cuda" or "host"); builds it on first use."""
+    if kind not in ("cpu", "cuda", "host"):
+        raise ValueError(f"kind must be 'cpu', 'cuda' or 'host', got {kind!r}")
     module = _modules.get(kind)
     if module is not None:
         return module

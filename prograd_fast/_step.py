@@ -1,11 +1,15 @@
 """The optimizer's per-step host path, kept cheap (a few C-level passes per group).
 
 ``ProGradSGD.step`` runs every iteration: for CoOp's single 16x512 context the Python
-around the kernel launch is the whole cost, so this module does it with ``map`` passes and
-no per-step objects: :func:`gather` collects one group's tensors, :func:`refill` reuses the
-group's :class:`GroupStep`, :func:`hooked_step` replaces torch's per-call
-``record_function`` wrapper (about 5 us) by one that profiles, runs hooks and compiles
-exactly as torch's does whenever any of those is active.
+around the kernel launch is the whole cost, so this module does it without per-step
+objects: :func:`gather` collects one group's tensors, :func:`refill` reuses the group's
+:class:`GroupStep`, :func:`hooked_step` replaces torch's per-call ``record_function``
+wrapper (about 5 us) by one that profiles, runs hooks and compiles exactly as torch's does
+whenever any of those is active.  With the C host helper (:mod:`prograd_fast._host`) the
+per-tensor reads of :func:`gather` and :func:`stash_general` run in one C pass each, on
+state dicts looked up once (:class:`~prograd_fast._host.StateDicts`); anything unusual
+(tensor subclasses such as DTensor, sparse or complex tensors, a missing state entry, a
+pending gradient to add to) goes to the Python path below, which raises the clear errors.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as _optimizer_module
 
 from .backends import GroupStep
+from .distributed import any_sharded
 
 GENERAL_KEY = "general_grad"
+BUFFER_KEY = "momentum_buffer"
 _GRAD = operator.attrgetter("grad")
 _LAYOUT = operator.attrgetter("layout")
 _DTYPE = operator.attrgetter("dtype")
@@ -30,7 +36,7 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _SIZE = torch.Tensor.size
 _NONE_TYPE = type(None)
 _POP_GENERAL = operator.methodcaller("pop", GENERAL_KEY, None)
-_GET_BUFFER = operator.methodcaller("get", "momentum_buffer")
+_GET_BUFFER = operator.methodcaller("get", BUFFER_KEY)
 _STRIDED = frozenset([torch.strided])
 _COMPLEX = frozenset([torch.complex32, torch.complex64, torch.complex128])
 
@@ -83,6 +89,15 @@ def check_grad(p, grad, what: str) -> None:
         raise RuntimeError(f"{what} gradient of dtype {grad.dtype} but its parameter is {p.dtype}")
 
 
+def store_general(state, params: list, grads: list, host=None, dicts=None) -> None:
+    """:func:`stash_general`, in one C pass when the helper ``host`` is given and every
+    gradient is a plain tensor matching its parameter with no pending one to add to."""
+    if host is not None and host.stash(params, grads, dicts.get(host, state, params, None),
+                                       GENERAL_KEY):
+        return
+    stash_general(state, params, grads)
+
+
 def stash_general(state, params: list, grads: list) -> None:
     """Validate general gradients (aligned with ``params``; None for none) and add them to
     the pending ones in ``state``.  Batched checks; on a failure the per-tensor check names
@@ -120,15 +135,30 @@ def _check_domain(params: list, grads: list) -> None:
             check_grad(p, g, "domain")
 
 
+def gather_group(state, params: list, momentum: bool, host=None, dicts=None, tag=None):
+    """``(picked, sharded)``: :func:`gather`'s answer and whether the group holds DTensors.
+    With the helper ``host``, one C pass over ``dicts``' state dicts (plain tensors only,
+    so never sharded); the Python path otherwise."""
+    if host is not None:
+        picked = host.gather(params, dicts.get(host, state, params, tag), momentum,
+                             GENERAL_KEY, BUFFER_KEY)
+        if picked is not NotImplemented:
+            return picked or None, False
+    picked = gather(state, params, momentum)
+    return picked, picked is not None and any_sharded(picked[0])
+
+
 def gather(state, params: list, momentum: bool):
     """``(params, grads, generals, bufs, any_general)`` of the group's parameters that have
     a domain gradient, or None when none has one.  Pending general gradients of every
     parameter are consumed (never stale); no state entry is created."""
+    if not params:  # an empty group (torch allows them)
+        return None
     grads = list(map(_GRAD, params))
     sds = list(map(state.get, params))  # None: a parameter without state
     if _NONE_TYPE in map(type, sds):
         generals = [None if sd is None else sd.pop(GENERAL_KEY, None) for sd in sds]
-        bufs = ([None if sd is None else sd.get("momentum_buffer") for sd in sds] if momentum
+        bufs = ([None if sd is None else sd.get(BUFFER_KEY) for sd in sds] if momentum
                 else [None] * len(sds))
     else:
         generals = list(map(_POP_GENERAL, sds))

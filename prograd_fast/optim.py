@@ -13,12 +13,24 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._step import GENERAL_KEY, gather, hooked_step, refill, release, stash_general, store_buffers
-from .backends import BACKENDS, run_step
-from .distributed import any_sharded, sharded_group_step
+from . import _host
+from ._step import (GENERAL_KEY, gather_group, hooked_step, refill, release, store_buffers,
+                    store_general)
+from .backends import BACKENDS, requested_backend, run_step
+from .distributed import sharded_group_step
 from .functional import GRANULARITIES, ProGradStats
 
 __all__ = ["ProGradSGD"]
+
+
+def uses_fused_backend(name: str, cache: dict) -> bool:
+    """Whether the group's last step ran on a fused backend (``name`` as the group gives
+    it; ``"auto"`` records its choice in the group's ``cache``): the C host helper is then
+    worth building (see :mod:`prograd_fast._host`)."""
+    name = requested_backend(name)
+    if name == "auto":
+        name = cache.get("auto_backend")
+    return name in _host.FUSED_BACKENDS
 
 
 def _training_state(state: dict) -> dict:
@@ -85,6 +97,8 @@ class ProGradSGD(Optimizer):
         # Per-group scratch a backend may keep between steps (launch metadata, chosen backend).
         self._backend_cache: list[dict] = [{} for _ in self.param_groups]
         self._warned_no_general = False
+        self._state_dicts = _host.StateDicts()  # each parameter's state dict, looked up once
+        self._use_host = False  # True once a fused backend ran a group: see prograd_fast._host
         # GradScaler hands grad_scale / found_inf to step() (see torch.amp.GradScaler.step).
         self._step_supports_amp_scaling = True
 
@@ -99,6 +113,8 @@ class ProGradSGD(Optimizer):
         self.__dict__.setdefault("_warned_no_general", False)
         self.__dict__.setdefault("_backend_cache", [{} for _ in self.param_groups])
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
+        self.__dict__.setdefault("_state_dicts", _host.StateDicts()).clear()  # a new state
+        self.__dict__.setdefault("_use_host", False)
 
     def state_dict(self) -> dict:
         """As torch's, but only the training state: pending general gradients (stored, not
@@ -169,7 +185,11 @@ class ProGradSGD(Optimizer):
             if len(grads) != len(params):
                 raise ValueError(f"store_general_grads got {len(grads)} gradients for "
                                  f"{len(params)} parameters")
-        stash_general(self.state, params, grads)
+        store_general(self.state, params, grads, self._host_helper(), self._state_dicts)
+
+    def _host_helper(self):
+        """The C host helper once a fused backend ran (built then), else None."""
+        return _host.module() if self._use_host else None
 
     def stats(self) -> list[dict[str, Tensor] | None]:
         """Per group, the last step's device tensors: ``cos``, ``conflict``, ``coef``,
@@ -192,9 +212,10 @@ class ProGradSGD(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         any_general = any_stepped = False
         state = self.state
+        host, dicts = self._host_helper(), self._state_dicts
         for index, group in enumerate(self.param_groups):
             momentum = group["momentum"] != 0
-            picked = gather(state, group["params"], momentum)
+            picked, sharded = gather_group(state, group["params"], momentum, host, dicts, index)
             if picked is None:
                 continue
             params, grads, generals, bufs, has_general = picked
@@ -204,12 +225,14 @@ class ProGradSGD(Optimizer):
             step = refill(self._backend_cache[index], group, params, grads, generals, bufs,
                           grad_scale, found_inf)
             try:
-                if any_sharded(params):
+                if sharded:
                     self._stats[index] = sharded_group_step(step)  # FSDP2: see distributed.py
                 else:
                     self._stats[index] = run_step(group["backend"], step)
             finally:
                 release(step)
+            if not self._use_host:
+                self._use_host = uses_fused_backend(group["backend"], self._backend_cache[index])
             if momentum:
                 store_buffers(state, params, before, bufs)
         if any_stepped and not any_general and not self._warned_no_general and any(

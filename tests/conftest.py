@@ -20,3 +20,21 @@ def _seed():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer tests (still run in CI)")
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
+@pytest.fixture(params=["c", "python"])
+def host_mode(request, monkeypatch):
+    """Run a test with the optimizer's C host helper (prograd_fast._host) and with the
+    Python host path alone (what runs where the helper cannot be built).  With ``"c"`` the
+    torch backend counts as fused too, so an optimizer takes the helper after its first
+    step whatever its backend."""
+    from prograd_fast import _host
+    from prograd_fast.backends import BACKENDS
+
+    if request.param == "c":
+        if _host.module() is None:
+            pytest.skip("the host helper cannot be built here")
+        monkeypatch.setattr(_host, "FUSED_BACKENDS", frozenset(BACKENDS))
+    else:
+        monkeypatch.setattr(_host, "_module", None)
+    return request.param

@@ -199,9 +199,10 @@ HYPER = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
 @pytest.mark.parametrize("shapes", [[(4, 8)], [(4, 8), (33,), (5,)]], ids=["one", "three"])
-def test_every_change_that_matters_rebuilds_or_rebinds(shapes, monkeypatch):
+def test_every_change_that_matters_rebuilds_or_rebinds(shapes, monkeypatch, host_mode):
     """Same tensors: nothing is redone.  Each change below must be noticed, and the step's
-    result must still equal the reference and the float64 model."""
+    result must still equal the reference and the float64 model (with the host helper's
+    fingerprint and with the Python keys)."""
     counts = Builds(monkeypatch)
     ps, ds, gs = group(shapes, seed=5)
     n = len(ps)
@@ -250,7 +251,7 @@ def test_every_change_that_matters_rebuilds_or_rebinds(shapes, monkeypatch):
 
 
 @pytest.mark.parametrize("shapes", [[(1000,)], [(40,), (9,)]], ids=["one", "two"])
-def test_asking_unsupported_first_changes_nothing(shapes, poisoned):
+def test_asking_unsupported_first_changes_nothing(shapes, poisoned, host_mode):
     """``select_backend`` asks ``unsupported`` before stepping: the question must not make
     momentum buffers (the step would then take them for old ones and read garbage)."""
     ps, ds, gs = group(shapes, seed=11)
@@ -264,7 +265,7 @@ def test_asking_unsupported_first_changes_nothing(shapes, poisoned):
         check(ps, want)
 
 
-def test_a_dtype_change_at_the_same_address_is_refused():
+def test_a_dtype_change_at_the_same_address_is_refused(host_mode):
     """A general gradient of another dtype at the very address of the last one (a view
     of the same storage) must not reuse the plan: the kernels would read fp32 from bf16."""
     base = torch.randn(64, dtype=torch.bfloat16)
@@ -279,7 +280,7 @@ def test_a_dtype_change_at_the_same_address_is_refused():
         BACKEND.step(GroupStep(p, d, [g16], [None], lr=0.1, extra=extra))
 
 
-def test_a_layout_change_at_the_same_address_is_refused():
+def test_a_layout_change_at_the_same_address_is_refused(host_mode):
     p = [torch.randn(8, 8)]
     d = [torch.randn(8, 8)]
     extra = {}
@@ -293,7 +294,7 @@ def test_a_layout_change_at_the_same_address_is_refused():
         BACKEND.step(GroupStep(p, d, [None], [None], lr=0.1, extra=extra))
 
 
-def test_a_size_change_is_noticed():
+def test_a_size_change_is_noticed(host_mode):
     ps, ds, gs = group([(40,), (9,)], seed=7)
     extra = {}
     run(ps, ds, gs, [None, None], extra, lr=0.1)

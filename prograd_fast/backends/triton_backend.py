@@ -8,12 +8,16 @@ offset table (see the kernel module's docstring for why, rather than a flat copy
 
 Validate once, re-check only what can change.  Each group keeps a :class:`_Plan` in
 ``GroupStep.extra``: the launchers with their arguments packed, the offset table, the
-statistics, partials and ticket buffers.  A step computes two keys with a few C-level
-passes: the *addresses* of every tensor the kernels touch, and the *structure* -- the
-parameters' sizes, dtype and device, everyone's contiguity, the gradients' dtypes, the
-options that select kernel code (granularity, momentum, nesterov, maximize, weight decay
-on/off, AMP tensors and a tensor lr with their dtype, device and alignment).  Both equal:
-launch.  New addresses with the same structure (fresh ``.grad`` after
+statistics, partials and ticket buffers.  A step compares what it is given with what the
+plan was checked for: with the C host helper (:mod:`prograd_fast._host`), one
+*fingerprint* of every tensor the kernels touch (addresses, element counts, every tensor's
+sizes, dtype and device against its parameter's, contiguity) plus the *options* that
+select kernel code or were checked (granularity, momentum, nesterov, maximize, weight decay
+on/off, AMP tensors and a tensor lr with their dtype, device, alignment and size); without
+it, two keys from a few C-level passes: the *addresses* and the *structure* (every
+tensor's sizes, dtype against p0's, contiguity and negation bit, p0's device, the
+options).  Equal: launch.  A fingerprint that differs always runs the full validation.
+New addresses with the same structure (fresh ``.grad`` after
 ``zero_grad(set_to_none=True)`` where the allocator did not hand back the same blocks):
 the full validation runs, then the addresses are re-bound (pointer arguments; for a table,
 one upload into the same device tensor) and the compiled kernels are kept.  A different
@@ -42,6 +46,7 @@ import os
 import torch
 from torch import Tensor
 
+from .. import _host
 from ..functional import GRANULARITIES, ProGradStats
 from ._common import capturing, keep_for_graphs, note_stream, stats_buffers, upload
 
@@ -49,6 +54,8 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _dp = Tensor.data_ptr
 _numel = Tensor.numel
 _contig = Tensor.is_contiguous
+_size = Tensor.size
+_is_neg = Tensor.is_neg
 _dtype = operator.attrgetter("dtype")
 _NO_KEY = object()  # a key that equals nothing (tensors the key cannot describe)
 _NONE_TYPE = type(None)
@@ -79,10 +86,11 @@ def _present(tensors: list) -> list:
 
 
 def _tensor_key(t) -> tuple | None:
-    """What a compiled kernel is specialised on for an AMP / lr tensor: dtype, alignment."""
+    """What a compiled kernel is specialised on for an AMP / lr tensor (dtype, alignment),
+    and what the full check accepted (device, one element)."""
     if t is None:
         return None
-    return (t.dtype, t.data_ptr() % 16 == 0, t.device)
+    return (t.dtype, t.data_ptr() % 16 == 0, t.device, t.numel())
 
 
 class _Plan:
@@ -93,6 +101,8 @@ class _Plan:
         self.key = _NO_KEY
         self.addrs = _NO_KEY
         self.align = None       # what the compiled kernels were specialised on (addresses)
+        self.fp = None          # the host helper's fingerprint of the tensors bound (or None)
+        self.options = _NO_KEY  # the options part of ``key``
         self.layout: dict = {}
         self.launchers: tuple = ()
         self.slots: tuple = ()  # per launcher: argument positions of the per-step values
@@ -139,41 +149,48 @@ class TritonBackend:
 
     # ------------------------------------------------------------------ the keys
     @staticmethod
-    def _keys(step) -> tuple:
-        """``(addresses, structure)`` of the group (see the module docstring).  Cheap C-level
-        passes over the tensor lists: this runs every step."""
+    def _options(step) -> tuple:
+        """The options that select kernel code or were checked with the tensors: granularity,
+        momentum, nesterov, maximize, weight decay on/off, and the lr / AMP tensors' dtype,
+        alignment, device and size (None for a float lr and for no AMP)."""
+        lr, gs, fi = step.lr, step.grad_scale, step.found_inf
+        return (step.granularity, step.momentum != 0, bool(step.nesterov), bool(step.maximize),
+                step.weight_decay != 0,
+                _tensor_key(lr) if isinstance(lr, Tensor) else None,
+                None if gs is None else _tensor_key(gs),
+                None if fi is None else _tensor_key(fi))
+
+    @staticmethod
+    def _fingerprint(step) -> bytes | None:
+        """The host helper's one-pass description of every tensor the kernels touch
+        (addresses, sizes, dtypes, devices, contiguity; see csrc/prograd_host.cpp), or None
+        without the helper or for tensors it does not read (then :meth:`_keys` decides)."""
+        host = _host.module()
+        if host is None:
+            return None
+        bufs = step.momentum_buffers if step.momentum != 0 else ()
+        return host.fingerprint(step.params, step.grads, step.general_grads, bufs)
+
+    @classmethod
+    def _keys(cls, step) -> tuple:
+        """``(addresses, structure)`` of the group (see the module docstring) in Python: a
+        few C-level passes over the tensor lists, for steps the fingerprint cannot
+        describe or does not match."""
         params, grads, generals = step.params, step.grads, step.general_grads
-        momentum = step.momentum != 0
-        lr = step.lr
+        bufs = step.momentum_buffers if step.momentum != 0 else ()
         try:
             p0 = params[0]
             dtype = p0.dtype
-            gs, fi = step.grad_scale, step.found_inf
-            options = (step.granularity, momentum, bool(step.nesterov), bool(step.maximize),
-                       step.weight_decay != 0,
-                       _tensor_key(lr) if isinstance(lr, Tensor) else None,
-                       None if gs is None else _tensor_key(gs),
-                       None if fi is None else _tensor_key(fi))
-            if len(params) == 1:  # CoOp: no passes, plain attribute reads
-                d, g = grads[0], generals[0]
-                b = step.momentum_buffers[0] if momentum else None
-                addrs = (p0.data_ptr(), d.data_ptr(), 0 if g is None else g.data_ptr(),
-                         0 if b is None else b.data_ptr())
-                return addrs, (
-                    p0.numel(), dtype, p0.device,
-                    p0.is_contiguous() and d.is_contiguous()
-                    and (g is None or g.is_contiguous()) and (b is None or b.is_contiguous()),
-                    d.dtype is dtype and (g is None or g.dtype is dtype), options)
-            bufs = step.momentum_buffers if momentum else ()
-            gens = _present(generals)
-            dtypes = list(map(_dtype, grads))
-            dtypes += map(_dtype, gens)
+            options = cls._options(step)
+            # every tensor's sizes, dtype, contiguity and negation bit (a view of the same
+            # memory keeps the address); devices need no pass: under unified addressing two
+            # devices never share an address
+            tensors = [*params, *grads, *_present(generals), *_present(bufs)]
+            dtypes = list(map(_dtype, tensors))
             addrs = (_ptrs(params), tuple(map(_dp, grads)), _ptrs(generals), _ptrs(bufs))
             return addrs, (
-                tuple(map(_numel, params)), dtype, p0.device,
-                all(map(_contig, params)) and all(map(_contig, grads))
-                and all(map(_contig, gens)) and all(map(_contig, _present(bufs))),
-                dtypes.count(dtype) == len(dtypes), options)
+                tuple(map(_size, tensors)), dtype, p0.device, all(map(_contig, tensors)),
+                dtypes.count(dtype) == len(dtypes), not any(map(_is_neg, tensors)), options)
         except (RuntimeError, TypeError, AttributeError, IndexError):
             return _NO_KEY, _NO_KEY  # sparse tensors, wrong types, an empty group
 
@@ -219,6 +236,8 @@ class TritonBackend:
                     return f"shape {tuple(t.shape)} does not match its parameter {tuple(p.shape)}"
                 if not t.is_contiguous():
                     return "non-contiguous tensors are not supported"
+                if t.is_neg() or t.is_conj():  # the kernels read memory as it is
+                    return "tensors with a lazy negation or conjugation bit are not supported"
                 if t.data_ptr() % t.element_size():
                     return "a tensor's address is not a multiple of its element size"
         for name in ("grad_scale", "found_inf"):
@@ -234,28 +253,34 @@ class TritonBackend:
                 return f"lr tensor on {lr.device} but parameters on {device}"
         return None
 
-    def _plan_or_reason(self, step, prepare: bool = True,
-                        keys: tuple | None = None) -> tuple[_Plan | None, str | None]:
+    def _plan_or_reason(self, step, prepare: bool = True, keys: tuple | None = None,
+                        fp: bytes | None = None) -> tuple[_Plan | None, str | None]:
         """The group's plan, bound to this step's tensors, or why the group cannot run.
         Nothing is allocated or launched for a group that fails the check, and nothing at
-        all with ``prepare=False`` (``unsupported``: a question, not a step)."""
+        all with ``prepare=False`` (``unsupported``: a question, not a step).  ``fp``: the
+        step's fingerprint, recorded in the plan for the next steps' quick check."""
         reason = self.available()
         if reason is not None:
             return None, reason
         addrs, struct = self._keys(step) if keys is None else keys
         plan = step.extra.get("triton_plan")
-        if plan is not None and plan.addrs == addrs and plan.key == struct \
-                and struct is not _NO_KEY:
-            return plan, None
-        reason = self._full_check(step)
-        if reason is not None:
-            return None, reason
-        if struct is _NO_KEY:  # cannot happen for tensors that pass the check; be safe anyway
-            return None, "the group's tensors cannot be described for the launch cache"
-        if not prepare:
-            return None, None
-        if plan is None or plan.key != struct or not self._bind(plan, step, addrs):
-            plan = self._build(step, struct, addrs)
+        # Without a fingerprint, equal Python keys mean nothing changed.  A fingerprint that
+        # did not match (try_step) is finer than those keys (every tensor's dtype, sizes and
+        # device): check everything again.
+        if fp is not None or not (plan is not None and plan.addrs == addrs
+                                  and plan.key == struct and struct is not _NO_KEY):
+            reason = self._full_check(step)
+            if reason is not None:
+                return None, reason
+            if struct is _NO_KEY:  # cannot happen for tensors that pass the check; be safe
+                return None, "the group's tensors cannot be described for the launch cache"
+            if not prepare:
+                return None, None
+            if plan is None or plan.key != struct or not self._bind(plan, step, addrs):
+                plan = self._build(step, struct, addrs)
+        # Valid for these tensors as they are now, unless bound to new momentum buffers
+        # (see _bind: then nothing matches, as with ``addrs``).
+        plan.fp, plan.options = (None if plan.addrs is _NO_KEY else fp), struct[-1]
         return plan, None
 
     def unsupported(self, step) -> str | None:
@@ -379,8 +404,10 @@ class TritonBackend:
             + (list(step.momentum_buffers) if momentum else [])
         if capturing(device):
             keep_for_graphs(step.extra, *plan.owned)
-        # With new buffers the next step differs (their addresses replace the 0s): re-bound.
-        plan.addrs = addrs
+        # A plan bound to buffers it made (their first step: ``buf = update``) is never
+        # launched again as it is: the next step re-binds with the first-step flags off, even
+        # when its tensors look the same (the new buffers did not reach the state).
+        plan.addrs = _NO_KEY if any(firsts) else addrs
         return True
 
     def _build(self, step, struct, addrs) -> _Plan:
@@ -445,22 +472,46 @@ class TritonBackend:
                              f"{step.granularity!r}")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
-        plan, reason = self._plan_or_reason(step)
+        plan, reason = self._ready(step)
         if reason is not None:
             raise RuntimeError(f"triton backend cannot run this step: {reason}")
         return self._launch(plan, step)
 
     def try_step(self, step) -> ProGradStats | str:
         """``step`` when the group can run here, else the reason (nothing launched)."""
-        plan = step.extra.get("triton_plan")
-        if plan is not None and self._available is None:  # the common case: nothing changed
-            addrs, struct = self._keys(step)
-            if plan.addrs == addrs and plan.key == struct and struct is not _NO_KEY:
-                return self._launch(plan, step)
-        plan, reason = self._plan_or_reason(step, keys=None if plan is None else (addrs, struct))
+        plan, reason = self._ready(step)
         if reason is not None:
             return reason
         return self._launch(plan, step)
+
+    def _ready(self, step) -> tuple[_Plan | None, str | None]:
+        """The group's plan ready to launch, or why the group cannot run.  The common case,
+        nothing changed since the last step, costs one fingerprint (or the Python keys) and
+        one comparison; anything else goes through :meth:`_plan_or_reason`."""
+        if self._available is not None:
+            reason = self.available()
+            if reason is not None:
+                return None, reason
+        plan = step.extra.get("triton_plan")
+        fp = self._fingerprint(step)
+        keys = None
+        if plan is not None:
+            if fp is not None:
+                if fp == plan.fp and self._quiet_options(step) == plan.options:
+                    return plan, None
+            else:
+                keys = self._keys(step)
+                addrs, struct = keys
+                if plan.addrs == addrs and plan.key == struct and struct is not _NO_KEY:
+                    return plan, None
+        return self._plan_or_reason(step, keys=keys, fp=fp)
+
+    @classmethod
+    def _quiet_options(cls, step):
+        try:
+            return cls._options(step)
+        except (RuntimeError, TypeError, AttributeError):
+            return _NO_KEY
 
     def _launch(self, plan: _Plan, step) -> ProGradStats:
         device = plan.device

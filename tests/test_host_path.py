@@ -1,0 +1,645 @@
+"""The optimizer's host path (issue 10, item 7): the C host helper (csrc/prograd_host.cpp,
+prograd_fast._host) against the Python path it shortcuts, and every change the caches it
+feeds must notice -- state entries replaced, added or removed, load_state_dict, parameters
+replaced, added or frozen, pending general gradients -- checked against an independent
+model of the optimizer (explicit lists through the functional reference), with the helper
+and without it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import prograd_fast as pf
+from prograd_fast import _ext, _host, _step
+from prograd_fast.backends import BACKENDS, GroupStep
+from prograd_fast.backends import triton_backend as tb
+from prograd_fast.functional import prograd_sgd
+
+GK, BK = _step.GENERAL_KEY, _step.BUFFER_KEY
+
+
+@pytest.fixture(scope="module")
+def host():
+    reason = _ext.unavailable_reason("host")
+    if reason is not None:
+        pytest.skip(f"host helper unavailable: {reason}")
+    return _ext.load("host")
+
+
+class Sub(torch.Tensor):
+    """A tensor subclass: the helper must leave it to the Python path."""
+
+
+def tensors(n=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(4, 3 + i, generator=gen)) for i in range(n)]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    gs = [-0.5 * p.grad + 0.1 * torch.randn(p.shape, generator=gen) for p in ps]
+    return ps, gs
+
+
+# ------------------------------------------------------------------ the helper itself
+def test_same_items_is_identity_of_every_entry(host):
+    ps, _ = tensors()
+    state = {p: {} for p in ps}
+    keys, values = tuple(state), tuple(state.values())
+    assert host.same_items(state, keys, values)
+    assert host.same_items(dict(state), keys, values)  # another dict, the same entries
+    changes = {
+        "replaced": lambda d: d.__setitem__(ps[1], {}),
+        "added": lambda d: d.__setitem__(torch.zeros(1), {}),
+        "removed": lambda d: d.pop(ps[2]),
+        "re-added (order)": lambda d: d.__setitem__(ps[0], d.pop(ps[0])),
+        "cleared": lambda d: d.clear(),
+    }
+    for name, change in changes.items():
+        d = dict(state)
+        change(d)
+        assert not host.same_items(d, keys, values), name
+    with pytest.raises(TypeError):
+        host.same_items([], keys, values)
+
+
+def test_same_objects(host):
+    ps, _ = tensors()
+    ref = tuple(ps)
+    assert host.same_objects(ps, ref) and host.same_objects(tuple(ps), ref)
+    assert not host.same_objects(ps[:2], ref)
+    assert not host.same_objects([ps[0], ps[1], ps[2].detach()], ref)
+    assert not host.same_objects(iter(ps), ref)  # not a list or tuple: not the same
+
+
+def test_stash_stores_the_references(host):
+    ps, gs = tensors()
+    gs[1] = None
+    sds = [{}, {}, {}]
+    assert host.stash(ps, gs, sds, GK) is True
+    assert sds[0][GK] is gs[0] and GK not in sds[1] and sds[2][GK] is gs[2]
+
+
+REFUSED = {
+    "shape": lambda p, g: g.reshape(-1),
+    "dtype": lambda p, g: g.double(),
+    "device": lambda p, g: torch.empty_like(g, device="meta"),
+    "sparse": lambda p, g: g.to_sparse(),
+    "complex parameter": None,
+    "subclass": lambda p, g: g.as_subclass(Sub),
+    "requires grad": lambda p, g: g.clone().requires_grad_(),
+    "not a tensor": lambda p, g: 1.0,
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_stash_refuses_and_stores_nothing(host, case):
+    """Anything but a plain matching gradient goes to the Python path, which raises the
+    clear error or detaches; nothing is stored before it does."""
+    ps, gs = tensors()
+    if case == "complex parameter":
+        ps[2] = torch.nn.Parameter(torch.randn(ps[2].shape, dtype=torch.complex64))
+        gs[2] = torch.randn(ps[2].shape, dtype=torch.complex64)
+    else:
+        gs[2] = REFUSED[case](ps[2], gs[2])
+    sds = [{}, {}, {}]
+    assert host.stash(ps, gs, sds, GK) is False
+    assert sds == [{}, {}, {}]
+
+
+def test_stash_leaves_accumulation_and_missing_entries_to_python(host):
+    ps, gs = tensors()
+    pending = [{GK: torch.zeros(ps[0].shape)}, {}, {}]
+    assert host.stash(ps, gs, pending, GK) is False
+    assert list(pending[0]) == [GK] and pending[1:] == [{}, {}]
+    assert host.stash(ps, gs, [{}, None, {}], GK) is False  # a parameter without state
+    assert host.stash(ps, gs[:2], [{}, {}, {}], GK) is False  # lists that do not align
+    assert host.stash(tuple(ps), gs, [{}, {}, {}], GK) is False  # not a list
+
+
+def _python_gather(ps, sds, momentum):
+    state = {p: sd for p, sd in zip(ps, sds) if sd is not None}
+    return _step.gather(state, ps, momentum)
+
+
+def _state_pair(ps, gs, layout):
+    """Two copies of the same state dicts (the same tensors in them)."""
+    bufs = [torch.randn(p.shape) for p in ps]
+    out = []
+    for _ in range(2):
+        sds = []
+        for i, kind in enumerate(layout):
+            if kind is None:
+                sds.append(None)
+                continue
+            sd = {}
+            if "g" in kind:
+                sd[GK] = gs[i]
+            if "b" in kind:
+                sd[BK] = bufs[i]
+            sds.append(sd)
+        out.append(sds)
+    return out
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+@pytest.mark.parametrize("layout,no_grad", [
+    (["gb", "gb", "gb"], ()),
+    (["g", "b", None], ()),
+    (["gb", "gb", "gb"], (1,)),
+    (["g", "gb", ""], (0, 1, 2)),
+])
+def test_gather_equals_the_python_gather(host, momentum, layout, no_grad):
+    ps, gs = tensors(seed=3)
+    for i in no_grad:
+        ps[i].grad = None
+    ours, theirs = _state_pair(ps, gs, layout)
+    got = host.gather(ps, ours, momentum, GK, BK)
+    want = _python_gather(ps, theirs, momentum)
+    assert ours == theirs  # the same general gradients consumed (every parameter's)
+    assert all(GK not in sd for sd in ours if sd is not None)
+    if want is None:
+        assert got == ()
+        return
+    assert got[4] is want[4]
+    for a, b in zip(got[:4], want[:4]):
+        assert len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    assert (got[0] is ps) == (not no_grad)
+
+
+@pytest.mark.parametrize("case", ["subclass param", "sparse grad", "complex grad",
+                                  "state not a dict", "odd general", "odd buffer"])
+def test_gather_leaves_the_unusual_to_python_untouched(host, case):
+    ps, gs = tensors(seed=4)
+    sds = [{GK: g} for g in gs]
+    if case == "subclass param":
+        ps[1] = torch.nn.Parameter(torch.randn(4, 4)).as_subclass(Sub)
+        ps[1].grad = torch.randn(4, 4)
+    elif case == "sparse grad":
+        ps[1].grad = ps[1].grad.to_sparse()
+    elif case == "complex grad":
+        ps[1] = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+        ps[1].grad = torch.randn(3, dtype=torch.complex64)
+    elif case == "state not a dict":
+        sds[1] = [("general_grad", gs[1])]
+    elif case == "odd general":
+        sds[1][GK] = gs[1].as_subclass(Sub)
+    else:
+        sds[1][BK] = "buffer"
+    before = [dict(sd) if isinstance(sd, dict) else sd for sd in sds]
+    assert host.gather(ps, sds, True, GK, BK) is NotImplemented
+    assert sds == before
+
+
+def test_gather_leaves_a_tuple_of_parameters_to_python(host):
+    ps, gs = tensors(seed=4)
+    sds = [{GK: g} for g in gs]
+    assert host.gather(tuple(ps), sds, True, GK, BK) is NotImplemented
+    assert all(GK in sd for sd in sds)
+
+
+def _fp(host, ps, ds, gs, bs):
+    return host.fingerprint(ps, ds, gs, bs)
+
+
+def test_fingerprint_changes_with_everything_a_launch_depends_on(host):
+    """Equal fingerprints must mean the same memory seen the same way: each change below,
+    many at the very same address, must change it."""
+    base = torch.zeros(64)
+    ps = [torch.randn(8, 4), torch.randn(16)]
+    ds = [torch.randn(8, 4), torch.randn(16)]
+    gs = [torch.randn(8, 4), base[:16]]
+    bs = [torch.randn(8, 4), torch.randn(16)]
+    ref = _fp(host, ps, ds, gs, bs)
+    assert isinstance(ref, bytes) and len(ref) == 2 * 8 * host.WORDS
+    assert _fp(host, list(ps), list(ds), list(gs), list(bs)) == ref  # other lists, same tensors
+    assert _fp(host, ps, [d.view_as(d) for d in ds], gs, bs) == ref  # same memory, same view
+
+    def differs(what, **repl):
+        lists = dict(ps=list(ps), ds=list(ds), gs=list(gs), bs=list(bs))
+        for name, (i, t) in repl.items():
+            lists[name][i] = t
+        assert _fp(host, lists["ps"], lists["ds"], lists["gs"], lists["bs"]) != ref, what
+
+    differs("parameter address", ps=(1, ps[1].clone()))
+    differs("gradient address", ds=(0, ds[0].clone()))
+    differs("general address", gs=(1, base[16:32]))
+    differs("general missing", gs=(0, None))
+    differs("buffer address", bs=(1, bs[1].clone()))
+    differs("buffer missing", bs=(0, None))
+    differs("fewer elements, same address", ps=(1, ps[1][:8]))
+    differs("parameter dtype, same address", ps=(1, ps[1].view(torch.int32)))
+    differs("general dtype, same address", gs=(1, base[:32].view(torch.bfloat16)[:16]))
+    differs("buffer dtype, same address", bs=(1, bs[1].view(torch.int32)))
+    differs("transposed gradient, same address", ds=(0, ds[0].view(4, 8).t()))
+    differs("general of another shape, same elements", gs=(0, gs[0].reshape(4, 8)))
+    differs("gradient on another device", ds=(1, torch.empty(16, device="meta")))
+    differs("lazy negation, same address", gs=(1, torch._neg_view(gs[1])))
+    assert _fp(host, ps, ds, gs, ()) != ref  # no momentum: the buffers are not part of it
+
+
+def test_fingerprint_is_none_for_what_it_cannot_read(host):
+    ps = [torch.randn(4)]
+    ds = [torch.randn(4)]
+    assert _fp(host, ps, ds, [None], [None]) is not None
+    assert _fp(host, [ps[0].as_subclass(Sub)], ds, [None], [None]) is None
+    assert _fp(host, ps, [ds[0].to_sparse()], [None], [None]) is None
+    assert _fp(host, ps, [None], [None], [None]) is None
+    assert _fp(host, ps, ds, [None, None], [None]) is None
+    assert _fp(host, [], [], [], []) is None
+    assert _fp(host, iter(ps), ds, [None], [None]) is None
+
+
+# ------------------------------------------------------------ through the optimizer
+class Model:
+    """An independent ProGradSGD: explicit lists of parameters (copies), momentum buffers
+    and pending general gradients, stepped with the functional reference."""
+
+    def __init__(self, params, **hyper):
+        self.ps = [p.detach().clone() for p in params]
+        self.bufs = [None] * len(params)
+        self.hyper = hyper
+
+    def step(self, grads, generals):
+        idx = [i for i, d in enumerate(grads) if d is not None]
+        bufs = [self.bufs[i] for i in idx]
+        ps = [self.ps[i] for i in idx]
+        prograd_sgd(ps, [grads[i] for i in idx], [generals[i] for i in idx], bufs,
+                    **self.hyper)
+        for i, b in zip(idx, bufs):
+            self.bufs[i] = b
+
+
+HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def _close(opt_params, model, what):
+    for i, (p, q) in enumerate(zip(opt_params, model.ps)):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6, msg=f"{what}: {i}")
+
+
+def _skip_unavailable(backend):
+    reason = pf.available_backends()[backend]
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+
+
+SHAPES = [(5, 3), (17,), (1,)]  # awkward sizes: odd, prime, one element
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_state_and_parameter_changes_are_seen(backend, host_mode):
+    _skip_unavailable(backend)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = pf.ProGradSGD(params, backend=backend, **HYPER)
+    model = Model(params, **HYPER)
+
+    def rand(shape):
+        return torch.randn(shape, generator=gen)
+
+    def step(what, grads=None, generals=None, in_place=False):
+        ps = opt.param_groups[0]["params"]
+        grads = grads or [rand(p.shape) for p in ps]
+        generals = generals or [-0.7 * d if d is not None else rand(p.shape)
+                                for p, d in zip(ps, grads)]
+        for p, d in zip(ps, grads):
+            if in_place:  # the very same .grad tensors, new values
+                p.grad.copy_(d)
+            else:
+                p.grad = d
+        opt.store_general_grads(generals)
+        opt.step()
+        model.step(grads, generals)
+        _close(ps, model, what)
+
+    for s in range(3):
+        step(f"plain step {s}")
+    assert (opt._host_helper() is not None) == (host_mode == "c")  # the path under test
+    p0, p1, p2 = params
+    step("gradients written in place", in_place=True)
+    opt.state[p0] = {BK: rand(p0.shape)}  # an entry replaced
+    model.bufs[0] = opt.state[p0][BK].clone()
+    step("state entry replaced")
+    opt.state[p1][BK] = rand(p1.shape)  # a buffer replaced in place
+    model.bufs[1] = opt.state[p1][BK].clone()
+    step("momentum buffer replaced")
+    del opt.state[p2]  # an entry removed: momentum starts again
+    model.bufs[2] = None
+    step("state entry removed")
+    p0.data = rand(p0.shape)  # the parameter's tensor replaced (same Parameter object)
+    model.ps[0] = p0.detach().clone()
+    step("p.data replaced")
+    saved = copy.deepcopy(opt.state_dict())  # a checkpoint (state_dict() holds the live buffers)
+    model_saved = [b.clone() for b in model.bufs]
+    step("before load_state_dict")
+    opt.load_state_dict(saved)
+    model.bufs = model_saved
+    step("load_state_dict")
+    step("frozen parameter", grads=[rand(p0.shape), None, rand(p2.shape)])
+    opt.store_general_grads([rand(p.shape) for p in params])
+    opt.zero_grad(set_to_none=True)  # drops the pending general gradients too
+    assert all(p.grad is None for p in params) and not opt.has_general_grads()
+    step("after zero_grad(set_to_none=True)")
+    q = torch.nn.Parameter(rand(p1.shape))
+    opt.param_groups[0]["params"][1] = q  # a parameter replaced in the group's list
+    model.ps[1], model.bufs[1] = q.detach().clone(), None
+    step("parameter replaced")
+    assert opt.param_groups[0]["params"][1] is q
+    opt.state.clear()  # everything forgotten
+    model.bufs = [None] * 3
+    step("state cleared")
+    for s in range(2):
+        step(f"settled {s}")
+
+
+def test_added_group_and_general_gradients_of_other_steps(host_mode):
+    gen = torch.Generator().manual_seed(1)
+    a = [torch.nn.Parameter(torch.randn(6, generator=gen)) for _ in range(2)]
+    b = [torch.nn.Parameter(torch.randn(4, generator=gen))]
+    opt = pf.ProGradSGD(a, backend="torch", **HYPER)
+    model_a = Model(a, **HYPER)
+    d = [torch.randn(6, generator=gen) for _ in a]
+    g = [-x for x in d]
+    for p, x in zip(a, d):
+        p.grad = x
+    opt.store_general_grads(g)
+    opt.step()
+    model_a.step(d, g)
+    opt.add_param_group({"params": b})
+    model_b = Model(b, **HYPER)
+    d2 = [torch.randn(6, generator=gen) for _ in a] + [torch.randn(4, generator=gen)]
+    g2 = [-0.5 * x for x in d2]
+    for p, x in zip(a + b, d2):
+        p.grad = x
+    opt.store_general_grads(g2[:2] + [None])
+    opt.store_general_grads([None, g2[1], g2[2]])  # stored twice: accumulates
+    assert opt.state[a[1]][GK] is g2[1]  # added in place into the first one stored
+    torch.testing.assert_close(g2[1], -d2[1])
+    opt.step()
+    model_a.step(d2[:2], [g2[0], g2[1]])
+    model_b.step(d2[2:], [g2[2]])
+    _close(a, model_a, "group 0")
+    _close(b, model_b, "added group")
+    assert not opt.has_general_grads()
+    with pytest.warns(UserWarning, match="without general gradients"):
+        opt.step()  # no general gradients now: plain SGD, nothing stale
+    model_a.step(d2[:2], [None, None])
+    model_b.step(d2[2:], [None])
+    _close(a, model_a, "plain SGD step 0")
+    _close(b, model_b, "plain SGD step 1")
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("shape", RuntimeError, "does not match"),
+    ("dtype", RuntimeError, "dtype"),
+    ("sparse", RuntimeError, "sparse"),
+    ("type", TypeError, "tensors or None"),
+])
+def test_bad_general_gradients_raise_and_store_nothing(case, exc, match, host_mode):
+    params, gs = tensors(seed=6)
+    opt = pf.ProGradSGD(params, lr=0.1)
+    opt.store_general_grads(gs)
+    opt.step()  # a fused backend ran (auto: cpp, or torch): the helper is on in "c" mode
+    opt.store_general_grads(gs)  # entries exist now: the helper's path
+    opt.zero_grad(set_to_none=False)
+    bad = list(gs)
+    bad[1] = {"shape": gs[1].reshape(-1), "dtype": gs[1].double(),
+              "sparse": gs[1].to_sparse(), "type": 3}[case]
+    with pytest.raises(exc, match=match):
+        opt.store_general_grads(bad)
+    assert not opt.has_general_grads()
+
+
+def test_general_gradients_that_require_grad_are_detached(host_mode):
+    params, gs = tensors(seed=7)
+    opt = pf.ProGradSGD(params, lr=0.1)
+    opt.store_general_grads(gs)
+    opt.step()
+    live = [g.clone().requires_grad_() for g in gs]
+    opt.store_general_grads(live)
+    assert all(not opt.state[p][GK].requires_grad for p in params)
+
+
+def test_the_helper_path_is_the_one_taken(host, monkeypatch):
+    """With the helper, an unchanged step runs no Python gather, no Python keys and no full
+    check (else the targets are not met); a changed one does."""
+    if tb.BACKEND.available() is not None:
+        pytest.skip(f"triton: {tb.BACKEND.available()}")
+    assert _host.module() is host
+    params, gs = tensors(seed=8)
+    opt = pf.ProGradSGD(params, lr=0.1, momentum=0.9, backend="triton")
+    for _ in range(3):
+        opt.store_general_grads(gs)
+        opt.step()
+    calls = []
+    for name in ("gather", "stash_general"):
+        monkeypatch.setattr(_step, name, lambda *a, _n=name, _f=getattr(_step, name), **k:
+                            (calls.append(_n), _f(*a, **k))[1])
+    for name in ("_keys", "_full_check"):
+        raw = tb.TritonBackend.__dict__[name]
+        kind = type(raw) if isinstance(raw, (classmethod, staticmethod)) else None
+        func = raw.__func__ if kind else raw
+        spy = (lambda *a, _n=name, _f=func, **k: (calls.append(_n), _f(*a, **k))[1])
+        monkeypatch.setattr(tb.TritonBackend, name, kind(spy) if kind else spy)
+    opt.store_general_grads(gs)
+    opt.step()
+    assert calls == []
+    params[1].grad = params[1].grad.clone()  # new address: checked again, in full
+    opt.store_general_grads(gs)
+    opt.step()
+    assert "_full_check" in calls and "gather" not in calls
+
+
+def test_triton_refuses_a_dtype_change_at_the_same_address(host_mode):
+    """A later parameter (or momentum buffer) viewed as another dtype keeps its address:
+    the launch cache must notice, with the helper (fingerprint) and without (Python keys)."""
+    if tb.BACKEND.available() is not None:
+        pytest.skip(f"triton: {tb.BACKEND.available()}")
+    ps = [torch.randn(8), torch.randn(12)]
+    ds = [torch.randn(8), torch.randn(12)]
+    extra = {}
+    bufs = [None, None]
+    for _ in range(3):
+        tb.BACKEND.step(GroupStep(ps, ds, [None, None], bufs, lr=0.1, momentum=0.9,
+                                  extra=extra))
+    with pytest.raises(RuntimeError, match="mixed dtypes"):
+        tb.BACKEND.step(GroupStep([ps[0], ps[1].view(torch.int32)], ds, [None, None], bufs,
+                                  lr=0.1, momentum=0.9, extra=extra))
+    with pytest.raises(RuntimeError, match="mixed dtypes"):
+        tb.BACKEND.step(GroupStep(ps, ds, [None, None], [bufs[0], bufs[1].view(torch.int32)],
+                                  lr=0.1, momentum=0.9, extra=extra))
+
+
+def test_triton_refuses_an_amp_scale_that_grew(host_mode):
+    """The AMP tensors' size is part of the options the plan was checked for."""
+    if tb.BACKEND.available() is not None:
+        pytest.skip(f"triton: {tb.BACKEND.available()}")
+    ps, ds = [torch.randn(8)], [torch.randn(8)]
+    extra = {}
+    for _ in range(2):
+        tb.BACKEND.step(GroupStep(ps, ds, [None], [None], lr=0.1, grad_scale=torch.ones(1),
+                                  found_inf=torch.zeros(1), extra=extra))
+    with pytest.raises(RuntimeError, match="grad_scale must be a one-element tensor"):
+        tb.BACKEND.step(GroupStep(ps, ds, [None], [None], lr=0.1, grad_scale=torch.ones(2),
+                                  found_inf=torch.zeros(1), extra=extra))
+
+
+def test_triton_refuses_a_lazy_negation_bit(host_mode):
+    """The kernels read memory as it is: a negated view (same address) must not pass."""
+    if tb.BACKEND.available() is not None:
+        pytest.skip(f"triton: {tb.BACKEND.available()}")
+    ps, ds, gs = [torch.randn(8)], [torch.randn(8)], [torch.randn(8)]
+    extra = {}
+    for _ in range(2):
+        tb.BACKEND.step(GroupStep(ps, ds, gs, [None], lr=0.1, extra=extra))
+    with pytest.raises(RuntimeError, match="negation"):
+        tb.BACKEND.step(GroupStep(ps, ds, [torch._neg_view(gs[0])], [None], lr=0.1,
+                                  extra=extra))
+
+
+# ---------------------------------------------------- the two paths give the same results
+def _train(backend, shapes, seed=0):
+    """A short run touching every host-path case: awkward sizes, a frozen parameter, general
+    gradients stored twice, zero_grad(set_to_none=True), a state_dict round trip into a new
+    optimizer, add_param_group.  Returns every parameter and the final state_dict."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = pf.ProGradSGD(params, backend=backend, **HYPER)
+
+    def step(opt, ps, frozen=()):
+        opt.zero_grad(set_to_none=True)
+        for i, p in enumerate(ps):
+            if i not in frozen:
+                p.grad = torch.randn(p.shape, generator=gen)
+        for _ in range(2):  # stored twice: the second adds to the first (not a multiple)
+            opt.store_general_grads([torch.randn(p.shape, generator=gen) for p in ps])
+        opt.step()
+
+    for s in range(4):
+        step(opt, params, frozen=(1,) if s == 2 else ())
+    saved = copy.deepcopy(opt.state_dict())
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = pf.ProGradSGD(clones, backend=backend, **HYPER)
+    opt.load_state_dict(saved)
+    step(opt, clones)
+    extra = torch.nn.Parameter(torch.randn(3, generator=gen))
+    opt.add_param_group({"params": [extra]})
+    for _ in range(2):
+        step(opt, clones + [extra])
+    return params + clones + [extra], opt.state_dict()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_helper_and_python_paths_give_identical_results(backend, monkeypatch):
+    """The same run with the helper (the torch backend counted as fused, so it is used
+    there too) and with it forced off: bit-identical parameters and state."""
+    _skip_unavailable(backend)
+    helper = _host.module()
+    if helper is None:
+        pytest.skip("the host helper cannot be built here")
+    shapes = [(16, 5), (7,), (1,), (33, 3)]
+    monkeypatch.setattr(_host, "FUSED_BACKENDS", frozenset(BACKENDS))
+    with_helper, state_c = _train(backend, shapes)
+    monkeypatch.setattr(_host, "_module", None)
+    python, state_py = _train(backend, shapes)
+    for a, b in zip(with_helper, python):
+        assert torch.equal(a, b)
+    assert state_c["param_groups"] == state_py["param_groups"]
+    assert state_c["state"].keys() == state_py["state"].keys()
+    for key, entry in state_c["state"].items():
+        assert entry.keys() == state_py["state"][key].keys()
+        for name, value in entry.items():
+            assert torch.equal(value, state_py["state"][key][name]), (key, name)
+
+
+# ------------------------------------------------------------------ when it is built
+def test_the_torch_backend_never_builds_the_helper(monkeypatch):
+    """A backend="torch" user (and auto where it picks torch) never waits for a compiler."""
+    asked = []
+    monkeypatch.setattr(_host, "_module", _host._UNTRIED)
+    monkeypatch.setattr(_host, "_load", lambda: asked.append(1))
+    params, gs = tensors(seed=9)
+    opt = pf.ProGradSGD(params, lr=0.1, momentum=0.9, backend="torch")
+    for _ in range(3):
+        opt.store_general_grads(gs)
+        opt.step()
+    assert asked == [] and opt._host_helper() is None
+    opt = pf.ProGradSGD(tensors(seed=9)[0], lr=0.1)
+    monkeypatch.setitem(opt._backend_cache[0], "auto_backend", "torch")  # auto chose torch
+    monkeypatch.setattr(pf.optim, "run_step", lambda name, step: None)
+    opt.store_general_grads(gs)
+    opt.step()
+    assert asked == []
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_fused_backend_builds_the_helper_after_its_first_step(backend, monkeypatch):
+    _skip_unavailable(backend)
+    helper = _host.module()
+    if helper is None:
+        pytest.skip("the host helper cannot be built here")
+    monkeypatch.setattr(_host, "_module", _host._UNTRIED)
+    loads, real = [], _ext.load
+    monkeypatch.setattr(_ext, "load", lambda kind: loads.append(kind) or real(kind))
+    params, gs = tensors(seed=10)
+    opt = pf.ProGradSGD(params, lr=0.1, backend=backend)
+    opt.store_general_grads(gs)
+    assert "host" not in loads  # nothing before a fused backend ran
+    opt.step()
+    assert opt._use_host
+    opt.store_general_grads(gs)
+    assert loads.count("host") == 1 and opt._host_helper() is helper
+
+
+@pytest.mark.parametrize("env", [_host.NO_HELPER_ENV, _ext.NO_BUILD_ENV])
+def test_opting_out_or_no_build_means_the_python_path(env, monkeypatch, caplog):
+    monkeypatch.setenv(env, "1")
+    monkeypatch.setattr(_host, "_module", _host._UNTRIED)
+    monkeypatch.setattr(_ext, "_errors", {})
+    monkeypatch.setattr(_ext, "_modules", {})  # as in a new process
+    with caplog.at_level("INFO", logger="prograd_fast"):
+        assert _host.module() is None
+    assert "Python host path" in caplog.text
+    assert _host.module() is None  # decided once
+
+
+def test_an_empty_group_is_skipped_on_both_paths(host_mode):
+    params, gs = tensors(seed=12)
+    opt = pf.ProGradSGD(params, lr=0.1, backend="torch")
+    opt.add_param_group({"params": []})
+    for _ in range(3):
+        opt.store_general_grads(gs)
+        opt.step()
+    assert opt.stats()[1] is None
+
+
+@pytest.mark.parametrize("shapes", [[(16, 5)], [(16, 5), (7,)]], ids=["one", "two"])
+def test_momentum_reset_on_two_steps_in_a_row(shapes, host_mode):
+    """A plan bound with momentum buffers it made itself (first step: ``buf = update``)
+    must not be launched again as it is: when the next step again has no buffers at the
+    very same addresses (the user dropped them again), the new ones must still reach the
+    state, and the step after that must use them."""
+    _skip_unavailable("triton")
+    gen = torch.Generator().manual_seed(13)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    for p in params:
+        p.grad = torch.zeros(p.shape)
+    generals = [torch.zeros(p.shape) for p in params]
+    opt = pf.ProGradSGD(params, backend="triton", **HYPER)
+    model = Model(params, **HYPER)
+    for s in range(6):
+        if s in (2, 3):  # momentum reset twice in a row
+            for p in params:
+                opt.state[p].pop(BK)
+            model.bufs = [None] * len(params)
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, d, g in zip(params, grads, generals):  # the same tensors (addresses), new values
+            p.grad.copy_(d)
+            g.copy_(-0.5 * d + 0.1 * torch.randn(p.shape, generator=gen))
+        opt.store_general_grads(generals)
+        opt.step()
+        model.step(grads, generals)
+        _close(params, model, f"step {s}")
+        assert all(BK in opt.state[p] for p in params), s
