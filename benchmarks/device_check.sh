@@ -7,8 +7,8 @@
 # In order (the most important first; each step time-boxed, the whole within the budget):
 #  1. versions (GPU, driver, python, torch, triton, nvcc, compute-sanitizer)
 #  2. setup: wheels carried in .whl/ (if any) into /tmp/site, the package itself with
-#     `pip install --no-deps --no-build-isolation -e .` (no registry there), then the C++ and
-#     CUDA extensions built in parallel (sm_90 only: PROGRAD_FAST_CUDA_ARCHS=90)
+#     `pip install --no-deps --no-build-isolation -e .` (no registry there), then the C++,
+#     CUDA and host-helper extensions built in parallel (sm_90 only: PROGRAD_FAST_CUDA_ARCHS=90)
 #  3. GPU tests: tests/test_gpu_step_path.py (capture, scheduler, coop fallback, streams,
 #     allocations, launcher, AMP, compile)
 #  4. benchmarks/gpu_kernels_bench.py: every backend and the peers on the DESIGN.md scenarios
@@ -151,7 +151,7 @@ if [ "$DRY" != "0" ] || [ "$HAS_CUDA" != "1" ]; then
     finish
 fi
 
-run_step "build C++ and CUDA extensions (in parallel)" "${DEVICE_CHECK_BUILD_S:-150}" $PY - <<'EOF'
+run_step "build C++, CUDA and host-helper extensions (in parallel)" "${DEVICE_CHECK_BUILD_S:-150}" $PY - <<'EOF'
 import subprocess, sys
 code = """
 import sys, time
@@ -162,7 +162,7 @@ print(f"{sys.argv[1]} extension: {'ok' if reason is None else 'UNAVAILABLE: ' + 
       f" ({time.perf_counter() - t:.0f} s)", flush=True)
 sys.exit(reason is not None)
 """
-procs = [subprocess.Popen([sys.executable, "-c", code, kind]) for kind in ("cuda", "cpu")]
+procs = [subprocess.Popen([sys.executable, "-c", code, kind]) for kind in ("cuda", "cpu", "host")]
 sys.exit(max(p.wait() for p in procs))
 EOF
 

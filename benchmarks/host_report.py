@@ -3,8 +3,9 @@
     python benchmarks/host_report.py benchmarks/results/host.json [--write BENCHMARKS.md]
                                      [--strip-data]
 
-One row per benchmark (median, IQR, the target where there is one); the cpp whole-step row
-also gives the paired ratio against torch's fused SGD measured in the same run.
+One row per benchmark (median, IQR, the target where there is one); the host-path rows with
+the C helper also give the paired ratio of the Python fallback to them, and the cpp
+whole-step row the paired ratio against torch's fused SGD, each measured in the same run.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def render(data: dict, command: str) -> str:
         target = extra.get("target_us")
         verdict = "" if target is None else ("PASS" if median <= target else "FAIL")
         notes = []
+        if "paired_python_over_c" in extra:
+            notes.append(f"paired Python path / C helper = {extra['paired_python_over_c']:.1f}x")
+        if extra.get("host") == "python":
+            notes.append("Python path (no helper: no compiler or opted out): no target")
         if "paired_over_torch_fused" in extra:
             ratio = extra["paired_over_torch_fused"]
             notes.append(f"paired cpp / torch fused SGD = {ratio:.2f}x")

@@ -5,12 +5,15 @@ Run: ``PROGRAD_BENCH_THREADS=1 pytest benchmarks/test_bench_host.py --benchmark-
 ``python benchmarks/host_report.py benchmarks/results/host.json --write BENCHMARKS.md
 --strip-data`` for the BENCHMARKS.md section.
 
-* ``test_host_path[<scenario>-triton]``: ``store_general_grads`` + ``step`` of a ProGradSGD
+* ``test_host_path[<scenario>-<host>]``: ``store_general_grads`` + ``step`` of a ProGradSGD
   with the Triton backend, every kernel launch stubbed (``Launcher.__call__`` does nothing):
   what the Python around the kernels costs per step, the floor a GPU step cannot go under.
-  Targets (``extra_info["target_us"]``): CoOp (one 16x512 tensor) <= 8 us, 27 tensors
-  <= 20 us.  Without a GPU the tensors are CPU tensors of the real shapes (Triton's
-  interpreter mode selects the backend; nothing runs in it); with one, CUDA tensors.
+  ``host=c``: with the C host helper (``prograd_fast._host``, the default wherever it
+  builds); targets (``extra_info["target_us"]``): CoOp (one 16x512 tensor) <= 8 us, 27
+  tensors <= 20 us, and ``extra_info["paired_python_over_c"]``, the two paths alternated.
+  ``host=python``: the Python fallback (no compiler), no target.  Without a GPU the
+  tensors are CPU tensors of the real shapes (Triton's interpreter mode selects the
+  backend; nothing runs in it); with one, CUDA tensors.
 * ``test_whole_step[coop-cpp]`` vs ``[coop-torch_fused_sgd]``: the cpp backend's whole CoOp
   step (store + step, kernel included) against ``torch.optim.SGD(fused=True).step()`` on
   the same shapes (no ProGrad).  Target: cpp no slower.  The cpp case also records a
@@ -57,9 +60,7 @@ def stubbed_launches(monkeypatch):
     monkeypatch.setattr(kernels.Launcher, "__call__", lambda self: None)
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_host_path(benchmark, scenario, stubbed_launches):
-    shapes, target = SCENARIOS[scenario]
+def _host_path_step(shapes):
     params, generals = _group(shapes, device=DEVICE)
     opt = pf.ProGradSGD(params, backend="triton", **HYPER)
 
@@ -69,9 +70,40 @@ def test_host_path(benchmark, scenario, stubbed_launches):
 
     for _ in range(3):  # plan built, buffers made, addresses bound
         step()
+    return step
+
+
+def _with_host(step, module):
+    """``step`` run with the host helper set to ``module`` (None: the Python path)."""
+    from prograd_fast import _host
+
+    def run():
+        _host._module = module
+        step()
+
+    return run
+
+
+@pytest.mark.parametrize("host", ["c", "python"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_host_path(benchmark, scenario, host, stubbed_launches, monkeypatch):
+    from prograd_fast import _host
+
+    shapes, target = SCENARIOS[scenario]
+    helper = _host.module()
+    if helper is None and host == "c":
+        pytest.skip("the C host helper cannot be built here")
+    monkeypatch.setattr(_host, "_module", helper if host == "c" else None)
+    step = _host_path_step(shapes)
     benchmark.group = "host path, launches stubbed"
     benchmark.extra_info.update(kind="host_path", scenario=scenario, tensors=len(shapes),
-                                target_us=target, backend="triton", device=DEVICE)
+                                host=host, backend="triton", device=DEVICE)
+    if host == "c":
+        benchmark.extra_info["target_us"] = target
+        fallback = _with_host(_host_path_step(shapes), None)
+        benchmark.extra_info["paired_python_over_c"] = _paired(fallback,
+                                                               _with_host(step, helper))
+        _host._module = helper
     benchmark(step)
 
 

@@ -120,10 +120,14 @@ def test_host_report_renders_targets_and_the_paired_ratio(tmp_path):
     data = dict(datetime="2026-11-29", machine_info=dict(prograd_bench=dict(
         device_name="cpu", cpu_count=2, torch_threads=1, torch="2.x", triton="3.x",
         python="3.11")), benchmarks=[
-        bench("test_host_path[coop]", 7.5, target_us=8.0, tensors=1),
-        bench("test_host_path[maple27]", 25.0, target_us=20.0, tensors=27),
+        bench("test_host_path[coop-c]", 7.5, target_us=8.0, tensors=1, host="c",
+              paired_python_over_c=2.5),
+        bench("test_host_path[maple27-c]", 25.0, target_us=20.0, tensors=27, host="c"),
+        bench("test_host_path[maple27-python]", 90.0, tensors=27, host="python"),
         bench("test_whole_step[cpp]", 12.0, paired_over_torch_fused=0.8)])
     text = host_report.render(data, "cmd")
-    assert "| test_host_path[coop] | 7.5 us | 1.0 us | 8 us | PASS |" in text
-    assert "| test_host_path[maple27] | 25.0 us | 1.0 us | 20 us | FAIL |" in text
+    assert "| test_host_path[coop-c] | 7.5 us | 1.0 us | 8 us | PASS | paired Python path / C " \
+        "helper = 2.5x" in text
+    assert "| test_host_path[maple27-c] | 25.0 us | 1.0 us | 20 us | FAIL |" in text
+    assert "| test_host_path[maple27-python] | 90.0 us | 1.0 us |  |  | Python path (no helper" in text
     assert "PASS | paired cpp / torch fused SGD = 0.80x" in text
