@@ -14,9 +14,9 @@ plan was checked for: with the C host helper (:mod:`prograd_fast._host`), one
 sizes, dtype and device against its parameter's, contiguity) plus the *options* that
 select kernel code or were checked (granularity, momentum, nesterov, maximize, weight decay
 on/off, AMP tensors and a tensor lr with their dtype, device, alignment and size); without
-it, two keys from a few C-level passes: the *addresses* and the *structure* (every
-tensor's sizes, dtype against p0's, contiguity and negation bit, p0's device, the
-options).  Equal: launch.  A fingerprint that differs always runs the full validation.
+it, two keys from a few C-level passes: the *addresses* (with every tensor's sizes) and
+the *structure* (the parameters' element counts, every tensor's dtype against p0's,
+contiguity and negation bit, p0's device, the options).  Equal: launch.  A fingerprint that differs always runs the full validation.
 New addresses with the same structure (fresh ``.grad`` after
 ``zero_grad(set_to_none=True)`` where the allocator did not hand back the same blocks):
 the full validation runs, then the addresses are re-bound (pointer arguments; for a table,
@@ -184,12 +184,15 @@ class TritonBackend:
             options = cls._options(step)
             # every tensor's sizes, dtype, contiguity and negation bit (a view of the same
             # memory keeps the address); devices need no pass: under unified addressing two
-            # devices never share an address
+            # devices never share an address.  The sizes go with the addresses (a change is
+            # checked in full and re-bound): the structure must not change when a first
+            # step's new momentum buffers appear.
             tensors = [*params, *grads, *_present(generals), *_present(bufs)]
             dtypes = list(map(_dtype, tensors))
-            addrs = (_ptrs(params), tuple(map(_dp, grads)), _ptrs(generals), _ptrs(bufs))
+            addrs = (_ptrs(params), tuple(map(_dp, grads)), _ptrs(generals), _ptrs(bufs),
+                     tuple(map(_size, tensors)))
             return addrs, (
-                tuple(map(_size, tensors)), dtype, p0.device, all(map(_contig, tensors)),
+                tuple(map(_numel, params)), dtype, p0.device, all(map(_contig, tensors)),
                 dtypes.count(dtype) == len(dtypes), not any(map(_is_neg, tensors)), options)
         except (RuntimeError, TypeError, AttributeError, IndexError):
             return _NO_KEY, _NO_KEY  # sparse tensors, wrong types, an empty group
