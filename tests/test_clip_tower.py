@@ -148,3 +148,18 @@ def test_truncation_in_low_precision_matches_full_in_same_dtype(dtype, tol):
     scale = want.abs().max()
     assert (short - full).abs().max() <= tol * scale
     assert (short - want).abs().max() <= tol * scale
+
+
+@pytest.mark.parametrize("class_specific,share_prefix", [(False, False), (True, True),
+                                                         (False, True)])
+def test_encoder_follows_the_model_to_another_device(class_specific, share_prefix):
+    """The Dassl example builds on the CPU, then moves the model (``.to(cuda)``): the full
+    encoder (class-specific context, share_prefix off) must use the moved causal mask, not
+    the one the tower saw at construction (``meta`` stands in for a GPU here)."""
+    from prograd_fast.clip import PromptedCLIP
+
+    model = PromptedCLIP(tiny_clip(), CLASSNAMES, n_ctx=4, class_specific=class_specific,
+                         share_prefix=share_prefix)
+    model.to("meta")
+    assert model.tower.attn_mask.device.type == "meta"
+    assert model.text_features().device.type == "meta"
