@@ -234,9 +234,10 @@ class CoOpProGradFast(TrainerX):
                        if coop.PREC == "amp" else None)
 
         device_count = torch.cuda.device_count()
-        if device_count > 1:
-            print(f"Multiple GPUs detected (n_gpus={device_count}), use all of them!")
-            self.model = torch.nn.DataParallel(self.model)
+        if device_count > 1:  # PROGRAD-FAST: no DataParallel (its replicas would run the
+            # text tower and shared-prefix encoder PromptedCLIP refers to: the first GPU's)
+            print(f"Multiple GPUs detected (n_gpus={device_count}): CoOpProGradFast trains on "
+                  f"one ({self.device}); for several, use prograd-fast under torchrun")
 
     def forward_backward(self, batch):
         image, label = self.parse_batch_train(batch)

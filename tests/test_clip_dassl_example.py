@@ -291,3 +291,14 @@ def test_docs_give_the_dassl_edits_the_tests_apply():
             assert new.split("\n", 2)[2].rstrip() in docs
         else:
             assert f"`{old}`" in docs and f"`{new}`" in docs
+
+
+def test_several_gpus_do_not_wrap_the_model_in_data_parallel(example, monkeypatch, capsys):
+    """A DataParallel replica is a shallow copy: PromptedCLIP's tower (and the shared-prefix
+    encoder's blocks) would still be the first GPU's modules, fed the other GPUs' inputs."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    trainer = _trainer(example, _cfg())
+    assert isinstance(trainer.model, PromptedCLIP)
+    assert "trains on one" in capsys.readouterr().out
+    replica = trainer.model._replicate_for_data_parallel()
+    assert replica.tower is trainer.model.tower  # the reason
