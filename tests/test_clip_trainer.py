@@ -67,3 +67,14 @@ def test_config_validation():
         TrainConfig(method="maple")
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
+
+
+def test_resume_refuses_a_checkpoint_of_another_context_shape(tmp_path):
+    """A checkpoint of a generic context (n_ctx, width) is not broadcast into a class-specific
+    one (classes, n_ctx, width): copy_ would accept it silently."""
+    _trainer(tmp_path).fit(stop_after=1)
+    model = PromptedCLIP(tiny_clip(seed=7), CLASSNAMES, n_ctx=3, class_specific=True)
+    cfg = TrainConfig(epochs=3, batch_size=8, output_dir=str(tmp_path), progress=False)
+    other = Trainer(model, _data(), None, cfg)
+    with pytest.raises(ValueError, match=r"context of shape \(3, 32\).*\(7, 3, 32\)"):
+        other.maybe_resume()

@@ -170,8 +170,13 @@ class Trainer:
                 "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict) -> None:
+        ctx = self.model.prompt_learner.ctx
+        if tuple(state["ctx"].shape) != tuple(ctx.shape):  # copy_ would broadcast
+            raise ValueError(f"the checkpoint holds a context of shape {tuple(state['ctx'].shape)}, "
+                             f"this model's is {tuple(ctx.shape)} (n_ctx, class-specific context "
+                             f"and classes must match the run that saved it)")
         with torch.no_grad():
-            self.model.prompt_learner.ctx.copy_(state["ctx"])
+            ctx.copy_(state["ctx"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
