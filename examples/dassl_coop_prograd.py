@@ -207,14 +207,18 @@ class CoOpProGradFast(TrainerX):
                              f"image size {image_size}")
 
         template = get_templates(cfg.DATASET.NAME, opts["template_set"])[0]  # PROGRAD-FAST
+        init = context_init(coop.CTX_INIT, template)  # PROGRAD-FAST
+        class_specific = coop.CSC and init["ctx_init"] is None  # PROGRAD-FAST: as CoOp / ProGrad
+        if coop.CSC and not class_specific:
+            print("CSC is ignored with CTX_INIT (as in CoOp and ProGrad): one generic context")
         print(f"Prompts: {[template.format(c.replace('_', ' ')) for c in classnames]}")
         print("Building custom CLIP")
         self.model = PromptedCLIP(  # PROGRAD-FAST: CustomCLIP and zero-shot CLIP in one
             clip_model, classnames, templates=template,
-            n_ctx=coop.N_CTX, class_specific=coop.CSC,
+            n_ctx=coop.N_CTX, class_specific=class_specific,
             class_token_position=coop.CLASS_TOKEN_POSITION,
             dtype=torch.float32,  # PROGRAD-FAST: an fp32 context even for an fp16 CLIP
-            **context_init(coop.CTX_INIT, template))
+            **init)
         if coop.PREC == "fp16":
             self.model.clip.half()  # CoOp's default precision (the context stays fp32)
         # (the loop turning off gradients outside the prompt learner: PromptedCLIP does it)
@@ -234,9 +238,10 @@ class CoOpProGradFast(TrainerX):
                        if coop.PREC == "amp" else None)
 
         device_count = torch.cuda.device_count()
-        if device_count > 1:
-            print(f"Multiple GPUs detected (n_gpus={device_count}), use all of them!")
-            self.model = torch.nn.DataParallel(self.model)
+        if device_count > 1:  # PROGRAD-FAST: no DataParallel (its replicas would run the
+            # text tower and shared-prefix encoder PromptedCLIP refers to: the first GPU's)
+            print(f"Multiple GPUs detected (n_gpus={device_count}): CoOpProGradFast trains on "
+                  f"one ({self.device}); for several, use prograd-fast under torchrun")
 
     def forward_backward(self, batch):
         image, label = self.parse_batch_train(batch)

@@ -209,10 +209,33 @@ def _check_train_args(args) -> None:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0.0 <= args.lam <= 1.0:
         raise CLIError(f"--lam must be in [0, 1], got {args.lam}")
+    if not args.temperature > 0:
+        raise CLIError(f"--temperature must be > 0, got {args.temperature}")
+    for name, value in (("--lr", args.lr), ("--momentum", args.momentum),
+                        ("--weight-decay", args.weight_decay), ("--warmup-lr", args.warmup_lr),
+                        ("--warmup-epochs", args.warmup_epochs)):
+        if not value >= 0:
+            raise CLIError(f"{name} must be >= 0, got {value}")
+    if args.eval_new and args.class_specific:
+        raise CLIError("--eval-new cannot transfer a class-specific context (--class-specific) "
+                       "to the new classes")
+    if args.device is not None:
+        _check_device(args.device)
     if args.backend != "auto":
         reason = available_backends().get(args.backend, "unknown backend")
         if reason is not None:
             raise CLIError(f"--backend {args.backend!r} cannot run here: {reason}")
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"--device {name!r}: {_one_line(exc)}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name!r}: no CUDA device is available")
 
 
 def cmd_train(args) -> int:

@@ -129,6 +129,26 @@ def test_bad_inputs_give_one_line_and_exit_2(tree_and_cfg, fast_digits, tmp_path
     assert "cannot resume from" in err and "--no-resume" in err
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--momentum", "-0.5"], "--momentum must be >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
+    (["--class-specific", "--subsample", "base", "--eval-new"], "--eval-new cannot transfer"),
+    (["--device", "nowhere"], "--device 'nowhere'"),
+])
+def test_more_bad_inputs_are_refused_before_training(tree_and_cfg, capsys, extra, message):
+    """Refused up front in one line, not by a traceback (a negative lr / momentum / weight
+    decay in ProGradSGD, temperature 0 at the first loss, a class-specific context after the
+    whole training run, when --eval-new transfers it)."""
+    data, cfg, out = tree_and_cfg
+    argv = ["train", "--output-dir", str(out), "--no-progress", "--epochs", "1", "--data",
+            str(data), "--model", str(cfg), "--n-ctx", "2", *extra]
+    assert message in _error_line(capsys, argv)
+    assert not (out / "checkpoint.pt").exists()
+
+
 def test_console_script_exit_status_and_stderr(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "prograd_fast.cli", "train", "--data",
                            str(tmp_path / "missing"), "--model", "ViT-B-16"],

@@ -291,3 +291,30 @@ def test_docs_give_the_dassl_edits_the_tests_apply():
             assert new.split("\n", 2)[2].rstrip() in docs
         else:
             assert f"`{old}`" in docs and f"`{new}`" in docs
+
+
+def test_several_gpus_do_not_wrap_the_model_in_data_parallel(example, monkeypatch, capsys):
+    """A DataParallel replica is a shallow copy: PromptedCLIP's tower (and the shared-prefix
+    encoder's blocks) would still be the first GPU's modules, fed the other GPUs' inputs."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    trainer = _trainer(example, _cfg())
+    assert isinstance(trainer.model, PromptedCLIP)
+    assert "trains on one" in capsys.readouterr().out
+    replica = trainer.model._replicate_for_data_parallel()
+    assert replica.tower is trainer.model.tower  # the reason
+
+
+@pytest.mark.parametrize("ctx_init,class_specific", [(True, False), ("a photo of a", False),
+                                                     (False, True)])
+def test_csc_with_an_initialised_context_is_generic_as_in_the_official_trainers(
+        example, capsys, ctx_init, class_specific):
+    """CoOp's and official ProGrad's PromptLearner build one generic context whenever
+    CTX_INIT is set, CSC True or not; CSC only makes random contexts class-specific."""
+    cfg = _cfg(ctx_init=ctx_init, n_ctx=8)
+    cfg.TRAINER.COOP.CSC = True
+    trainer = _trainer(example, cfg)
+    pl = trainer.model.prompt_learner
+    assert pl.class_specific is class_specific
+    assert pl.ctx.dim() == (3 if class_specific else 2)
+    if not class_specific:
+        assert "CSC is ignored" in capsys.readouterr().out

@@ -353,13 +353,24 @@ def _refusals():
         blk.attn = open_clip.transformer.Attention(32, 2)
         return m
 
+    def mixing_linear(m):  # a per-token layer's subclass whose forward mixes the tokens
+        class MixingLinear(nn.Linear):
+            def forward(self, x):
+                return super().forward(x) + x.mean(-2, keepdim=True).sum(-1, keepdim=True)
+
+        mlp = m.transformer.resblocks[1].mlp
+        old = mlp.c_fc
+        mlp.c_fc = MixingLinear(old.in_features, old.out_features)
+        mlp.c_fc.load_state_dict(old.state_dict())
+        return m
+
     def subclass_transformer(m):
         m.transformer.__class__ = type("MyTransformer", (open_clip.transformer.Transformer,), {})
         return m
 
     return {"scaled cosine": cosine, "MyBlock": subclass_block, "MyTransformer": subclass_transformer, "Dropout": dropout_mlp,
             "bias_k": bias_kv, "ScaledMHA": mha_subclass, "separate q/k/v": separate_qkv,
-            "attn is a Attention": foreign_attention}
+            "attn is a Attention": foreign_attention, "MixingLinear": mixing_linear}
 
 
 @pytest.mark.parametrize("why", list(_refusals()))
@@ -370,7 +381,7 @@ def test_unhandled_blocks_fall_back_with_the_reason(why):
     enc, reason = shared_prefix_encoder(tower, pl)
     assert enc is None and why in reason
     # the others do not run in open_clip either (3.3 cannot run scaled cosine attention)
-    if why in ("MyBlock", "MyTransformer", "Dropout", "bias_k", "ScaledMHA"):
+    if why in ("MyBlock", "MyTransformer", "Dropout", "bias_k", "ScaledMHA", "MixingLinear"):
         model = PromptedCLIP(clip, CLASSNAMES, n_ctx=3, tokenizer=TOK)
         assert model.shared_prefix is None and why in model.shared_prefix_off
         torch.testing.assert_close(model.text_features(),

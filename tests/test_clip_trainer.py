@@ -67,3 +67,36 @@ def test_config_validation():
         TrainConfig(method="maple")
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
+
+
+def test_resume_refuses_a_checkpoint_of_another_context_shape(tmp_path):
+    """A checkpoint of a generic context (n_ctx, width) is not broadcast into a class-specific
+    one (classes, n_ctx, width): copy_ would accept it silently."""
+    _trainer(tmp_path).fit(stop_after=1)
+    model = PromptedCLIP(tiny_clip(seed=7), CLASSNAMES, n_ctx=3, class_specific=True)
+    cfg = TrainConfig(epochs=3, batch_size=8, output_dir=str(tmp_path), progress=False)
+    other = Trainer(model, _data(), None, cfg)
+    with pytest.raises(ValueError, match=r"context of shape \(3, 32\).*\(7, 3, 32\)"):
+        other.maybe_resume()
+
+
+def test_fp16_uses_the_scaler_that_sees_the_general_gradient(tmp_path):
+    """With the stock GradScaler a step skipped because only the general gradient overflowed
+    never lowers the scale (prograd_fast.amp): fp16 training could stall, skipping every step."""
+    from prograd_fast.amp import ProGradGradScaler
+
+    model = PromptedCLIP(tiny_clip(seed=7), CLASSNAMES, n_ctx=3)
+    cfg = TrainConfig(epochs=1, batch_size=8, precision="fp16", progress=False)
+    trainer = Trainer(model, _data(), None, cfg)
+    assert isinstance(trainer.scaler, ProGradGradScaler)
+    trainer.scaler.scale(torch.ones(()))  # as the first scaled loss does
+    scale = trainer.scaler.get_scale()
+    trainer.optimizer.zero_grad()
+    trainer.model.prompt_learner.ctx.grad = torch.ones_like(trainer.model.prompt_learner.ctx)
+    trainer.optimizer.store_general_grads([torch.full_like(trainer.model.prompt_learner.ctx,
+                                                           float("inf"))])
+    before = trainer.model.prompt_learner.ctx.detach().clone()
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    assert torch.equal(trainer.model.prompt_learner.ctx.detach(), before)  # skipped
+    assert trainer.scaler.get_scale() < scale  # and the scale backs off

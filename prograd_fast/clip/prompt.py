@@ -77,6 +77,19 @@ def _prograd_init(emb: nn.Embedding, tokenizer: Callable, ctx_init: str, n_ctx: 
     return ctx, " ".join(["X"] * (n_ctx - words) + [ctx_init])
 
 
+def _token_order(position: str, n_ctx: int, name_lens: list[int], length: int) -> Tensor:
+    """(classes, length) source positions in the "end" layout ``[SOS, ctx, name, rest]`` of
+    each token of the "middle" (``[SOS, ctx[:n//2], name, ctx[n//2:], rest]``) or "front"
+    (``[SOS, name, ctx, rest]``) prompt."""
+    half = n_ctx // 2 if position == "middle" else 0
+    ctx = list(range(1, 1 + n_ctx))
+    rows = []
+    for k in name_lens:
+        name = list(range(1 + n_ctx, 1 + n_ctx + k))
+        rows.append([0] + ctx[:half] + name + ctx[half:] + list(range(1 + n_ctx + k, length)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
 class PromptLearner(nn.Module):
     """``n_ctx`` learned context vectors placed around each class name, as CoOp does.
 
@@ -167,6 +180,12 @@ class PromptLearner(nn.Module):
         self.register_buffer("eot", eot.clone(), persistent=False)
         self.register_buffer("tokenized_prompts", tokens.clone(), persistent=False)
         self.name_lens = [_n_tokens(tokenizer, n, length) for n in names]
+        # "middle" / "front": each prompt is a reordering of the "end" layout's tokens,
+        # gathered in one call (a per-class slice of the context would cost a full-size
+        # gradient per class in the backward)
+        order = (None if class_token_position == "end" else _token_order(
+            class_token_position, n_ctx, self.name_lens, embedding.shape[1]).to(emb.weight.device))
+        self.register_buffer("token_order", order, persistent=False)
         self.n_ctx, self.n_cls = n_ctx, n_cls
         self.classnames = names
         self.class_token_position = class_token_position
@@ -222,17 +241,8 @@ class PromptLearner(nn.Module):
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
         ctx = ctx.to(self.token_prefix.dtype)
-        prefix, suffix = self.token_prefix, self.token_suffix
-        if self.class_token_position == "end":
-            return torch.cat([prefix, ctx, suffix], dim=1), self.eot
-        half = self.n_ctx // 2
-        prompts = []
-        for i, n in enumerate(self.name_lens):
-            name, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
-            c = ctx[i:i + 1]
-            if self.class_token_position == "middle":
-                parts = [prefix[i:i + 1], c[:, :half], name, c[:, half:], rest]
-            else:
-                parts = [prefix[i:i + 1], name, c, rest]
-            prompts.append(torch.cat(parts, dim=1))
-        return torch.cat(prompts, dim=0), self.eot
+        prompts = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
+        if self.token_order is not None:  # the class name in the middle or in front
+            order = self.token_order.unsqueeze(-1).expand(-1, -1, prompts.shape[-1])
+            prompts = prompts.gather(1, order)
+        return prompts, self.eot

@@ -60,11 +60,12 @@ def _open_clip_classes():
 
 
 def _per_token_types() -> tuple[type, ...]:
-    """Layers that act on each token on its own (norms, activations, linear maps, identity)."""
+    """Layers that act on each token on its own (norms, activations, linear maps, identity):
+    these exact classes, as a subclass may override ``forward`` with anything."""
     oct = _open_clip_classes()
-    return (nn.LayerNorm, nn.RMSNorm, nn.Identity, nn.Linear, oct.LayerScale, oct.QuickGELU,
-            nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Hardswish, nn.LeakyReLU,
-            nn.ELU)
+    return (nn.LayerNorm, oct.LayerNorm, oct.LayerNormFp32, nn.RMSNorm, nn.Identity, nn.Linear,
+            oct.LayerScale, oct.QuickGELU, nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid,
+            nn.Mish, nn.Hardswish, nn.LeakyReLU, nn.ELU)
 
 
 def _check_per_token(module: nn.Module, where: str) -> None:
@@ -72,7 +73,7 @@ def _check_per_token(module: nn.Module, where: str) -> None:
     for name, m in module.named_modules():
         if m is module and type(m) is nn.Sequential:
             continue
-        if not isinstance(m, ok):
+        if type(m) not in ok:
             raise NotShareable(f"{where}{'.' + name if name else ''} is a {type(m).__name__}, "
                                f"not a layer known to act per token")
 

@@ -53,11 +53,9 @@ class TextTower:
     """References to the parts of a CLIP causal text tower (no copies, no parameters)."""
 
     token_embedding: nn.Embedding
-    positional_embedding: Tensor
     transformer: nn.Module
     ln_final: nn.Module
-    text_projection: Tensor | nn.Module | None
-    attn_mask: Tensor
+    owner: nn.Module  # holds the tensors below (see attn_mask)
     pool_type: str
     eos_id: int | None
     context_length: int
@@ -91,8 +89,23 @@ class TextTower:
                           f"end-of-text token, are supported)")
         if pool == "eos" and eos is None:
             raise _refuse("text_pool_type='eos' without an eos token id")
-        return cls(src.token_embedding, src.positional_embedding, src.transformer, src.ln_final,
-                   src.text_projection, mask, pool, eos, int(src.positional_embedding.shape[0]))
+        return cls(src.token_embedding, src.transformer, src.ln_final, src, pool, eos,
+                   int(src.positional_embedding.shape[0]))
+
+    @property
+    def attn_mask(self) -> Tensor:
+        """The causal mask, read from the tower's module on each use, as are the two tensors
+        below: ``.to(device)`` / ``.half()`` replace buffers (and, across some devices,
+        parameters), so a reference kept at construction would stay on the old device."""
+        return self.owner.attn_mask
+
+    @property
+    def positional_embedding(self) -> Tensor:
+        return self.owner.positional_embedding
+
+    @property
+    def text_projection(self) -> Tensor | nn.Module | None:
+        return self.owner.text_projection
 
     @property
     def width(self) -> int:

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..amp import ProGradGradScaler
 from ..atomic import atomic_torch_save, atomic_write, atomic_write_json
 from . import parallel
 from .model import PromptedCLIP
@@ -152,7 +153,8 @@ class Trainer:
                                          config.lr, config.warmup_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.autocast = PRECISIONS[config.precision]
-        self.scaler = (torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None)
+        # ProGrad's scaler: a step skipped for a general-gradient overflow lowers the scale too
+        self.scaler = ProGradGradScaler(self.device.type) if config.precision == "fp16" else None
         self.history: list[dict] = []
         self.epoch = 0
         self.out = Path(config.output_dir) if config.output_dir else None
@@ -170,8 +172,13 @@ class Trainer:
                 "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict) -> None:
+        ctx = self.model.prompt_learner.ctx
+        if tuple(state["ctx"].shape) != tuple(ctx.shape):  # copy_ would broadcast
+            raise ValueError(f"the checkpoint holds a context of shape {tuple(state['ctx'].shape)}, "
+                             f"this model's is {tuple(ctx.shape)} (n_ctx, class-specific context "
+                             f"and classes must match the run that saved it)")
         with torch.no_grad():
-            self.model.prompt_learner.ctx.copy_(state["ctx"])
+            ctx.copy_(state["ctx"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
