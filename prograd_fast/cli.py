@@ -186,6 +186,23 @@ def _prefix_note(model) -> str:
             f"{shared.layout} suffixes")
 
 
+# Ranges of numeric options, as (holds, what it needs) for range_error.
+AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+POSITIVE = (lambda v: v > 0, "> 0")
+UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def range_error(checks) -> str | None:
+    """``"FLAG must be NEED, got VALUE"`` for the first ``(flag, value, (holds, need))`` whose
+    value (None: not given) fails ``holds`` (NaN fails every range); None when all hold.
+    ``train`` and ``protocol`` refuse their options with it before any work."""
+    for flag, value, (holds, need) in checks:
+        if value is not None and not holds(value):
+            return f"{flag} must be {need}, got {value}"
+    return None
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 400 else text[:397] + "..."
@@ -200,22 +217,16 @@ def _check_train_args(args) -> None:
     if args.data != "digits" and not Path(args.data).exists():
         raise CLIError(f"--data {args.data!r} does not exist (an ImageFolder root, a CoOp "
                        f"split_*.json or a folder holding one, or 'digits')")
-    if args.n_ctx is not None and args.n_ctx < 1:
-        raise CLIError(f"--n-ctx must be >= 1, got {args.n_ctx}")
-    for name, value in (("--epochs", args.epochs), ("--num-workers", args.num_workers)):
-        if value < 0:
-            raise CLIError(f"{name} must be >= 0, got {value}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not 0.0 <= args.lam <= 1.0:
-        raise CLIError(f"--lam must be in [0, 1], got {args.lam}")
-    if not args.temperature > 0:
-        raise CLIError(f"--temperature must be > 0, got {args.temperature}")
-    for name, value in (("--lr", args.lr), ("--momentum", args.momentum),
-                        ("--weight-decay", args.weight_decay), ("--warmup-lr", args.warmup_lr),
-                        ("--warmup-epochs", args.warmup_epochs)):
-        if not value >= 0:
-            raise CLIError(f"{name} must be >= 0, got {value}")
+    bad = range_error((("--n-ctx", args.n_ctx, AT_LEAST_1), ("--epochs", args.epochs, AT_LEAST_0),
+                       ("--num-workers", args.num_workers, AT_LEAST_0),
+                       ("--batch-size", args.batch_size, AT_LEAST_1), ("--lam", args.lam, UNIT),
+                       ("--temperature", args.temperature, POSITIVE), ("--lr", args.lr, AT_LEAST_0),
+                       ("--momentum", args.momentum, AT_LEAST_0),
+                       ("--weight-decay", args.weight_decay, AT_LEAST_0),
+                       ("--warmup-lr", args.warmup_lr, AT_LEAST_0),
+                       ("--warmup-epochs", args.warmup_epochs, AT_LEAST_0)))
+    if bad:
+        raise CLIError(bad)
     if args.eval_new and args.class_specific:
         raise CLIError("--eval-new cannot transfer a class-specific context (--class-specific) "
                        "to the new classes")

@@ -139,13 +139,13 @@ def plan(protocol: str, datasets: Sequence[str] | None, methods: Sequence[str],
 
 def _check_options(opts: GridOptions) -> None:
     """Refuse bad overrides before any work (the trainer would stop mid-grid with a traceback)."""
-    for flag, value, ok, need in (("--epochs", opts.epochs, lambda v: v >= 0, ">= 0"),
-                                  ("--batch-size", opts.batch_size, lambda v: v >= 1, ">= 1"),
-                                  ("--lr", opts.lr, lambda v: v > 0, "> 0"),
-                                  ("--lam", opts.lam, lambda v: 0 <= v <= 1, "in [0, 1]"),
-                                  ("--num-workers", opts.num_workers, lambda v: v >= 0, ">= 0")):
-        if value is not None and not ok(value):
-            raise ProtocolError(f"{flag} must be {need}, got {value}")
+    from ..cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, range_error
+
+    bad = range_error((("--epochs", opts.epochs, AT_LEAST_0), ("--batch-size", opts.batch_size, AT_LEAST_1),
+                       ("--lr", opts.lr, POSITIVE), ("--lam", opts.lam, UNIT),
+                       ("--num-workers", opts.num_workers, AT_LEAST_0)))
+    if bad:
+        raise ProtocolError(bad)
 
 
 class GridRunner:
