@@ -141,7 +141,8 @@ def _check_options(opts: GridOptions) -> None:
     """Refuse bad overrides before any work (the trainer would stop mid-grid with a traceback)."""
     from ..cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, range_error
 
-    bad = range_error((("--epochs", opts.epochs, AT_LEAST_0), ("--batch-size", opts.batch_size, AT_LEAST_1),
+    bad = range_error((("--epochs", opts.epochs, AT_LEAST_0),
+                       ("--batch-size", opts.batch_size, AT_LEAST_1),
                        ("--lr", opts.lr, POSITIVE), ("--lam", opts.lam, UNIT),
                        ("--num-workers", opts.num_workers, AT_LEAST_0)))
     if bad:
