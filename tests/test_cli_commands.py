@@ -41,10 +41,11 @@ def tree(tmp_path_factory):
     return base / "data", cfg, base
 
 
-def _train(tree, out, *extra, **kw):
+def _train(tree, out, *extra, progress: bool = False, **kw):
     data, cfg, _ = tree
     return run_cli("train", "--data", data, "--model", cfg, "--output-dir", out, "--shots", 2,
-                   "--batch-size", 4, "--n-ctx", 3, "--no-progress", *extra, **kw)
+                   "--batch-size", 4, "--n-ctx", 3, *([] if progress else ["--no-progress"]),
+                   *extra, **kw)
 
 
 def _log(out):
@@ -71,9 +72,12 @@ def test_train_tests_after_the_last_epoch_and_prints_one_line_per_epoch(tree):
 
 def test_train_eval_every_and_the_val_split(tree):
     out = tree[2] / "every"
-    proc = _train(tree, out, "--epochs", 3, "--eval-every", 2)
+    proc = _train(tree, out, "--epochs", 3, "--eval-every", 2, progress=True)
     assert proc.returncode == 0, proc.stderr
     assert [r["acc"] != "" for r in _log(out)] == [False, True, True]
+    # the bars (stderr) are cleared; each epoch leaves its line behind on stdout
+    assert "prograd epoch 3/3" in proc.stderr
+    assert [ln[:9] for ln in proc.stdout.splitlines()[1:4]] == [f"epoch {i}/3" for i in (1, 2, 3)]
     out = tree[2] / "val"
     proc = _train(tree, out, "--epochs", 2, "--eval-every", 1, "--eval-split", "val")
     assert proc.returncode == 0, proc.stderr

@@ -376,12 +376,15 @@ class GridRunner:
                  f"process(es), output {self.out}")
         results = []
         bar = tqdm(self.runs, desc=o.protocol, disable=not o.progress or not parallel.is_main())
+        # lines go above the bar, which stays at the bottom and is left behind at the end
+        say = (lambda msg: tqdm.write(str(msg))) if not bar.disable and self.log is print else self.log
         for i, run in enumerate(bar):
             bar.set_postfix_str(run.title())
             res = self.execute(run)
             results.append((run, res))
             accs = ", ".join(f"{t} {res['tests'][t]:.2f}" for t in run.tests)
-            self.log(f"[{i + 1}/{len(self.runs)}] {run.title()}: {accs}")
+            say(f"[{i + 1}/{len(self.runs)}] {run.title()}: {accs}")
+        bar.close()
         self.log(f"trained {self.trained} run(s); image features: {self.cache.misses} computed, "
                  f"{self.cache.hits} from the cache")
         return results
