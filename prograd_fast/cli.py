@@ -412,6 +412,7 @@ def saved_prompt_settings(args, model, split, templates) -> dict:
     pl = model.prompt_learner
     return {"model": args.model or ("digits" if args.data == "digits" else None),
             "pretrained": args.pretrained, "data": args.data, "shift": args.shift,
+            "dataset": args.dataset, "root": args.root,
             "subsample": args.subsample, "classnames": list(split.classnames),
             "templates": templates, "n_ctx": pl.n_ctx, "ctx_init": pl.ctx_init,
             "ctx_init_mode": pl.ctx_init_mode, "class_specific": pl.class_specific,

@@ -70,9 +70,17 @@ def cmd_eval(args) -> int:
     if args.device is not None:
         cli._check_device(args.device)
     device = parallel.init_from_env(args.device)
-    named = args.dataset is not None
-    data = args.data or (None if named else p.get("data", "digits"))
-    same_data = not named and data == p.get("data")
+    if args.dataset is not None or (args.data is None and p.get("dataset")):
+        dataset = args.dataset or p["dataset"]  # a data set by name (given, or the run's)
+        root = args.root or (p.get("root") if dataset == p.get("dataset") else None)
+        data, same_data = None, dataset == p.get("dataset")
+    else:
+        dataset = root = None
+        data = args.data or p.get("data", "digits")
+        same_data = not p.get("dataset") and data == p.get("data")
+    named = dataset is not None
+    if args.root and not named:
+        raise cli.CLIError("--root needs --dataset NAME (--data reads one folder or split file)")
     classes = args.classes or (p.get("subsample", "all") if same_data else "all")
     pretrained = args.pretrained if args.pretrained is not None else p.get("pretrained")
     if (pretrained or "").lower() == "none":
@@ -84,10 +92,10 @@ def cmd_eval(args) -> int:
     if named:
         from .datasets import DatasetError, load_split
 
-        if not args.root:
+        if not root:
             raise cli.CLIError("--dataset needs --root (the data root)")
         try:
-            spec, full = load_split(args.dataset, args.root)
+            spec, full = load_split(dataset, root)
         except DatasetError as exc:
             raise cli.CLIError(str(exc)) from None
         label, default_templates = spec.name, spec.dassl

@@ -36,6 +36,8 @@ class HelpFormatter(argparse.HelpFormatter):
         for name in list(params):
             if params[name] is argparse.SUPPRESS:
                 del params[name]
+            elif hasattr(params[name], "__name__"):  # type=int -> "int", as argparse does
+                params[name] = params[name].__name__
         if params.get("choices") is not None:
             params["choices"] = ", ".join(map(str, params["choices"]))
         return self._get_help_string(action) % params

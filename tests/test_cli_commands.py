@@ -187,6 +187,19 @@ def test_protocol_caption_and_meta_record_what_differs_from_the_official_configs
     assert "no plot: it needs matplotlib" in wrote and "fewshot.png" not in wrote
 
 
+def test_eval_of_a_run_on_a_named_data_set_and_on_another_one(coop_root):
+    root, model, base = coop_root
+    out = base / "named"
+    proc = run_cli("train", "--dataset", "caltech101", "--root", root, "--model", model,
+                   "--shots", 2, "--epochs", 1, "--n-ctx", 2, "--no-progress", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "result.json").read_text())
+    again = run_cli("eval", out)  # the run's data set and root, from what train recorded
+    assert _accuracy(again) == pytest.approx(res["acc"], abs=0.01) and " on caltech101 " in again.stdout
+    other = run_cli("eval", out, "--dataset", "dtd", "--root", root)
+    assert 0.0 <= _accuracy(other) <= 100.0 and " on dtd (all classes" in other.stdout
+
+
 def test_protocol_setting_cocoop_and_its_refusals(coop_root):
     out = coop_root[2] / "cocoop"
     proc = _protocol(coop_root, "base2new", out, "--setting", "cocoop", "--datasets", "dtd",
@@ -200,3 +213,9 @@ def test_protocol_setting_cocoop_and_its_refusals(coop_root):
     assert meta["setting"] == "cocoop" and "precision" not in meta["differs from the official configs"]
     bad = _protocol(coop_root, "base2new", out, "--datasets", "dtd", "--csc")
     assert bad.returncode == 2 and "--csc" in bad.stderr and bad.stderr.count("\n") == 1
+    # an ablation whose prompt cannot be built: one line naming the run, not a traceback
+    short = _protocol(coop_root, "fewshot", coop_root[2] / "short", "--datasets", "dtd",
+                      "--methods", "prograd", "--shots", 1, "--seeds", 1, "--epochs", 1,
+                      "--n-ctx", 1)
+    assert short.returncode == 2 and short.stderr.count("\n") == 1, short.stderr
+    assert "dtd/all prograd 1-shot seed 1: n_ctx (1) is smaller than" in short.stderr

@@ -93,7 +93,8 @@ class PromptOverrides:
         """The overrides given, by their option names."""
         out = {"n-ctx": self.n_ctx, "ctx-init": self.ctx_init,
                "csc": True if self.csc else None,
-               "class-token-position": self.class_token_position}
+               "class-token-position": (self.class_token_position
+                                        if self.class_token_position != "end" else None)}
         return {k: v for k, v in out.items() if v is not None}
 
 

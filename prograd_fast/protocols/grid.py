@@ -289,8 +289,11 @@ class GridRunner:
         items, source, _ = self._few_shot(run)
         split = subsample_classes(Split(items, [], [], full.classnames), run.classes)
         torch.manual_seed(run.seed)  # the random context (CoOp) depends on the seed only
-        model = PromptedCLIP(self.clip, split.classnames, tokenizer=self.tokenizer,
-                             **self.prompt(run.method, spec.dassl))
+        try:  # an ablation's prompt that cannot be built (too long, too short for its words)
+            model = PromptedCLIP(self.clip, split.classnames, tokenizer=self.tokenizer,
+                                 **self.prompt(run.method, spec.dassl))
+        except ValueError as exc:
+            raise ProtocolError(f"{run.title()}: {exc}") from None
         s = self.schedule(run)
         if self.opts.cache_train_features:
             feats, labels = self.cache.get(self.clip, split.train, self.test_tf)
