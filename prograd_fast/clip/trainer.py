@@ -375,6 +375,8 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
             ax.plot(x, y, marker="o", ms=3, label=k)
         ax.set_xlabel("epoch")
         ax.set_title(name)
+        if name == "accuracy (%)":
+            ax.set_ylim(0, 100)  # the whole scale: a zoomed axis makes small gaps look large
         if len(keys) > 1:
             ax.legend()
     fig.suptitle(title)
