@@ -92,3 +92,17 @@ def test_demo_plot_shows_the_spread_over_seeds_on_a_full_axis():
     assert all(ax.get_ylim() == (0.0, 100.0) for ax in fig.axes)
     assert fig.legends and not any(ax.get_legend() for ax in fig.axes)
     plt.close(fig)
+
+
+def test_training_curves_show_accuracy_on_the_whole_scale(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from prograd_fast.clip.trainer import plot_history
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [{"epoch": e, "lr": 0.002, "ce": 1.0 / e, "kl": 0.1, "conflict_rate": 0.2,
+             "acc": 50.0 + e} for e in (1, 2)]
+    assert plot_history(rows, tmp_path / "curves.png")
+    assert figures[0].axes[0].get_ylim() == (0.0, 100.0)
