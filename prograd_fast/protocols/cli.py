@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ..cli_help import PLOT_NEEDS, PRETRAINED_HELP, HelpFormatter, default_workers
 from .config import DEFAULT_SETTING, METHODS, PROTOCOLS, SETTING_MODELS, SETTINGS
 
