@@ -79,7 +79,8 @@ def test_train_eval_every_and_the_val_split(tree):
     assert "prograd epoch 3/3" in proc.stderr
     assert [ln[:9] for ln in proc.stdout.splitlines()[1:4]] == [f"epoch {i}/3" for i in (1, 2, 3)]
     out = tree[2] / "val"
-    proc = _train(tree, out, "--epochs", 2, "--eval-every", 1, "--eval-split", "val")
+    proc = _train(tree, out, "--epochs", 2, "--eval-every", 1, "--eval-split", "val",
+                  "--pretrained", "none")  # 'none': random weights, as in protocol
     assert proc.returncode == 0, proc.stderr
     rows = _log(out)
     assert [r["val_acc"] != "" for r in rows] == [True, True]
