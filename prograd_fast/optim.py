@@ -33,12 +33,26 @@ def uses_fused_backend(name: str, cache: dict) -> bool:
     return name in _host.FUSED_BACKENDS
 
 
-def _training_state(state: dict) -> dict:
-    """A state dict's ``state`` without pending general gradients and empty entries (new
-    dicts: the optimizer's own are not touched)."""
-    kept = {k: {name: v for name, v in entry.items() if name != GENERAL_KEY}
-            for k, entry in state.items()}
-    return {k: entry for k, entry in kept.items() if entry}
+def _training_state(state: dict, param_keys) -> dict:
+    """A state dict's ``state`` less what ProGradSGD itself adds: pending general gradients,
+    and parameter entries left empty without them.  Only entries keyed by a parameter (an
+    index in ``param_keys``) holding a dict are looked at; anything else -- a key a user or
+    a ``state_dict`` hook put there -- is kept as it is.  New dicts: the optimizer's own,
+    and the caller's, are not touched."""
+    out = {}
+    for key, entry in state.items():
+        if key in param_keys and isinstance(entry, dict):
+            if GENERAL_KEY in entry:
+                entry = {name: v for name, v in entry.items() if name != GENERAL_KEY}
+            if not entry:
+                continue
+        out[key] = entry
+    return out
+
+
+def _param_indices(state_dict: dict) -> set:
+    """The keys a packed state dict uses for its parameters (torch numbers them)."""
+    return {i for group in state_dict.get("param_groups", ()) for i in group.get("params", ())}
 
 
 class ProGradSGD(Optimizer):
@@ -119,9 +133,10 @@ class ProGradSGD(Optimizer):
     def state_dict(self) -> dict:
         """As torch's, but only the training state: pending general gradients (stored, not
         yet stepped) belong to one iteration and are left out, and so are parameters with
-        nothing to keep (``torch.optim.SGD`` keeps ``state`` empty for them too)."""
+        nothing to keep (``torch.optim.SGD`` keeps ``state`` empty for them too).  Anything
+        else in ``state`` -- e.g. what a ``state_dict`` pre-hook wrote -- is kept."""
         state_dict = super().state_dict()
-        state_dict["state"] = _training_state(state_dict["state"])
+        state_dict["state"] = _training_state(state_dict["state"], _param_indices(state_dict))
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -132,7 +147,8 @@ class ProGradSGD(Optimizer):
         tensors) and general gradients saved by older versions are dropped."""
         own = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         saved = [set(group) for group in state_dict["param_groups"]]
-        super().load_state_dict({**state_dict, "state": _training_state(state_dict["state"])})
+        kept = _training_state(state_dict["state"], _param_indices(state_dict))
+        super().load_state_dict({**state_dict, "state": kept})
         for group, options, keys in zip(self.param_groups, own, saved):
             for key, value in options.items():
                 if key not in keys or key == "backend":
