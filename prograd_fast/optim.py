@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _host
+from . import _host, _ops
 from ._step import (GENERAL_KEY, gather_group, hooked_step, refill, release, store_buffers,
                     store_general)
 from .backends import BACKENDS, requested_backend, run_step
@@ -201,11 +201,17 @@ class ProGradSGD(Optimizer):
             if len(grads) != len(params):
                 raise ValueError(f"store_general_grads got {len(grads)} gradients for "
                                  f"{len(params)} parameters")
+        if torch.compiler.is_compiling():  # torch.compile: see prograd_fast._ops
+            _ops.traced_store_general(self.state, params, grads)
+            return
         store_general(self.state, params, grads, self._host_helper(), self._state_dicts)
 
     def _host_helper(self):
-        """The C host helper once a fused backend ran (built then), else None."""
-        return _host.module() if self._use_host else None
+        """The C host helper once a fused backend ran (built then), else None (also while
+        Dynamo traces: it cannot trace the helper, see :mod:`prograd_fast._ops`)."""
+        if not self._use_host or torch.compiler.is_compiling():
+            return None
+        return _host.module()
 
     def stats(self) -> list[dict[str, Tensor] | None]:
         """Per group, the last step's device tensors: ``cos``, ``conflict``, ``coef``,
@@ -226,6 +232,9 @@ class ProGradSGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():  # torch.compile: custom ops, no host caches
+            _ops.traced_step(self, grad_scale, found_inf)
+            return loss
         any_general = any_stepped = False
         state = self.state
         host, dicts = self._host_helper(), self._state_dicts
