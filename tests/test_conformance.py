@@ -553,3 +553,31 @@ def test_load_state_dict_keeps_entries_that_are_not_parameters():
     other.load_state_dict(sd)
     assert other.state["test"] == 1
     assert other.state_dict()["state"].keys() == sd["state"].keys()
+
+
+def _lr_to_0_003(optimizer, state_dict):
+    changed = copy.deepcopy(state_dict)
+    changed["param_groups"][0]["lr"] = 0.003
+    return changed
+
+
+def _note_load(optimizer):
+    optimizer.state["ran_pre_hook"] = optimizer.param_groups[0]["lr"] == 0.003
+    optimizer.state["ran_post_hook"] = True
+
+
+def test_load_state_dict_hooks_may_write_state_and_it_is_kept():
+    """torch's load_state_dict pre/post hook contract: a pre-hook's returned dict is what
+    loads; a post-hook may write non-parameter entries into ``state``, and a later
+    ``state_dict()`` carries them."""
+    model = tiny_model()
+    opt = pf.ProGradSGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, opt, 1)
+    opt.register_load_state_dict_pre_hook(_lr_to_0_003)
+    opt.register_load_state_dict_post_hook(_note_load)
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.003
+    assert opt.state["ran_pre_hook"] is True and opt.state["ran_post_hook"] is True
+    sd = opt.state_dict()
+    assert sd["state"]["ran_pre_hook"] is True and sd["state"]["ran_post_hook"] is True
+    train(model, opt, 1)  # the extra entries do not disturb a step
