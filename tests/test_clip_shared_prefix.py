@@ -16,7 +16,8 @@ from prograd_fast import prograd_losses
 from prograd_fast.clip import PromptedCLIP, PromptLearner, TextTower, build_optimizer, compute_grads, train_step
 from prograd_fast.clip import train as train_mod
 from prograd_fast.clip.prompt import default_tokenizer
-from prograd_fast.clip.shared_prefix import LAYOUTS, SharedPrefixEncoder, shared_prefix_encoder
+from prograd_fast.clip.shared_prefix import (LAYOUTS, NotShareable, SharedPrefixEncoder,
+                                             shared_prefix_encoder)
 
 from clip_helpers import CLASSNAMES, tiny_cfg
 
@@ -511,6 +512,8 @@ def test_encoder_follows_a_changed_tower_or_falls_back_with_the_reason(edit):
     else:
         assert "changed" in enc.off_reason and why in enc.off_reason
         assert len(caught) == 1 and why in str(caught[0].message)
+        with pytest.raises(NotShareable, match=why):  # called directly: refuses, never stale
+            enc(*model.prompt_learner.prefix_and_suffixes())
 
 
 def test_prompt_of_exactly_the_context_length_is_accepted():

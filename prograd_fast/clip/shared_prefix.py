@@ -212,7 +212,7 @@ class SharedPrefixEncoder(nn.Module):
             raise NotShareable(f"prefix_length must be >= 1, got {prefix_length}")
         self.tower = tower
         self._take(_checked_blocks(tower.transformer))
-        self.off_reason: str | None = None  # why the last call fell back (the tower changed)
+        self.off_reason: str | None = None  # why calls fall back (the tower changed)
         eots = [int(e) for e in eot.tolist()]  # once, at construction
         lengths = [e - prefix_length + 1 for e in eots]
         if min(lengths) < 1:
@@ -243,8 +243,9 @@ class SharedPrefixEncoder(nn.Module):
         self.layout = layout
         self.suffix_lengths = lengths
 
-    def _take(self, blocks: list[nn.Module]) -> None:
-        """Plan for these (checked) blocks of the tower's current transformer."""
+    def _take(self, blocks: list[nn.Module] | None) -> None:
+        """Plan for these (checked) blocks of the tower's current transformer (``None``:
+        it cannot be shared; remembered so that it is not checked again on every call)."""
         transformer = self.tower.transformer
         self._blocks = blocks
         self._watched = list(transformer.modules())
@@ -263,9 +264,8 @@ class SharedPrefixEncoder(nn.Module):
         ``off_reason`` then says why (a warning says it once).  A changed transformer that
         can be shared is planned for again.  The check compares module identities and
         types only: no tensor is read."""
-        if _layout_key(self.tower.transformer, self._watched) != self._layout_key:
-            if not self._replan():
-                return False
+        if not self._planned():
+            return False
         from torch.nn.modules import module as nn_module
 
         if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
@@ -276,24 +276,32 @@ class SharedPrefixEncoder(nn.Module):
                 return False
         return not any(_dropout_active(blk) for blk in self._blocks)
 
-    def _replan(self) -> bool:
-        """Check the tower's changed transformer again: True (and planned for) when its
-        blocks can be shared, else False with the reason in ``off_reason``."""
+    def _planned(self) -> bool:
+        """Whether the tower's transformer is (still, or once more) one this encoder runs."""
+        if _layout_key(self.tower.transformer, self._watched) != self._layout_key:
+            self._replan()
+        return self._blocks is not None
+
+    def _replan(self) -> None:
+        """Check the tower's changed transformer again: planned for when its blocks can be
+        shared, else the reason in ``off_reason`` (and one warning)."""
         try:
             self._take(_checked_blocks(self.tower.transformer))
         except NotShareable as e:
+            self._take(None)
             reason = f"the text transformer changed after the shared-prefix encoder was built: {e}"
             if reason != self.off_reason:
-                warnings.warn(f"{reason}; using the full text encoder", stacklevel=3)
+                warnings.warn(f"{reason}; using the full text encoder", stacklevel=5)
             self.off_reason = reason
-            return False
+            return
         self.off_reason = None
-        return True
 
     def forward(self, prefix: Tensor, suffixes: Tensor) -> Tensor:
         """Text features (C, D) of the prompts ``[prefix; suffixes[c]]``: token embeddings
         of the shared prefix (1, P, width) and of the class suffixes (C, prompt_length - P,
         width) (:meth:`PromptLearner.prefix_and_suffixes`)."""
+        if not self._planned():
+            raise NotShareable(self.off_reason)
         p = self.prefix_length
         n_cls, length, width = suffixes.shape
         if prefix.shape != (1, p, width) or (n_cls, length) != (self.n_cls, self.prompt_length - p):
