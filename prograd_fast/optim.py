@@ -207,11 +207,9 @@ class ProGradSGD(Optimizer):
         store_general(self.state, params, grads, self._host_helper(), self._state_dicts)
 
     def _host_helper(self):
-        """The C host helper once a fused backend ran (built then), else None (also while
-        Dynamo traces: it cannot trace the helper, see :mod:`prograd_fast._ops`)."""
-        if not self._use_host or torch.compiler.is_compiling():
-            return None
-        return _host.module()
+        """The C host helper once a fused backend ran (built then), else None.  (Never
+        reached while Dynamo traces, which cannot trace it: see :mod:`prograd_fast._ops`.)"""
+        return _host.module() if self._use_host else None
 
     def stats(self) -> list[dict[str, Tensor] | None]:
         """Per group, the last step's device tensors: ``cos``, ``conflict``, ``coef``,
