@@ -37,6 +37,7 @@ can is planned for again.  Each call checks this by module identity (no tensor i
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -128,11 +129,15 @@ def _checked_blocks(transformer: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+_CHILDREN = operator.attrgetter("_modules")
+
+
 def _layout_key(transformer: nn.Module, watched: list[nn.Module]) -> tuple:
-    """What the plan depends on, by identity: the transformer, every module under it, each
-    one's class and its child modules (a replaced block, ``attn`` or layer, a removed block
-    and a reassigned ``__class__`` all change it)."""
-    return (transformer, *[(m, type(m), *m._modules.values()) for m in watched])
+    """What the plan depends on, by identity: the transformer, the class of every module
+    under it and each one's child modules (a replaced block, ``attn`` or layer, a removed
+    block and a reassigned ``__class__`` all change it).  Cheap: no tensor is read."""
+    return (transformer, *map(type, watched),
+            *[child for children in map(_CHILDREN, watched) for child in children.values()])
 
 
 def _dropout_active(blk: nn.Module) -> bool:
