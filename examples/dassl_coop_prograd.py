@@ -25,8 +25,9 @@ those words), ``OPTIM.{NAME, LR, MOMENTUM, WEIGHT_DECAY, SGD_DAMPNING, SGD_NESTE
 STAGED_LR}`` and the scheduler keys, ``LOSS.{NAME, LAMBDA, T}`` (official ProGrad's), optional
 ``TRAINER.PROGRAD.{LAMBDA, T, TEMPLATE, TEMPLATE_SET, GRANULARITY, BACKEND}``,
 ``DATASET.NAME`` (a data set of one's own, without a template of its own, gets the teacher
-template "a photo of a {}." and the trainer says so) and ``INPUT.SIZE``.  Without Dassl installed, a minimal stand-in base class lets the training
-step run (``tests/test_clip_dassl_example.py``).
+template "a photo of a {}." and the trainer says so) and ``INPUT.SIZE``.  Without Dassl
+installed, a minimal stand-in base class lets the training step run
+(``tests/test_clip_dassl_example.py``).
 """
 
 from __future__ import annotations

@@ -224,8 +224,9 @@ def test_default_teacher_prompts_equal_the_official_trainers(example, vendor_tre
         assert f"Prompts: {[official[dataset].format(c) for c in names]}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("template,ctx", [(["a photo of my {}.", "a drawing of a {}."], "a photo of my"),
-                                          ("a {} seen from above.", None)])
+@pytest.mark.parametrize("template,ctx", [
+    (["a photo of my {}.", "a drawing of a {}."], "a photo of my"),
+    ("a {} seen from above.", None)])
 def test_own_dataset_template_key_takes_a_string_or_a_list(example, capsys, template, ctx):
     """TRAINER.PROGRAD.TEMPLATE: a list is an ensemble teacher and its first template is
     what CTX_INIT True starts from; a template whose class slot is not last cannot

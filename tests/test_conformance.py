@@ -506,7 +506,7 @@ def test_pending_general_grads_stay_out_of_checkpoints():
     assert "general_grad" in next(iter(old["state"].values()))  # the caller's dict untouched
 
 
-# ------------------------------------------------------------------ state_dict hooks (torch's contract)
+# ---------------------------------------------------------- state_dict hooks (torch's contract)
 def _write_test_entry(optimizer):
     optimizer.state["test"] = 1
 
