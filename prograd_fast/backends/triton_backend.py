@@ -26,9 +26,12 @@ weight decay, the AMP and lr tensors themselves) are written into the launchers 
 
 CUDA graphs: after the first step nothing is allocated and nothing is copied from the host
 unless the key changes; when it changes inside a capture (``zero_grad(set_to_none=True)``
-gives ``.grad`` new addresses from the graph's pool), the table is uploaded from pinned
-memory that, like every buffer the captured launches touch, stays alive as long as the
-group.  A tensor ``lr`` on the device is read by the kernels, so a scheduler that writes
+gives ``.grad`` new addresses from the graph's pool), the table is copied from pinned
+memory at once, outside the graph (``_common.upload``): replays copy nothing.  Whatever a
+captured step reads or writes (the table, statistics, partials, counter, momentum
+buffers) stays alive as long as the group, also when the capture reused the eager plan;
+such a table is never rewritten in place.  A first step with momentum is refused under
+capture (its replays would restart momentum).  A tensor ``lr`` on the device is read by the kernels, so a scheduler that writes
 it in place (as torch's schedulers do) steers the replays; a float lr is baked into the
 graph, and a CPU tensor lr is refused under capture.  Buffers used on a stream other than
 the last one get ``record_stream``.
@@ -48,7 +51,8 @@ from torch import Tensor
 
 from .. import _host
 from ..functional import GRANULARITIES, ProGradStats
-from ._common import capturing, keep_for_graphs, note_stream, stats_buffers, upload
+from ._common import (CaptureError, capturing, keep_for_graphs, note_stream,
+                      refuse_first_step_under_capture, stats_buffers, upload)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _dp = Tensor.data_ptr
@@ -352,9 +356,10 @@ class TritonBackend:
     @staticmethod
     def _new_buffers(step) -> list[bool]:
         """Momentum buffers for the tensors that have none yet (the kernel writes ``buf = u``);
-        which ones were made."""
+        which ones were made.  Refused while capturing (see ``_common``)."""
         firsts = [False] * len(step.params)
         if step.momentum != 0:
+            refuse_first_step_under_capture(step, step.params[0].device)
             bufs = step.momentum_buffers
             for i, b in enumerate(bufs):
                 if b is None:
@@ -523,7 +528,7 @@ class TritonBackend:
             lr_value, lr_tensor = 0.0, lr
         else:
             if plan.cpu_lr and capturing(device):
-                raise RuntimeError(
+                raise CaptureError(
                     "a CPU tensor lr would be baked into the CUDA graph (a scheduler's later "
                     f"values ignored on replay): pass lr as a 0-d tensor on {device}")
             lr_value, lr_tensor = float(lr), None
@@ -545,6 +550,8 @@ class TritonBackend:
                 args[i_mom] = mom
                 args[i_omd] = omd
                 args[i_wd] = wd
+        if capturing(device):
+            self._own_for_graph(plan, step.extra)
         if device.type == "cuda":
             self._streams(plan, step.extra, device)
             if device.index != torch.cuda.current_device():
@@ -555,6 +562,15 @@ class TritonBackend:
         for launcher in plan.launchers:
             launcher()
         return plan.stats
+
+    @staticmethod
+    def _own_for_graph(plan: _Plan, extra: dict) -> None:
+        """A graph captures these launches (bound now or earlier, eagerly): what they read
+        and write -- the table, statistics, partials, ticket counter, momentum buffers --
+        lives as long as the group, and the table is never rewritten in place again (a
+        later re-bind uploads a new one)."""
+        plan.meta_stream = None
+        keep_for_graphs(extra, *plan.owned)
 
     @staticmethod
     def _streams(plan: _Plan, extra: dict, device) -> None:
