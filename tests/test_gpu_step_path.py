@@ -427,7 +427,7 @@ def test_a_capture_on_the_fast_path_survives_eager_rebinds(backend, hidden):
 def test_replays_copy_nothing_from_the_host(backend):
     """The standard capture (new .grad addresses inside it: the table or slots are uploaded
     while capturing) replays without any host-to-device copy."""
-    model, opt = Net(700).to(DEV), None
+    model = Net(700).to(DEV)
     opt = pf.ProGradSGD(model.parameters(), backend=backend, **HYPER)
     data = batches(4, seed=12)
     graph = capture(model, opt, data[0], data[1:3])

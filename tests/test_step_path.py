@@ -186,8 +186,16 @@ class Builds:
             self.binds += 1
             return bind(backend, *a, **kw)
 
+        rebase = tb.TritonBackend._rebase
+
+        def counted_rebase(backend, *a, **kw):  # an address-only re-bind counts as one
+            done = rebase(backend, *a, **kw)
+            self.binds += bool(done)
+            return done
+
         monkeypatch.setattr(tb.TritonBackend, "_build", counted_build)
         monkeypatch.setattr(tb.TritonBackend, "_bind", counted_bind)
+        monkeypatch.setattr(tb.TritonBackend, "_rebase", counted_rebase)
 
     def take(self):
         out = (self.builds, self.binds)

@@ -441,3 +441,76 @@ def test_outside_capture_relaxes_the_mode_uses_a_side_stream_and_waits(monkeypat
     monkeypatch.setattr(_common, "_exchange_capture_mode", lambda mode: None)
     with _common.outside_capture(torch.device("cuda", 0)) as outside:
         assert outside is False  # no driver: the caller captures the copy instead
+
+
+# ------------------------------------------- only addresses changed: rows, not the table
+def _helper():
+    from prograd_fast import _host
+
+    host = _host.module()
+    if host is None:
+        pytest.skip("the host helper cannot be built here")
+    return host
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shapes", [[(16, 32)], [(4, 8), (33,), (5,), (2, 3)]],
+                         ids=["one_tensor", "table"])
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+def test_alternating_general_gradients_rebind_only_the_addresses(shapes, granularity,
+                                                                 monkeypatch):
+    """A fresh general gradient each step (two buffers alternating): after the first steps
+    no full check and no table upload runs, and every step equals the reference."""
+    _helper()
+    gen = torch.Generator().manual_seed(5)
+    ps = [torch.randn(s, generator=gen) for s in shapes]
+    ds = [torch.randn(s, generator=gen) for s in shapes]
+    sets = [[-0.5 * d + 0.1 * torch.randn(d.shape, generator=gen) for d in ds] for _ in range(2)]
+    ref_p = [p.clone() for p in ps]
+    bufs, ref_b, extra = [None] * len(ps), [None] * len(ps), {}
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, granularity=granularity)
+    checks, uploads = [], []
+    full_check, upload = BACKEND._full_check, tb.upload
+    monkeypatch.setattr(BACKEND, "_full_check", lambda step: checks.append(1) or full_check(step))
+    monkeypatch.setattr(tb, "upload", lambda *a, **kw: uploads.append(1) or upload(*a, **kw))
+    for i in range(6):
+        if i == 3:
+            checks.clear(), uploads.clear()
+        gs = sets[i % 2]
+        BACKEND.step(GroupStep(ps, ds, gs, bufs, extra=extra, **hyper))
+        prograd_sgd(ref_p, ds, gs, ref_b, **hyper)
+        for a, b in zip(ps + bufs, ref_p + ref_b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert checks == [] and uploads == [], "an address-only change ran the full rebuild"
+
+
+@needs_interpreter
+def test_an_address_change_that_breaks_alignment_or_the_structure_is_checked(monkeypatch):
+    _helper()
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(4, 8), (33,)]
+    ps = [torch.randn(s, generator=gen) for s in shapes]
+    ds = [torch.randn(s, generator=gen) for s in shapes]
+    gs = [-d for d in ds]
+    ref_p = [p.clone() for p in ps]
+    bufs, ref_b, extra = [None, None], [None, None], {}
+
+    def step(gs):
+        BACKEND.step(GroupStep(ps, ds, gs, bufs, lr=0.1, momentum=0.9, extra=extra))
+        prograd_sgd(ref_p, ds, gs, ref_b, lr=0.1, momentum=0.9)
+        for a, b in zip(ps, ref_p):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    step(gs)
+    step(gs)
+    # one element off 16-byte alignment: the row's aligned bit goes, the result holds
+    odd = torch.empty(34)[1:].copy_(-ds[1])
+    step([gs[0], odd])
+    rows = extra["triton_plan"].meta.view(-1)
+    assert int(rows[BACKEND._k.ROW + 7]) & BACKEND._k.BIT_ALIGNED == 0
+    step(gs)
+    assert int(rows[BACKEND._k.ROW + 7]) & BACKEND._k.BIT_ALIGNED
+    # a dtype the plan was not checked for: the full check refuses it
+    reason = BACKEND.try_step(GroupStep(ps, ds, [gs[0], gs[1].double()], bufs, lr=0.1,
+                                        momentum=0.9, extra=extra))
+    assert isinstance(reason, str) and "dtype" in reason
