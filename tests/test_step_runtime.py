@@ -514,3 +514,35 @@ def test_an_address_change_that_breaks_alignment_or_the_structure_is_checked(mon
     reason = BACKEND.try_step(GroupStep(ps, ds, [gs[0], gs[1].double()], bufs, lr=0.1,
                                         momentum=0.9, extra=extra))
     assert isinstance(reason, str) and "dtype" in reason
+
+
+def test_auto_on_a_gpu_says_once_that_a_fused_backend_cannot_be_built(failing, monkeypatch):
+    """On a GPU, a fused backend that "auto" reaches but cannot build or load (no compiler)
+    is named once, with the reason; the step runs on the next backend."""
+    import warnings
+
+    from prograd_fast import backends
+
+    fake = failing(RuntimeError("never launched"))
+    fake.available = lambda: "building the extension failed: nvcc not found"
+    monkeypatch.setattr(backends, "_WARN_UNAVAILABLE_ON", frozenset({"cpu"}))
+    want_p, _ = _twin_runs("torch")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got_p, _ = _twin_runs("auto")
+    mine = [str(w.message) for w in caught if "'cpp' backend failed" in str(w.message)]
+    assert len(mine) == 1 and "nvcc not found" in mine[0]
+    assert fake.calls == 0
+    torch.testing.assert_close(got_p, want_p, rtol=0, atol=0)
+
+
+def test_select_backend_skips_a_backend_that_failed(failing):
+    from prograd_fast import backends
+
+    pytest.importorskip("triton")
+    failing(_compile_error())
+    p = torch.zeros(3)
+    step = GroupStep([p], [p], [None], [None], lr=0.1)
+    assert backends.select_backend("auto", step).name == "cpp"  # not known to fail yet
+    backends._failed["cpp"] = "CompilationError: unsupported on sm_75"
+    assert backends.select_backend("auto", step).name == "torch"

@@ -10,7 +10,8 @@ named explicitly (argument or ``PROGRAD_FAST_BACKEND``) that cannot run raises
 A fused backend that fails on this machine when it runs (its extension does not build, a
 Triton compile error, a launch refused for this GPU's architecture) does not end training
 under ``"auto"``: one warning names the backend and the cause, and ``"auto"`` uses the next
-backend for the rest of the process.  Named explicitly, the same failure raises
+backend for the rest of the process; on a GPU, a fused backend that cannot be built or
+loaded at all is named once the same way.  Named explicitly, the same failure raises
 :class:`BackendUnavailableError`.  Never taken for a fallback: the caller's errors
 (``ValueError``, ``TypeError``, a step that cannot be captured), out of memory, and sticky
 CUDA errors (an illegal address, a device-side assert: the CUDA context is lost and every
@@ -148,6 +149,8 @@ def select_backend(name: str, step: GroupStep):
         return backend
     device_type = step.params[0].device.type
     for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+        if candidate in _failed:  # failed when it ran here (see run_step)
+            continue
         try:
             backend = get_backend(candidate)
         except Exception:
@@ -170,6 +173,10 @@ _NOT_STICKY = ("no kernel image is available", "invalid device function",
                "named symbol not found", "invalid ptx")
 _NEVER_FALLBACK = (ValueError, TypeError, CaptureError, torch.OutOfMemoryError,
                    BackendUnavailableError)
+# Device types where "auto" also warns (once) when a fused backend it reaches cannot be
+# built or loaded: on a GPU that is a missing speed-up worth saying (on the CPU, a machine
+# without a compiler is common and the torch backend is the expected fallback).
+_WARN_UNAVAILABLE_ON = frozenset({"cuda"})
 
 
 def is_backend_failure(exc: BaseException) -> bool:
@@ -192,14 +199,15 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
 
 
-def _give_up(name: str, exc: BaseException, step: GroupStep, buffers: list) -> None:
-    """Record that ``name`` failed here, warn once, and undo what it did to the step."""
-    step.momentum_buffers[:] = buffers  # new buffers it made before failing: not valid
-    _failed[name] = _cause(exc)
+def _give_up(name: str, cause: str, step: GroupStep, buffers: list | None = None) -> None:
+    """Record that ``name`` cannot run here, warn once, and undo what it did to the step."""
+    if buffers is not None:
+        step.momentum_buffers[:] = buffers  # new buffers it made before failing: not valid
+    _failed[name] = cause
     if step.extra.get("auto_backend") == name:
         del step.extra["auto_backend"]
-    warnings.warn(f"prograd_fast: the {name!r} backend failed on this machine ({_failed[name]});"
-                  f" backend='auto' uses the next backend from now on (name a backend to get "
+    warnings.warn(f"prograd_fast: the {name!r} backend failed on this machine ({cause}); "
+                  f"backend='auto' uses the next backend from now on (name a backend to get "
                   f"the error instead)", RuntimeWarning, stacklevel=4)
 
 
@@ -256,7 +264,12 @@ def _run_auto(step: GroupStep) -> ProGradStats:
             backend = get_backend(candidate)
         except Exception:
             continue
-        if backend is tried or backend.available() is not None:
+        if backend is tried:
+            continue
+        reason = backend.available()
+        if reason is not None:
+            if candidate != "torch" and step.params[0].device.type in _WARN_UNAVAILABLE_ON:
+                _give_up(candidate, reason, step)
             continue
         out = _try_fused(candidate, backend, step)
         if out is not None and not isinstance(out, str):
@@ -275,5 +288,5 @@ def _try_fused(name: str, backend, step: GroupStep) -> ProGradStats | str | None
     except Exception as exc:
         if not is_backend_failure(exc):
             raise
-        _give_up(name, exc, step, buffers)
+        _give_up(name, _cause(exc), step, buffers)
         return None
