@@ -441,3 +441,35 @@ def test_replays_copy_nothing_from_the_host(backend):
     if not any("kernel" in n.lower() or "prograd" in n.lower() for n in names):
         pytest.skip("the profiler does not trace the kernels of graph replays here")
     assert not [n for n in names if "HtoD" in n], "a replay copied from the host"
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="triton backend unavailable")
+@pytest.mark.parametrize("hidden", [17, 700], ids=["one_launch", "two_launches"])
+def test_alternating_general_gradients_rewrite_only_the_address_rows(hidden, monkeypatch):
+    """General gradients at new addresses every step (two sets in turn): with the host
+    helper the table's address rows are rewritten, without the full check, and every step
+    equals torch's."""
+    from prograd_fast import _host
+    from prograd_fast.backends import triton_backend as tb
+
+    if _host.module() is None:
+        pytest.skip("the host helper cannot be built here")
+    (model, ref), (opt, opt_r) = twins("triton", hidden)
+    opt_r.param_groups[0]["backend"] = "torch"
+    gen = torch.Generator().manual_seed(13)
+    sets = [[torch.randn(p.shape, generator=gen).to(DEV) for p in model.parameters()]
+            for _ in range(2)]
+    checks = []
+    full_check = tb.BACKEND._full_check
+    for i in range(6):
+        if i == 3:
+            monkeypatch.setattr(tb.BACKEND, "_full_check",
+                                lambda step: checks.append(1) or full_check(step))
+        for m, o in ((model, opt), (ref, opt_r)):
+            for p, g in zip(m.parameters(), sets[i % 2]):
+                p.grad = -0.3 * g + 0.01 * i
+            o.store_general_grads(sets[i % 2])
+            o.step()
+    torch.cuda.synchronize()
+    assert checks == []
+    assert_same_params(model, ref, rtol=1e-4, atol=1e-5)
