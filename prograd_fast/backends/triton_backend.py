@@ -24,9 +24,9 @@ other difference runs the full validation.  New addresses with the same structur
 Python keys (fresh ``.grad`` after ``zero_grad(set_to_none=True)`` where the allocator did
 not hand back the same blocks): the full validation runs, then the addresses are re-bound
 (pointer arguments; for a table, one upload into the same device tensor) and the compiled
-kernels are kept.  A different
-structure: full validation and a new plan.  Scalar values (lr, lam, momentum, dampening,
-weight decay, the AMP and lr tensors themselves) are written into the launchers every step.
+kernels are kept.  A different structure: full validation and a new plan.  Scalar values
+(lr, lam, momentum, dampening, weight decay, the AMP and lr tensors themselves) are
+written into the launchers every step.
 
 CUDA graphs: after the first step nothing is allocated and nothing is copied from the host
 unless the key changes; when it changes inside a capture (``zero_grad(set_to_none=True)``
@@ -35,10 +35,10 @@ memory at once, outside the graph (``_common.upload``): replays copy nothing.  W
 captured step reads or writes (the table, statistics, partials, counter, momentum
 buffers) stays alive as long as the group, also when the capture reused the eager plan;
 such a table is never rewritten in place.  A first step with momentum is refused under
-capture (its replays would restart momentum).  A tensor ``lr`` on the device is read by the kernels, so a scheduler that writes
-it in place (as torch's schedulers do) steers the replays; a float lr is baked into the
-graph, and a CPU tensor lr is refused under capture.  Buffers used on a stream other than
-the last one get ``record_stream``.
+capture (its replays would restart momentum).  A tensor ``lr`` on the device is read by
+the kernels, so a scheduler that writes it in place (as torch's schedulers do) steers the
+replays; a float lr is baked into the graph, and a CPU tensor lr is refused under
+capture.  Buffers used on a stream other than the last one get ``record_stream``.
 
 The returned :class:`ProGradStats` are views of preallocated buffers: the next step
 overwrites them (clone to keep).  Float64 parameters are refused (Triton passes float
