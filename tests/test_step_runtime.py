@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from prograd_fast.backends import GroupStep
+from prograd_fast.backends._common import CaptureError
 from prograd_fast.backends import triton_backend as tb
 from prograd_fast.functional import prograd_sgd
 
@@ -211,7 +212,8 @@ def failing(monkeypatch):
     lambda: RuntimeError("Error building extension 'prograd_cpu': no compiler"),
     lambda: RuntimeError("CUDA error: no kernel image is available for execution on the "
                          "device"),
-], ids=["triton_compile", "build", "arch"])
+    lambda: TypeError("run() takes 12 positional arguments but 13 were given"),
+], ids=["triton_compile", "build", "arch", "other_triton_version"])
 def test_auto_falls_back_with_one_warning_and_the_same_result(make_exc, failing):
     import warnings
 
@@ -243,8 +245,9 @@ def test_a_named_backend_that_fails_raises_backend_unavailable(failing):
     RuntimeError("CUDA error: an illegal memory access was encountered"),
     RuntimeError("Triton Error [CUDA]: an illegal address was accessed"),
     getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: unspecified launch failure"),
-    ValueError("lam must be in [0, 1]"),
-], ids=["illegal_access", "illegal_address", "accelerator_error", "caller_error"])
+    CaptureError("take one eager step before capturing"),
+    torch.OutOfMemoryError("CUDA out of memory"),
+], ids=["illegal_access", "illegal_address", "accelerator_error", "capture", "oom"])
 @pytest.mark.parametrize("backend", ["auto", "cpp"])
 def test_sticky_cuda_errors_and_caller_errors_are_never_swallowed(exc, backend, failing):
     import warnings

@@ -12,8 +12,8 @@ Triton compile error, a launch refused for this GPU's architecture) does not end
 under ``"auto"``: one warning names the backend and the cause, and ``"auto"`` uses the next
 backend for the rest of the process; on a GPU, a fused backend that cannot be built or
 loaded at all is named once the same way.  Named explicitly, the same failure raises
-:class:`BackendUnavailableError`.  Never taken for a fallback: the caller's errors
-(``ValueError``, ``TypeError``, a step that cannot be captured), out of memory, and sticky
+:class:`BackendUnavailableError`.  Never taken for a fallback: a step that cannot be
+captured (:class:`~prograd_fast.backends._common.CaptureError`), out of memory, and sticky
 CUDA errors (an illegal address, a device-side assert: the CUDA context is lost and every
 later call would fail).
 """
@@ -171,8 +171,10 @@ _STICKY = ("illegal memory access", "illegal address", "illegal instruction",
 _NOT_STICKY = ("no kernel image is available", "invalid device function",
                "unsupported toolchain", "too many resources requested",
                "named symbol not found", "invalid ptx")
-_NEVER_FALLBACK = (ValueError, TypeError, CaptureError, torch.OutOfMemoryError,
-                   BackendUnavailableError)
+# (A TypeError or ValueError inside a fused backend is most likely a toolchain of another
+# version, e.g. a Triton launcher with another signature: a failure, not the caller's
+# error -- those are checked when the optimizer is made, and the next backend checks them.)
+_NEVER_FALLBACK = (CaptureError, torch.OutOfMemoryError, BackendUnavailableError)
 # Device types where "auto" also warns (once) when a fused backend it reaches cannot be
 # built or loaded: on a GPU that is a missing speed-up worth saying (on the CPU, a machine
 # without a compiler is common and the torch backend is the expected fallback).
