@@ -197,8 +197,11 @@ def is_backend_failure(exc: BaseException) -> bool:
 
 
 def _cause(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+    """``Type: message`` on one line: the first line of the message and, for a longer one
+    (a Triton compile error quotes the source first), its last line too."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = " ... ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else "".join(lines)
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def _give_up(name: str, cause: str, step: GroupStep, buffers: list | None = None) -> None:
@@ -240,7 +243,7 @@ def run_step(name: str, step: GroupStep) -> ProGradStats:
             if name == "torch" or not is_backend_failure(exc):
                 raise
             raise BackendUnavailableError(
-                f"backend {name!r} failed on this machine: {_cause(exc)}") from exc
+                f"backend {name!r} failed on this machine: {type(exc).__name__}: {exc}") from exc
         if not isinstance(out, str):
             return out
         reason = out
