@@ -434,4 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # python -m prograd_fast.cli: run the imported module's main, so that the CLIError the
+    # sub-commands import (prograd_fast.cli.CLIError) is the one it catches
+    from prograd_fast.cli import main as _main
+
+    sys.exit(_main())

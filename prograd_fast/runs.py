@@ -136,7 +136,7 @@ def folder_state(folder: Path, settings: dict, no_resume: bool = False) -> str:
     return "resume" if has_run else "new"
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, flag: str = "--output-dir") -> None:
     """Raise :class:`RunFolderError` unless ``folder`` exists as a writable folder or can be
     created (nothing is created here)."""
     folder = Path(os.path.abspath(folder))
@@ -146,6 +146,6 @@ def check_writable(folder: Path) -> None:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise RunFolderError(f"cannot write to --output-dir {folder}: {probe} is not a folder")
+        raise RunFolderError(f"cannot write to {flag} {folder}: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise RunFolderError(f"cannot write to --output-dir {folder}: {probe} is not writable")
+        raise RunFolderError(f"cannot write to {flag} {folder}: {probe} is not writable")
