@@ -162,3 +162,15 @@ def test_an_unwritable_output_folder_and_too_few_shots(grid, capsys):
     assert warnings == ["prograd-fast: warning: dtd: --shots 8: 4 of 4 classes have fewer "
                         "training images (fewest: 'banded' with 4); they train on all they have, "
                         "as Dassl's few-shot sampler does"]
+
+
+def test_an_empty_imagenet_class_folder_is_refused(tmp_path):
+    from prograd_fast.datasets import DatasetError, load_split
+
+    folder = L.make(tmp_path, "imagenet")
+    empty = folder / "images" / "train" / "n01443537"
+    for image in empty.iterdir():
+        image.unlink()
+    with pytest.raises(DatasetError) as info:
+        load_split("imagenet", tmp_path)
+    assert str(info.value).startswith(f"{empty}: empty class folder: no images")
