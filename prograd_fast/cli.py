@@ -349,9 +349,12 @@ def cmd_train(args) -> int:
     trainer = Trainer(model, make(train_items, True), make(split.test, False), cfg, device)
     if not args.no_resume:
         try:
-            if trainer.maybe_resume():
+            if trainer.maybe_resume() and trainer.epoch < args.epochs:
                 say(f"resuming the run in {out} (same settings) from the checkpoint of epoch "
                     f"{trainer.epoch} of {args.epochs}")
+            elif trainer.epoch:
+                say(f"{out} holds this run, finished, with the same settings, but no intact "
+                    f"result.json: reporting from its checkpoint")
         except Exception as exc:  # any unreadable or mismatched checkpoint file
             raise CLIError(f"cannot resume from {out / 'checkpoint.pt'}: {_one_line(exc)} "
                            f"(--no-resume starts over)") from exc
@@ -363,7 +366,7 @@ def cmd_train(args) -> int:
         loader = torch.utils.data.DataLoader(make(new.test, False), batch_size=100)
         result["new_acc"] = evaluate(other, loader, device, zeroshot=args.method == "zeroshot")
     if parallel.is_main():
-        atomic_write_json(out / "result.json", result)
+        atomic_write_json(out / "result.json", runs.seal(result))
     say(_result_line(result, out))
     return 0
 

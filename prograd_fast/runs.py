@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 __all__ = ["RunFolderError", "NOT_SETTINGS", "run_settings", "default_run_name",
-           "data_fingerprint", "folder_state", "check_writable", "read_result"]
+           "data_fingerprint", "folder_state", "check_writable", "read_result", "seal",
+           "is_sealed"]
 
 SETTINGS_FORMAT = 1
 
@@ -93,13 +94,32 @@ def _differences(old: Mapping, new: Mapping) -> list[str]:
     return out
 
 
+def _digest(record: Mapping) -> str:
+    body = {k: v for k, v in record.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def seal(record: Mapping) -> dict:
+    """``record`` with a ``digest``: SHA-256 of the rest of its JSON content."""
+    return {**{k: v for k, v in record.items() if k != "digest"}, "digest": _digest(record)}
+
+
+def is_sealed(record) -> bool:
+    """True when ``record`` is a dict whose ``digest`` matches its content (not edited since
+    :func:`seal`)."""
+    return isinstance(record, dict) and record.get("digest") == _digest(record)
+
+
 def read_result(folder: Path) -> dict | None:
-    """``result.json`` of a finished run when it is a well-formed record, else None."""
+    """``result.json`` of a finished run when it is the sealed, well-formed record ``train``
+    wrote, else None (missing, hand-edited or damaged)."""
     try:
         data = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    acc = data.get("acc") if isinstance(data, dict) else None
+    if not is_sealed(data):
+        return None
+    acc = data.get("acc")
     if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0 <= acc <= 100:
         return None
     return data

@@ -172,3 +172,18 @@ def test_a_split_json_takes_an_image_root_and_says_where_it_looked(setup, capsys
     assert "3 classes, 6 training images" in capsys.readouterr().out
     assert cli.main(argv[:2] + [str(data)] + argv[3:] + ["--image-root", str(data)]) == 2
     assert "an image folder is only for a CoOp split JSON" in capsys.readouterr().err
+
+
+def test_a_hand_edited_result_is_not_reprinted(setup, capsys):
+    data, cfg, tmp = setup
+    argv = ["train", "--data", str(data), "--model", str(cfg), *TINY, "--epochs", "1",
+            "--output-dir", str(tmp / "out")]
+    assert cli.main(argv) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    result = _json(tmp / "out" / "result.json")
+    (tmp / "out" / "result.json").write_text(json.dumps({**result, "acc": 99.0}))
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "but no intact result.json: reporting from its checkpoint" in text
+    assert "reprinting" not in text and text.splitlines()[-1] == line
+    assert _json(tmp / "out" / "result.json") == result

@@ -9,23 +9,14 @@ an accuracy that is not a number in [0, 100] is not used: the run's prompt is te
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from pathlib import Path
 
+from ..runs import is_sealed, seal
+
 __all__ = ["seal", "check_result", "why_redone", "move_aside"]
-
-
-def _digest(record: dict) -> str:
-    body = {k: v for k, v in record.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def seal(record: dict) -> dict:
-    """``record`` with its ``digest`` (what :func:`check_result` verifies)."""
-    return {**{k: v for k, v in record.items() if k != "digest"}, "digest": _digest(record)}
 
 
 def _is_accuracy(v) -> bool:
@@ -38,10 +29,10 @@ def check_result(data, settings: dict) -> str | None:
     when it can."""
     if not isinstance(data, dict):
         return "is not a JSON object"
-    if data.get("digest") != _digest(data):
+    if not is_sealed(data):
         return "was changed after the grid wrote it (its digest does not match)" \
             if "digest" in data else "has no digest (written by hand or an older version)"
-    if data.get("settings") != settings:
+    if data.get("settings") != json.loads(json.dumps(settings)):  # as JSON stores it
         return "was made for other settings"
     tests, made_on = data.get("tests"), data.get("test_sets")
     if not isinstance(tests, dict) or not isinstance(made_on, dict):
