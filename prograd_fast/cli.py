@@ -334,6 +334,8 @@ def cmd_train(args) -> int:
     if short and parallel.is_main():
         print(f"prograd-fast: warning: {short}", file=sys.stderr)
     if parallel.is_main():
+        if state == "start":  # --no-resume: nothing of the replaced run may answer later
+            runs.clear_run(out)
         atomic_write_json(out / "settings.json", settings)
     cfg = TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,

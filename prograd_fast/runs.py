@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 
 __all__ = ["RunFolderError", "NOT_SETTINGS", "run_settings", "default_run_name",
            "data_fingerprint", "folder_state", "check_writable", "read_result", "seal",
-           "is_sealed"]
+           "is_sealed", "clear_run"]
 
 SETTINGS_FORMAT = 1
 
@@ -154,6 +154,13 @@ def folder_state(folder: Path, settings: dict, no_resume: bool = False) -> str:
     if read_result(folder) is not None:
         return "done"
     return "resume" if has_run else "new"
+
+
+def clear_run(folder: Path) -> None:
+    """Remove the run files of ``folder`` (``--no-resume``): a run killed before its first
+    checkpoint must not leave the replaced run's checkpoint or result under new settings."""
+    for name in ("result.json", "checkpoint.pt", "log.json", "log.csv", "curves.png"):
+        (folder / name).unlink(missing_ok=True)
 
 
 def check_writable(folder: Path, flag: str = "--output-dir") -> None:

@@ -187,3 +187,27 @@ def test_a_hand_edited_result_is_not_reprinted(setup, capsys):
     assert "but no intact result.json: reporting from its checkpoint" in text
     assert "reprinting" not in text and text.splitlines()[-1] == line
     assert _json(tmp / "out" / "result.json") == result
+
+
+def test_no_resume_replaces_the_run_even_when_killed_at_once(setup, capsys, monkeypatch):
+    from prograd_fast.clip.trainer import Trainer
+
+    data, cfg, tmp = setup
+    argv = ["train", "--data", str(data), "--model", str(cfg), *TINY, "--epochs", "1",
+            "--output-dir", str(tmp / "out")]
+    assert cli.main(argv) == 0
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_epoch", killed)
+        assert cli.main(argv + ["--lam", "0.5", "--no-resume"]) == 130
+    assert not (tmp / "out" / "result.json").exists()
+    assert not (tmp / "out" / "checkpoint.pt").exists()
+    capsys.readouterr()
+    assert cli.main(argv + ["--lam", "0.5"]) == 0  # trains the new run, not the old one's answer
+    text = capsys.readouterr().out
+    assert "reprinting" not in text and "resuming" not in text
+    assert _json(tmp / "out" / "log.json")["config"]["lam"] == 0.5
+    assert (tmp / "out" / "result.json").exists()
