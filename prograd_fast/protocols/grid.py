@@ -3,13 +3,15 @@
 A *run* is one prompt: trained (CoOp / ProGrad) on a data set's few-shot split, or the
 zero-shot prompt.  It lives in ``<output>/runs/<data set>/<classes>/<method>/
 shots<K>-seed<S>-ep<E>-<hash>/`` (the hash covers every setting that changes the result:
-model weights, schedule, prompt, precision, inputs, the few-shot images), holding the
-trainer's ``checkpoint.pt`` and logs and ``result.json`` (accuracy per test set and the
-test list it was made on, written atomically when the run's tests are done).  A rerun
-skips runs whose ``result.json`` has every test the protocol needs, made on the current
-test lists; resumes a killed run from its checkpoint; and only tests a finished one that
-lacks a test (e.g. an ImageNet run trained by ``xd``, then used by ``dg``) or whose test
-list changed.
+model weights, schedule, prompt, precision, inputs, the few-shot images: paths, labels,
+sizes and modification times), holding the trainer's ``checkpoint.pt`` and logs and
+``result.json`` (accuracy per test set and the test set it was made on, sealed with a digest
+and written atomically when the run's tests are done).  A rerun skips runs whose intact
+``result.json`` has every test the protocol needs, made on the current test sets; resumes a
+killed run from its checkpoint (an unreadable one is moved aside and the run trained
+again); and only tests a finished one that lacks a test (e.g. an ImageNet run trained by
+``xd``, then used by ``dg``), whose test set changed, or whose ``result.json`` is damaged.
+It says which runs it redoes and why.
 
 Test sets are named ``<data set>/<classes>`` (``oxford_pets/base``, ``imagenet_a/all``)
 and evaluated on cached image features (:mod:`.features`): a test set's images are encoded
