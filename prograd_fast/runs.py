@@ -65,7 +65,8 @@ def default_run_name(base: str, args: Mapping, defaults: Mapping) -> str:
 
 def data_fingerprint(items: Iterable, root: str | None) -> str:
     """SHA-256 of the items' paths (relative to ``root``; None: absolute), labels, sizes and
-    modification times; items whose path is not a file name (the embedded digits) count by label only."""
+    modification times; items whose path is not a file name (the embedded digits) count by
+    their index and label."""
     h = hashlib.sha256()
     for it in items:
         path = it.path

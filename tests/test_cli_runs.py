@@ -48,7 +48,8 @@ def test_a_sweep_gets_one_folder_per_setting_and_a_folder_refuses_other_settings
     data, cfg, tmp = setup
     loop = " ; ".join(f"{sys.executable} -m prograd_fast.cli train --data data --model tiny.json "
                       f"{' '.join(TINY)} --epochs 1 --lam {lam}" for lam in ("1.0", "0.5"))
-    proc = subprocess.run(["bash", "-c", loop], cwd=tmp, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", "-c", loop], cwd=tmp, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr
     folders = sorted((p.name for p in (tmp / "runs").iterdir()), key=lambda f: "_lam0.5" in f)
     assert len(folders) == 2 and "_lam0.5_" in folders[1]
@@ -73,7 +74,8 @@ def test_a_sweep_gets_one_folder_per_setting_and_a_folder_refuses_other_settings
     img = next((data / "train" / "cat").iterdir())
     os.utime(img, (1_000_000, 1_000_000))
     assert cli.main(base) == 2
-    assert "the data (images, labels, sizes or modification times) changed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the data (images, labels, sizes or modification times) changed" in err
     assert (lam1 / "result.json").read_text() == before
 
 
@@ -151,13 +153,16 @@ def test_ctrl_c_says_how_to_resume(setup):
     finally:
         proc.kill()
     assert proc.returncode == 130
-    assert err.strip().splitlines() == ["prograd-fast: interrupted; rerun the same command to resume"]
+    assert err.strip().splitlines() == [
+        "prograd-fast: interrupted; rerun the same command to resume"]
 
 
 def test_a_split_json_takes_an_image_root_and_says_where_it_looked(setup, capsys):
     data, cfg, tmp = setup
-    rows = lambda split: [[f"{split}/{c}/{i}.png", y, c] for y, c in enumerate(("cat", "dog", "sea_lion"))
-                          for i in range(2)]
+    def rows(split):
+        return [[f"{split}/{c}/{i}.png", y, c] for y, c in enumerate(("cat", "dog", "sea_lion"))
+                for i in range(2)]
+
     (tmp / "splits").mkdir()
     split = tmp / "splits" / "split_zhou_Toy.json"
     split.write_text(json.dumps({"train": rows("train"), "val": [], "test": rows("test")}))
