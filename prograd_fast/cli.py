@@ -317,8 +317,10 @@ def cmd_train(args) -> int:
                              share_prefix=_SHARE_PREFIX.get(args.share_prefix, args.share_prefix))
     except (ValueError, TypeError) as exc:  # prompts too long, unknown template, refused tower
         raise CLIError(_one_line(exc)) from exc
+    from .protocols.features import model_fingerprint
+
     data_id = runs.data_fingerprint(full.train + full.val + full.test, None)
-    settings = runs.run_settings(given, data_id)
+    settings = runs.run_settings(given, data_id, model_fingerprint(clip))
     out, state = _claim_folder(out, args, settings)
     say = print if parallel.is_main() else (lambda *a, **k: None)
     if state == "done":

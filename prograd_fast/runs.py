@@ -34,13 +34,24 @@ class RunFolderError(ValueError):
     """An output folder that cannot take this run (one line: the folder and why)."""
 
 
-def run_settings(args: Mapping, data_id: str) -> dict:
-    """The record of a run: every option but :data:`NOT_SETTINGS`, and the data's identity."""
-    options = {k: v for k, v in sorted(args.items()) if k not in NOT_SETTINGS}
-    for key in ("data", "root", "image_root"):  # a path means the same wherever it is run from
-        if isinstance(options.get(key), str) and options[key] != "digits":
-            options[key] = os.path.abspath(os.path.expanduser(options[key]))
-    return {"format": SETTINGS_FORMAT, "options": options, "data": data_id}
+def _plain(v) -> bool:
+    """A value an option can take (not a handler an argument parser may carry)."""
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def run_settings(args: Mapping, data_id: str, model_id: str | None = None) -> dict:
+    """The record of a run: every option but :data:`NOT_SETTINGS`, the data's identity and the
+    model's (a hash of its weights: a changed config or weights file is another run)."""
+    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(args.items())
+               if k not in NOT_SETTINGS and _plain(v)}
+    for key in ("data", "root", "image_root", "model", "pretrained"):  # a path means the same
+        value = options.get(key)  # wherever it is run from
+        if isinstance(value, str) and (key in ("data", "root", "image_root") and value != "digits"
+                                       or os.path.isfile(os.path.expanduser(value))):
+            options[key] = os.path.abspath(os.path.expanduser(value))
+    return {"format": SETTINGS_FORMAT, "options": options, "data": data_id, "model": model_id}
 
 
 def _value(v) -> str:
@@ -57,7 +68,7 @@ def default_run_name(base: str, args: Mapping, defaults: Mapping) -> str:
     for key, value in args.items():
         if key in NOT_SETTINGS or key in ("data", "method", "shots", "seed", "dataset", "root",
                                           "image_root") \
-                or key not in defaults or value == defaults[key]:
+                or key not in defaults or value == defaults[key] or not _plain(value):
             continue
         parts.append(key.replace("_", "-") + _value(value))
     return "_".join(parts)
@@ -92,6 +103,8 @@ def _differences(old: Mapping, new: Mapping) -> list[str]:
                        f"{new_opts.get(key)!r} now")
     if old.get("data") != new["data"]:
         out.append("the data (images, labels, sizes or modification times) changed")
+    if old.get("model") != new.get("model"):
+        out.append("the model's weights changed")
     return out
 
 
