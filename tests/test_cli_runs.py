@@ -216,3 +216,23 @@ def test_no_resume_replaces_the_run_even_when_killed_at_once(setup, capsys, monk
     assert "reprinting" not in text and "resuming" not in text
     assert _json(tmp / "out" / "log.json")["config"]["lam"] == 0.5
     assert (tmp / "out" / "result.json").exists()
+
+
+def test_other_weights_in_the_same_file_are_another_run(setup, capsys):
+    import open_clip
+    import torch
+
+    data, cfg, tmp = setup
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**tiny_cfg())
+    torch.save(model.state_dict(), tmp / "w.pt")
+    argv = ["train", "--data", str(data), "--model", str(cfg), "--pretrained", str(tmp / "w.pt"),
+            *TINY, "--epochs", "0", "--method", "zeroshot", "--output-dir", str(tmp / "out")]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0
+    assert "reprinting its result" in capsys.readouterr().out
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    torch.save(model.state_dict(), tmp / "w.pt")
+    assert cli.main(argv) == 2
+    assert "the model's weights changed" in capsys.readouterr().err
