@@ -43,7 +43,8 @@ def check_result(data, settings: dict) -> str | None:
     return None
 
 
-_NAMES = {"train_items": "training images", "model_sha256": "model weights"}
+_NAMES = {"train_items": "training images", "model_sha256": "model weights",
+          "format": "record format (an earlier version's run)"}
 
 
 def why_redone(run_dir: Path, settings: dict) -> str | None:
