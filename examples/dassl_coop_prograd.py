@@ -23,9 +23,11 @@ string: an open_clip tag or a checkpoint file), ``MODEL.INIT_WEIGHTS``,
 official ProGrad's: the data set's template, right-aligned in N_CTX; a string is CoOp's:
 those words), ``OPTIM.{NAME, LR, MOMENTUM, WEIGHT_DECAY, SGD_DAMPNING, SGD_NESTEROV,
 STAGED_LR}`` and the scheduler keys, ``LOSS.{NAME, LAMBDA, T}`` (official ProGrad's), optional
-``TRAINER.PROGRAD.{LAMBDA, T, TEMPLATE_SET, GRANULARITY, BACKEND}``, ``DATASET.NAME`` and
-``INPUT.SIZE``.  Without Dassl installed, a minimal stand-in base class lets the training
-step run (``tests/test_clip_dassl_example.py``).
+``TRAINER.PROGRAD.{LAMBDA, T, TEMPLATE, TEMPLATE_SET, GRANULARITY, BACKEND}``,
+``DATASET.NAME`` (a data set of one's own, without a template of its own, gets the teacher
+template "a photo of a {}." and the trainer says so) and ``INPUT.SIZE``.  Without Dassl
+installed, a minimal stand-in base class lets the training step run
+(``tests/test_clip_dassl_example.py``).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ import torch
 
 import prograd_fast  # PROGRAD-FAST
 from prograd_fast.amp import ProGradGradScaler  # PROGRAD-FAST
-from prograd_fast.clip import (PromptedCLIP, get_templates, load_open_clip,  # PROGRAD-FAST
-                               template_context)
+from prograd_fast.clip import (TEMPLATE_SETS, PromptedCLIP, get_templates,  # PROGRAD-FAST
+                               load_open_clip, template_context)
 
 try:  # the real thing
     from dassl.engine import TRAINER_REGISTRY, TrainerX
@@ -132,6 +134,34 @@ def prograd_options(cfg) -> dict:  # PROGRAD-FAST
     return out
 
 
+DEFAULT_TEMPLATE = "a photo of a {}."  # PROGRAD-FAST: CLIP's, for a data set of one's own
+
+
+def teacher_templates(cfg, template_set: str) -> list[str]:  # PROGRAD-FAST
+    """The zero-shot teacher's templates: ``TRAINER.PROGRAD.TEMPLATE`` when set (a string
+    with ``{}``, or a list of such: an ensemble), else the data set's own in
+    ``template_set``; a data set with none (one of the user's own) gets
+    :data:`DEFAULT_TEMPLATE` and one printed line saying so and naming the key.  The first
+    template is the one ``CTX_INIT True`` initialises the context from."""
+    own = _cfg_get(cfg, "TRAINER.PROGRAD.TEMPLATE")
+    if own:  # "" / None / []: not set
+        templates = [own] if isinstance(own, str) else list(own)
+        bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"TRAINER.PROGRAD.TEMPLATE must be a string with one '{{}}' (the "
+                             f"class name) or a list of such, got {bad[0]!r}")
+        return templates
+    name = cfg.DATASET.NAME
+    if template_set not in TEMPLATE_SETS:
+        raise ValueError(f"TRAINER.PROGRAD.TEMPLATE_SET {template_set!r} is not one of "
+                         f"{sorted(TEMPLATE_SETS)}")
+    if str(name).lower() in {k.lower() for k in TEMPLATE_SETS[template_set]}:
+        return get_templates(name, template_set)
+    print(f"No teacher template for DATASET.NAME {name!r}: using {DEFAULT_TEMPLATE!r} "
+          f"(set TRAINER.PROGRAD.TEMPLATE to change it)")
+    return [DEFAULT_TEMPLATE]
+
+
 def backbone_pretrained(value, name: str) -> str | None:  # PROGRAD-FAST
     """Dassl's ``MODEL.BACKBONE.PRETRAINED`` as an open_clip ``pretrained=``: ``True`` (Dassl's
     default) means what CoOp loads, OpenAI's CLIP weights ("openai"); ``False`` / ``""`` /
@@ -206,7 +236,8 @@ class CoOpProGradFast(TrainerX):
             raise ValueError(f"INPUT.SIZE {tuple(cfg.INPUT.SIZE)} must equal the backbone's "
                              f"image size {image_size}")
 
-        template = get_templates(cfg.DATASET.NAME, opts["template_set"])[0]  # PROGRAD-FAST
+        templates = teacher_templates(cfg, opts["template_set"])  # PROGRAD-FAST
+        template = templates[0]  # PROGRAD-FAST: the one CTX_INIT True starts from
         init = context_init(coop.CTX_INIT, template)  # PROGRAD-FAST
         class_specific = coop.CSC and init["ctx_init"] is None  # PROGRAD-FAST: as CoOp / ProGrad
         if coop.CSC and not class_specific:
@@ -214,11 +245,14 @@ class CoOpProGradFast(TrainerX):
         print(f"Prompts: {[template.format(c.replace('_', ' ')) for c in classnames]}")
         print("Building custom CLIP")
         self.model = PromptedCLIP(  # PROGRAD-FAST: CustomCLIP and zero-shot CLIP in one
-            clip_model, classnames, templates=template,
+            clip_model, classnames, templates=templates,
             n_ctx=coop.N_CTX, class_specific=class_specific,
             class_token_position=coop.CLASS_TOKEN_POSITION,
             dtype=torch.float32,  # PROGRAD-FAST: an fp32 context even for an fp16 CLIP
             **init)
+        # PROGRAD-FAST: CoOp's PromptLearner prints these two lines
+        print(f'Initial context: "{self.model.prompt_learner.prompt_prefix}"')
+        print(f"Number of context words (tokens): {self.model.prompt_learner.n_ctx}")
         if coop.PREC == "fp16":
             self.model.clip.half()  # CoOp's default precision (the context stays fp32)
         # (the loop turning off gradients outside the prompt learner: PromptedCLIP does it)

@@ -44,8 +44,9 @@ _COMPLEX = frozenset([torch.complex32, torch.complex64, torch.complex128])
 def hooked_step(func):
     """Wrap an optimizer's ``step`` like torch's ``Optimizer.profile_hook_step`` (grad mode
     off during the step, then ``_optimizer_step_code``), but enter ``record_function`` and
-    walk the hook dictionaries only when a profiler runs, a hook is registered or dynamo
-    traces the step; then torch's own wrapper runs, unchanged."""
+    walk the hook dictionaries only when a profiler runs or a hook is registered; then
+    torch's own wrapper runs, unchanged.  (Dynamo traces the short path too: inside a
+    compiled graph ``record_function`` would only be dropped, with a warning.)"""
     slow = Optimizer.profile_hook_step(torch.no_grad()(func))
     hooks = _optimizer_module
     grad_enabled = torch.is_grad_enabled
@@ -58,8 +59,7 @@ def hooked_step(func):
     def step(self, *args, **kwargs):
         if ((not has_flag or _profiler._is_profiler_enabled)
                 or hooks._global_optimizer_pre_hooks or hooks._global_optimizer_post_hooks
-                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
-                or torch.compiler.is_compiling()):
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
             return slow(self, *args, **kwargs)
         prev = grad_enabled()
         set_grad(False)

@@ -1,5 +1,4 @@
-"""The ``prograd-fast`` console command: ``train`` (prompt tuning on a data set) and ``demo``
-(base-to-new zero-shot vs CoOp vs ProGrad on the embedded digits default)."""
+"""The ``prograd-fast`` console command: demo, train, eval and protocol."""
 
 from __future__ import annotations
 
@@ -13,11 +12,33 @@ from typing import Sequence
 
 __all__ = ["main", "build_parser", "CLIError"]
 
+from .cli_help import PRETRAINED_HELP, HelpFormatter, plot_note  # noqa: E402  (no torch: fast --help)
+
 
 # --share-prefix: "auto" / "off" and the shared-prefix encoder's suffix layouts
 # (prograd_fast.clip.shared_prefix.LAYOUTS; spelled out so that --help needs no torch import).
 SHARE_PREFIX_CHOICES = ("auto", "off", "bucketed", "packed", "padded")
 _SHARE_PREFIX = {"auto": True, "off": False}
+
+
+DESCRIPTION = """\
+ProGrad (prompt-aligned gradient) and CoOp prompt tuning for CLIP models.
+
+commands:
+  demo      base-to-new on the embedded digits: zero-shot vs CoOp vs ProGrad (table + plot)
+  train     few-shot prompt tuning on one data set (zero-shot / CoOp / ProGrad)
+  eval      test a saved prompt (a train run folder or its checkpoint) on a data set
+  protocol  a paper's whole table (base2new, fewshot, xd, dg) over data sets, methods, seeds
+
+'prograd-fast COMMAND --help' describes each command's options."""
+
+DEMO_DESCRIPTION = """\
+The README's main job, no download needed: pretrains a tiny CLIP on scikit-learn's
+handwritten digits (once, cached), shifts the downstream digits (a blanked patch by
+default), tunes a prompt few-shot on five base digits with CoOp and ProGrad over shots and
+seeds, tests on the base digits and on five new ones, and prints the table (mean and
+half-range over seeds, harmonic mean) beside zero-shot CLIP. Writes
+<output-dir>/base_to_new.json and base_to_new.png (the plot needs matplotlib)."""
 
 
 class CLIError(Exception):
@@ -26,9 +47,14 @@ class CLIError(Exception):
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="few-shot prompt tuning (zero-shot / CoOp / ProGrad)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter,
+                       description="Tunes a prompt few-shot on one data set, tests it after the "
+                       "last epoch (or every --eval-every epochs) and writes settings.json, "
+                       "log.csv, log.json, curves.png, checkpoint.pt and result.json to "
+                       "--output-dir; a rerun with the same settings resumes from the checkpoint "
+                       "or reprints a finished run's result, one with other settings is refused.")
     p.add_argument("--data", default="digits",
-                   help="'digits' (embedded default), an ImageFolder root (train/<class>/..., "
+                   help="'digits' (the embedded data set), an ImageFolder root (train/<class>/..., "
                         "val/ or test/), a CoOp split_*.json or a folder holding one")
     p.add_argument("--image-root", default=None,
                    help="with --data a CoOp split JSON: the folder its image paths start from "
@@ -37,76 +63,109 @@ def _add_train(sub) -> None:
     add_dataset_args(p)
     p.add_argument("--model", default=None,
                    help="open_clip model name (e.g. ViT-B-16), a JSON model config, or 'digits' "
-                        "(the embedded tiny CLIP; the default for --data digits)")
-    p.add_argument("--pretrained", default=None,
-                   help="open_clip pretrained tag (e.g. openai) or a checkpoint file; "
-                        "omitted: random weights (only meaningful for tests)")
-    p.add_argument("--method", choices=["zeroshot", "coop", "prograd"], default="prograd")
+                        "(the embedded tiny CLIP; default: digits with --data digits, else "
+                        "required)")
+    p.add_argument("--pretrained", default="none", help=PRETRAINED_HELP)
+    p.add_argument("--method", choices=["zeroshot", "coop", "prograd"], default="prograd",
+                   help="zeroshot: hand-crafted template, no training; coop: plain CoOp; "
+                        "prograd: CoOp with ProGrad's prompt-aligned gradient")
     p.add_argument("--shots", type=int, default=16, help="training images per class (<=0: all)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the few-shot draw, the context's initialisation and the order")
     p.add_argument("--subsample", choices=["all", "base", "new"], default="all",
                    help="CoOp base-to-new protocol: train and test on these classes")
     p.add_argument("--eval-new", action="store_true",
                    help="with --subsample base: also test the learned context on the new classes")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.002)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=int, default=1)
-    p.add_argument("--warmup-lr", type=float, default=1e-5)
-    p.add_argument("--lam", type=float, default=1.0, help="ProGrad's lambda")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--granularity", choices=["global", "tensor"], default="global")
-    p.add_argument("--backend", default="auto", help="ProGradSGD backend")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.002,
+                   help="SGD learning rate after warm-up (cosine schedule)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--warmup-epochs", type=int, default=1,
+                   help="epochs at the constant --warmup-lr before the cosine schedule")
+    p.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate of the warm-up")
+    p.add_argument("--lam", type=float, default=1.0,
+                   help="ProGrad's lambda: how much of the conflicting component is removed "
+                        "(0: plain CoOp)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="temperature of the KL towards the zero-shot prediction")
+    p.add_argument("--granularity", choices=["global", "tensor"], default="global",
+                   help="project the gradient as one vector over all prompt tensors (global, "
+                        "the paper's) or per tensor")
+    p.add_argument("--backend", default="auto",
+                   help="ProGradSGD kernel backend: auto, triton, cuda, cpp or torch")
     p.add_argument("--n-ctx", type=int, default=None,
-                   help="context length (default 16; with the embedded digits model and no "
+                   help="context length (default: 16; with the embedded digits model and no "
                         "--ctx-init: the demo's context, 'a handwritten', which fits its "
                         "16-token text tower)")
-    p.add_argument("--ctx-init", default=None, help="initial context words, e.g. 'a photo of a'")
-    p.add_argument("--class-specific", action="store_true")
-    p.add_argument("--class-token-position", choices=["end", "middle", "front"], default="end")
+    p.add_argument("--ctx-init", default=None,
+                   help="initial context words, e.g. 'a photo of a' (they set the context "
+                        "length); default: random N(0, 0.02) context")
+    p.add_argument("--class-specific", "--csc", action="store_true",
+                   help="one context per class (CoOp's CSC) instead of one shared context")
+    p.add_argument("--class-token-position", choices=["end", "middle", "front"], default="end",
+                   help="where the class name goes in the prompt")
     p.add_argument("--templates", default=None,
-                   help="teacher template: a CoOp dataset name (e.g. OxfordPets), "
-                        "'openai_imagenet' (80-template ensemble) or a string with {}")
+                   help="zero-shot teacher template: a CoOp dataset name (e.g. OxfordPets), "
+                        "'openai_imagenet' (80-template ensemble) or a string with {} "
+                        "(default: the data set's CoOp template, 'digits' for digits)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype (fp16 adds a GradScaler)")
-    p.add_argument("--grad-mode", choices=["auto", "batched", "two_pass"], default="auto")
+    p.add_argument("--grad-mode", choices=["auto", "batched", "two_pass"], default="auto",
+                   help="both gradients in one batched backward, or two passes; auto: batched "
+                        "where PyTorch batches it well")
     p.add_argument("--share-prefix", choices=SHARE_PREFIX_CHOICES, default="auto",
                    help="encode the prompt prefix common to all classes once (exact; docs/coop.md); "
-                        "auto: the default suffix layout, off: every prompt whole")
+                        "auto: the standard suffix layout, off: every prompt whole")
     p.add_argument("--shift", default="occlude", choices=["occlude", "noise", "thick", "none"],
-                   help="digits only: the downstream shift")
-    p.add_argument("--device", default=None, help="default: cuda if available else cpu")
-    p.add_argument("--num-workers", type=int, default=0)
+                   help="digits only: the downstream shift (a blanked patch, pixel noise, "
+                        "thicker strokes, or none)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if "
+                   "available, else cpu)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     p.add_argument("--output-dir", default=None,
-                   help="default: runs/<data>_<method>_<shots>shot_seed<seed>, plus every option "
-                        "that differs from its default (e.g. _lam0.5); a folder holding a run "
-                        "with other settings is refused")
+                   help="run folder (default: runs/<data>_<method>_<shots>shot_seed<seed> plus "
+                        "each option not at its standard value, e.g. _lam0.5); a folder "
+                        "holding a run with other settings is refused")
     p.add_argument("--no-resume", action="store_true",
                    help="train from scratch, replacing the run in --output-dir")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the one line per epoch stays)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate every N epochs (0: after the last epoch only, as CoOp)")
+    p.add_argument("--eval-split", choices=["test", "val"], default="test",
+                   help="the split of the --eval-every evaluations (the last epoch is always "
+                        "tested on the test split; val: also validated)")
 
 
 def _add_demo(sub) -> None:
     from .clip.demo import DEMO_DEFAULTS as D
 
     p = sub.add_parser("demo", help="base-to-new on the embedded digits: zero-shot vs CoOp vs "
-                       "ProGrad (table + PNG)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--output-dir", default="prograd_demo")
-    p.add_argument("--shots", type=int, nargs="+", default=list(D["shots"]))
-    p.add_argument("--seeds", type=int, nargs="+", default=list(D["seeds"]))
-    p.add_argument("--epochs", type=int, default=D["epochs"])
-    p.add_argument("--lr", type=float, default=D["lr"])
-    p.add_argument("--lam", type=float, default=1.0)
-    p.add_argument("--shift", default=D["shift"], choices=["occlude", "noise", "thick", "none"])
+                       "ProGrad (table + PNG)", formatter_class=HelpFormatter,
+                       description=DEMO_DESCRIPTION)
+    p.add_argument("--output-dir", default="prograd_demo", help="where the JSON and plot go")
+    p.add_argument("--shots", type=int, nargs="+", default=list(D["shots"]),
+                   help="training images per base digit")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(D["seeds"]),
+                   help="seeds of the few-shot draws and context initialisations")
+    p.add_argument("--epochs", type=int, default=D["epochs"], help="training epochs per run")
+    p.add_argument("--lr", type=float, default=D["lr"], help="SGD learning rate after warm-up")
+    p.add_argument("--lam", type=float, default=1.0, help="ProGrad's lambda")
+    p.add_argument("--shift", default=D["shift"], choices=["occlude", "noise", "thick", "none"],
+                   help="the downstream shift of the digits: a blanked patch, pixel noise, "
+                        "thicker strokes, or none")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prograd-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="prograd-fast", description=DESCRIPTION,
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_demo(sub)
+    from .cli_eval import add_eval_parser
+    add_eval_parser(sub)
     from .protocols.cli import add_protocol_parser
     add_protocol_parser(sub)
     return parser
@@ -219,6 +278,8 @@ def _check_train_args(args) -> None:
     """Inputs that can be refused before any work."""
     from . import available_backends
 
+    if (args.pretrained or "").lower() == "none":  # the same spelling as protocol's
+        args.pretrained = None
     if args.eval_new and args.subsample != "base":
         raise CLIError("--eval-new needs --subsample base")
     if args.image_root is not None and (args.data == "digits" or args.dataset is not None):
@@ -227,6 +288,7 @@ def _check_train_args(args) -> None:
         raise CLIError(f"--data {args.data!r} does not exist (an ImageFolder root, a CoOp "
                        f"split_*.json or a folder holding one, or 'digits')")
     bad = range_error((("--n-ctx", args.n_ctx, AT_LEAST_1), ("--epochs", args.epochs, AT_LEAST_0),
+                       ("--eval-every", args.eval_every, AT_LEAST_0),
                        ("--num-workers", args.num_workers, AT_LEAST_0),
                        ("--batch-size", args.batch_size, AT_LEAST_1), ("--lam", args.lam, UNIT),
                        ("--temperature", args.temperature, POSITIVE), ("--lr", args.lr, POSITIVE),
@@ -236,6 +298,8 @@ def _check_train_args(args) -> None:
                        ("--warmup-epochs", args.warmup_epochs, AT_LEAST_0)))
     if bad:
         raise CLIError(bad)
+    if args.eval_split == "val" and args.data == "digits" and args.dataset is None:
+        raise CLIError("--eval-split val: the digits data set has no validation split")
     if args.eval_new and args.class_specific:
         raise CLIError("--eval-new cannot transfer a class-specific context (--class-specific) "
                        "to the new classes")
@@ -272,14 +336,15 @@ def cmd_train(args) -> int:
     from .datasets.cli import load_named
     from . import runs
 
-    given = dict(vars(args))  # the options as given: the run's settings
+    typed = dict(vars(args))  # the options as typed: the default folder name
     _check_train_args(args)
+    given = dict(vars(args))  # the options as given (--pretrained none read): the run's settings
     device = parallel.init_from_env(args.device)  # torchrun: one process per GPU, data-parallel
     torch.manual_seed(args.seed)
     named = load_named(args)  # --dataset NAME --root DATA: (data set, full split, drawn items)
     if named is not None:
         args.data = named[0].name
-    out = _output_dir(args, given)
+    out = _output_dir(args, typed)
     try:
         runs.check_writable(out)
     except runs.RunFolderError as exc:
@@ -328,6 +393,8 @@ def cmd_train(args) -> int:
             f"(--no-resume trains it again)")
         say(_result_line(runs.read_result(out), out))
         return 0
+    if args.eval_split == "val" and not split.val:
+        raise CLIError(f"--eval-split val: --data {args.data!r} has no validation images")
     new_test = subsample_classes(full, "new").test if args.eval_new else []
     try:  # every image of the run, before anything is written
         check_images(train_items + split.val + split.test + new_test)
@@ -346,12 +413,17 @@ def cmd_train(args) -> int:
                       temperature=args.temperature, granularity=args.granularity,
                       backend=args.backend, precision=args.precision, grad_mode=args.grad_mode,
                       seed=args.seed, num_workers=args.num_workers, output_dir=str(out),
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, eval_every=args.eval_every,
+                      extra={"prompt": saved_prompt_settings(args, model, split, templates)})
     say(f"{args.method}: {len(split.classnames)} classes, {len(train_items)} training images "
         f"({args.shots} shots, seed {args.seed}), {len(split.test)} test images, "
         f"prompt length {model.prompt_learner.length} tokens ({_prefix_note(model)}), device {device}, "
         f"{parallel.world_size()} process(es)")
-    trainer = Trainer(model, make(train_items, True), make(split.test, False), cfg, device)
+    val_set = None
+    if args.eval_split == "val":
+        val_set = make(split.val, False)
+    trainer = Trainer(model, make(train_items, True), make(split.test, False), cfg, device,
+                      val_set=val_set, log=say)
     if not args.no_resume:
         try:
             if trainer.maybe_resume() and trainer.epoch < args.epochs:
@@ -379,7 +451,7 @@ def cmd_train(args) -> int:
 def _result_line(result: dict, out: Path) -> str:
     return (f"test accuracy {result['acc']:.2f}%"
             + (f", new classes {result['new_acc']:.2f}%" if "new_acc" in result else "")
-            + f"  (log: {out}/log.csv, plot: {out}/curves.png)")
+            + f"  (log: {out}/log.csv, {plot_note(out / 'curves.png')})")
 
 
 def _output_dir(args, given: dict) -> Path:
@@ -415,6 +487,20 @@ def _claim_folder(out: Path, args, settings: dict) -> tuple[Path, str]:
             raise CLIError(str(exc2)) from None
 
 
+def saved_prompt_settings(args, model, split, templates) -> dict:
+    """What ``prograd-fast eval`` needs to rebuild this run's prompt (kept in the checkpoint's
+    and log.json's config)."""
+    pl = model.prompt_learner
+    return {"model": args.model or ("digits" if args.data == "digits" else None),
+            "pretrained": args.pretrained, "data": args.data, "shift": args.shift,
+            "dataset": args.dataset, "root": args.root,
+            "subsample": args.subsample, "classnames": list(split.classnames),
+            "templates": templates, "n_ctx": pl.n_ctx, "ctx_init": pl.ctx_init,
+            "ctx_init_mode": pl.ctx_init_mode, "class_specific": pl.class_specific,
+            "class_token_position": pl.class_token_position,
+            "share_prefix": args.share_prefix}
+
+
 def cmd_demo(args) -> int:
     from .clip.demo import run_base_to_new
 
@@ -432,6 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .protocols.cli import cmd_protocol
 
             return cmd_protocol(args)
+        if args.command == "eval":
+            from .cli_eval import cmd_eval
+
+            return cmd_eval(args)
         return cmd_demo(args)
     except CLIError as exc:  # a bad input: one line, no traceback
         print(f"prograd-fast: error: {exc}", file=sys.stderr)

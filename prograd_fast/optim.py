@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _host
+from . import _host, _ops
 from ._step import (GENERAL_KEY, gather_group, hooked_step, refill, release, store_buffers,
                     store_general)
 from .backends import BACKENDS, requested_backend, run_step
@@ -33,12 +33,26 @@ def uses_fused_backend(name: str, cache: dict) -> bool:
     return name in _host.FUSED_BACKENDS
 
 
-def _training_state(state: dict) -> dict:
-    """A state dict's ``state`` without pending general gradients and empty entries (new
-    dicts: the optimizer's own are not touched)."""
-    kept = {k: {name: v for name, v in entry.items() if name != GENERAL_KEY}
-            for k, entry in state.items()}
-    return {k: entry for k, entry in kept.items() if entry}
+def _training_state(state: dict, param_keys) -> dict:
+    """A state dict's ``state`` less what ProGradSGD itself adds: pending general gradients,
+    and parameter entries left empty without them.  Only entries keyed by a parameter (an
+    index in ``param_keys``) holding a dict are looked at; anything else -- a key a user or
+    a ``state_dict`` hook put there -- is kept as it is.  New dicts: the optimizer's own,
+    and the caller's, are not touched."""
+    out = {}
+    for key, entry in state.items():
+        if key in param_keys and isinstance(entry, dict):
+            if GENERAL_KEY in entry:
+                entry = {name: v for name, v in entry.items() if name != GENERAL_KEY}
+            if not entry:
+                continue
+        out[key] = entry
+    return out
+
+
+def _param_indices(state_dict: dict) -> set:
+    """The keys a packed state dict uses for its parameters (torch numbers them)."""
+    return {i for group in state_dict.get("param_groups", ()) for i in group.get("params", ())}
 
 
 class ProGradSGD(Optimizer):
@@ -119,9 +133,10 @@ class ProGradSGD(Optimizer):
     def state_dict(self) -> dict:
         """As torch's, but only the training state: pending general gradients (stored, not
         yet stepped) belong to one iteration and are left out, and so are parameters with
-        nothing to keep (``torch.optim.SGD`` keeps ``state`` empty for them too)."""
+        nothing to keep (``torch.optim.SGD`` keeps ``state`` empty for them too).  Anything
+        else in ``state`` -- e.g. what a ``state_dict`` pre-hook wrote -- is kept."""
         state_dict = super().state_dict()
-        state_dict["state"] = _training_state(state_dict["state"])
+        state_dict["state"] = _training_state(state_dict["state"], _param_indices(state_dict))
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -132,7 +147,8 @@ class ProGradSGD(Optimizer):
         tensors) and general gradients saved by older versions are dropped."""
         own = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         saved = [set(group) for group in state_dict["param_groups"]]
-        super().load_state_dict({**state_dict, "state": _training_state(state_dict["state"])})
+        kept = _training_state(state_dict["state"], _param_indices(state_dict))
+        super().load_state_dict({**state_dict, "state": kept})
         for group, options, keys in zip(self.param_groups, own, saved):
             for key, value in options.items():
                 if key not in keys or key == "backend":
@@ -185,10 +201,14 @@ class ProGradSGD(Optimizer):
             if len(grads) != len(params):
                 raise ValueError(f"store_general_grads got {len(grads)} gradients for "
                                  f"{len(params)} parameters")
+        if torch.compiler.is_compiling():  # torch.compile: see prograd_fast._ops
+            _ops.traced_store_general(self.state, params, grads)
+            return
         store_general(self.state, params, grads, self._host_helper(), self._state_dicts)
 
     def _host_helper(self):
-        """The C host helper once a fused backend ran (built then), else None."""
+        """The C host helper once a fused backend ran (built then), else None.  (Never
+        reached while Dynamo traces, which cannot trace it: see :mod:`prograd_fast._ops`.)"""
         return _host.module() if self._use_host else None
 
     def stats(self) -> list[dict[str, Tensor] | None]:
@@ -210,6 +230,9 @@ class ProGradSGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():  # torch.compile: custom ops, no host caches
+            _ops.traced_step(self, grad_scale, found_inf)
+            return loss
         any_general = any_stepped = False
         state = self.state
         host, dicts = self._host_helper(), self._state_dicts

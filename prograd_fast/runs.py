@@ -25,9 +25,10 @@ __all__ = ["RunFolderError", "NOT_SETTINGS", "run_settings", "default_run_name",
 SETTINGS_FORMAT = 1
 
 #: ``train`` options that do not change what a run computes (where and how fast it runs, how
-#: it reports) and the data-set selectors that the data identity covers.
+#: it reports, what it evaluates before the last epoch's test).
 NOT_SETTINGS = frozenset({"command", "device", "num_workers", "output_dir", "no_resume",
-                          "no_progress", "backend", "grad_mode", "share_prefix"})
+                          "no_progress", "backend", "grad_mode", "share_prefix", "eval_every",
+                          "eval_split"})
 
 
 class RunFolderError(ValueError):

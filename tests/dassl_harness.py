@@ -11,6 +11,7 @@ of generated JPEGs and tiny randomly initialised open_clip models.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -95,13 +96,21 @@ def apply_dassl_edits(dassl_root: Path) -> None:
 def make_oxford_pets(root: Path, n_train: int = 4, n_val: int = 2, n_test: int = 3,
                      seed: int = 0) -> Path:
     """``root/oxford_pets/{images/*.jpg, split_zhou_OxfordPets.json}`` as CoOp's reader wants."""
+    _make_images(root / "oxford_pets", CLASSES, "split_zhou_OxfordPets.json", n_train, n_val,
+                 n_test, seed)
+    return root
+
+
+def _make_images(base: Path, classes: list[str], split_file: str, n_train: int, n_val: int,
+                 n_test: int, seed: int) -> None:
+    """``base/images/*.jpg`` (one colour per class, noise per pixel) and ``base/split_file``
+    listing ``[file, label, class name]`` per split, in the layout of CoOp's split files."""
     from PIL import Image
 
-    base = root / "oxford_pets"
     (base / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     split = {"train": [], "val": [], "test": []}
-    for label, name in enumerate(CLASSES):
+    for label, name in enumerate(classes):
         colour = [(60 * label + 40) % 256, (90 * label + 120) % 256, (150 - 30 * label) % 256]
         for part, n in (("train", n_train), ("val", n_val), ("test", n_test)):
             for i in range(n):
@@ -110,8 +119,37 @@ def make_oxford_pets(root: Path, n_train: int = 4, n_val: int = 2, n_test: int =
                                for _ in range(40 * 40) for c in colour)
                 Image.frombytes("RGB", (40, 40), pixels).save(base / "images" / file, quality=90)
                 split[part].append([file, label, name])
-    (base / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
-    return root
+    (base / split_file).write_text(json.dumps(split))
+
+
+#: A data set of the user's own (a name none of CoOp's 15), added as one adds a data set to
+#: CoOp / ProGrad: a Dassl reader registered in ``datasets/``, its config file, an import in
+#: ``train.py``; ``extend_cfg`` also defines ``TRAINER.PROGRAD.TEMPLATE`` (docs/coop.md).
+OWN_DATASET = "MyShapes"
+OWN_CLASSES = ["red_square", "green_disc", "blue_stripes"]
+OWN_READER = '''import os
+
+from dassl.data.datasets import DATASET_REGISTRY, Datum, DatasetBase
+from dassl.utils import read_json
+
+
+@DATASET_REGISTRY.register()
+class MyShapes(DatasetBase):
+    dataset_dir = "my_shapes"
+
+    def __init__(self, cfg):
+        root = os.path.join(os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT)), self.dataset_dir)
+        split = read_json(os.path.join(root, "split.json"))
+        train, val, test = ([Datum(impath=os.path.join(root, "images", f), label=y, classname=c)
+                             for f, y, c in split[part]] for part in ("train", "val", "test"))
+        if cfg.DATASET.NUM_SHOTS >= 1:
+            train = self.generate_fewshot_dataset(train, num_shots=cfg.DATASET.NUM_SHOTS)
+        super().__init__(train_x=train, val=val, test=test)
+'''
+OWN_TEMPLATE_KEY = ('''    cfg.DATASET.SUBSAMPLE_CLASSES = "all"  # all, base or new
+''', '''    cfg.TRAINER.PROGRAD = CN()
+    cfg.TRAINER.PROGRAD.TEMPLATE = ""  # the teacher's template ("" : the data set's own)
+''')
 
 
 class Workspace:
@@ -144,6 +182,26 @@ class Workspace:
             anchor = "import trainers.prograd\n"
             assert anchor in text
             train_py.write_text(text.replace(anchor, anchor + line))
+
+    def with_own_dataset(self, dest: Path) -> "Workspace":
+        """A copy of this workspace whose code (copied to ``dest``) has :data:`OWN_DATASET`
+        added as a user adds a data set, and its data under this workspace's data root."""
+        own = copy.copy(self)
+        own.code = dest / self.code.name
+        shutil.copytree(self.code, own.code)
+        (own.code / "datasets" / "my_shapes.py").write_text(OWN_READER)
+        (own.code / "configs" / "datasets" / "my_shapes.yaml").write_text(
+            f'DATASET:\n  NAME: "{OWN_DATASET}"\n')
+        train_py = own.code / "train.py"
+        text = train_py.read_text()
+        anchor, key = OWN_TEMPLATE_KEY
+        assert text.count(anchor) == 1 and "import datasets.oxford_pets\n" in text
+        text = text.replace(anchor, anchor + key)
+        text = text.replace("import datasets.oxford_pets\n",
+                            "import datasets.oxford_pets\nimport datasets.my_shapes\n")
+        train_py.write_text(text)
+        _make_images(self.data / "my_shapes", OWN_CLASSES, "split.json", 4, 2, 3, seed=1)
+        return own
 
     def config(self, rel: str) -> str:
         return str(self.code / "configs" / rel)

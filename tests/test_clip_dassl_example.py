@@ -224,6 +224,45 @@ def test_default_teacher_prompts_equal_the_official_trainers(example, vendor_tre
         assert f"Prompts: {[official[dataset].format(c) for c in names]}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("template,ctx", [
+    (["a photo of my {}.", "a drawing of a {}."], "a photo of my"),
+    ("a {} seen from above.", None)])
+def test_own_dataset_template_key_takes_a_string_or_a_list(example, capsys, template, ctx):
+    """TRAINER.PROGRAD.TEMPLATE: a list is an ensemble teacher and its first template is
+    what CTX_INIT True starts from; a template whose class slot is not last cannot
+    initialise the context the official way (clear error), but trains a random one."""
+    cfg = _cfg(prograd=dict(TEMPLATE=template), ctx_init=ctx is not None, n_ctx=6)
+    cfg.DATASET.NAME = "MyData"
+    trainer = _trainer(example, cfg)
+    want = template if isinstance(template, list) else [template]
+    assert trainer.model.teacher.templates == want
+    out = capsys.readouterr().out
+    assert "No teacher template" not in out
+    if ctx is not None:
+        assert trainer.model.prompt_learner.prompt_prefix == "X X " + ctx  # N_CTX 6, 4 words
+        assert 'Initial context: "X X a photo of my"' in out
+    cfg.TRAINER.COOP.CTX_INIT = True
+    if ctx is None:
+        with pytest.raises(ValueError, match="class slot"):
+            _trainer(example, cfg)
+
+
+@pytest.mark.parametrize("bad", ["a photo", ["a {}.", "no slot"], "{} and {}"])
+def test_template_key_without_one_class_slot_is_refused(example, bad):
+    with pytest.raises(ValueError, match="TRAINER.PROGRAD.TEMPLATE must be"):
+        _trainer(example, _cfg(prograd=dict(TEMPLATE=bad)))
+
+
+def test_own_dataset_without_template_uses_clips_and_says_so(example, capsys):
+    cfg = _cfg(ctx_init=True, n_ctx=6)
+    cfg.DATASET.NAME = "MyData"
+    trainer = _trainer(example, cfg)
+    assert trainer.model.teacher.templates == ["a photo of a {}."]
+    notes = [line for line in capsys.readouterr().out.splitlines() if "teacher template" in line]
+    assert len(notes) == 1 and "'MyData'" in notes[0] and "TRAINER.PROGRAD.TEMPLATE" in notes[0]
+    assert trainer.model.prompt_learner.prompt_prefix == "X X a photo of a"
+
+
 # ------------------------------------------------------------------ item 8: dropped options
 def test_nan_loss_is_detected_as_dassl_does(example):
     trainer = _trainer(example, _cfg())

@@ -16,7 +16,8 @@ from prograd_fast import prograd_losses
 from prograd_fast.clip import PromptedCLIP, PromptLearner, TextTower, build_optimizer, compute_grads, train_step
 from prograd_fast.clip import train as train_mod
 from prograd_fast.clip.prompt import default_tokenizer
-from prograd_fast.clip.shared_prefix import LAYOUTS, SharedPrefixEncoder, shared_prefix_encoder
+from prograd_fast.clip.shared_prefix import (LAYOUTS, NotShareable, SharedPrefixEncoder,
+                                             shared_prefix_encoder)
 
 from clip_helpers import CLASSNAMES, tiny_cfg
 
@@ -436,3 +437,105 @@ def test_state_dict_and_dtype_moves_keep_the_index_buffers():
     torch.testing.assert_close(model.text_features(),
                                model.tower.encode_embeddings(*model.prompt_learner()),
                                rtol=1e-9, atol=1e-12)
+
+
+# ---- the tower changed after the encoder was built: checked at call time -----------------
+
+CTX_INIT = "a photo of a"  # the context is these words' embeddings: open_clip can encode it
+
+
+def _open_clip_features(clip, model):
+    """open_clip's own encode_text of the prompt learner's prompts (untrained ctx_init)."""
+    texts = [f"{CTX_INIT} {name}." for name in model.prompt_learner.classnames]
+    with torch.no_grad():
+        return clip.encode_text(TOK(texts))
+
+
+def _edits():
+    oct = open_clip.transformer
+
+    def prune_custom_text(clip):  # open_clip's own pruning of a CustomTextCLIP text tower
+        clip.text.prune_intermediate_layers([0], prune_norm=True)
+
+    def prune_blocks(clip):
+        clip.transformer.prune_intermediate_layers([1])
+
+    def new_block(clip):
+        torch.manual_seed(11)
+        clip.transformer.resblocks[1] = oct.ResidualAttentionBlock(32, 2, batch_first=True).double()
+
+    def new_attn(clip):
+        torch.manual_seed(12)
+        attn = nn.MultiheadAttention(32, 2, batch_first=True).double()
+        with torch.no_grad():
+            attn.in_proj_bias.normal_()
+        clip.transformer.resblocks[0].attn = attn
+
+    def unshareable_block(clip):  # a block of another class: no plan, open_clip's encoder
+        class MyBlock(oct.ResidualAttentionBlock):
+            pass
+        clip.transformer.resblocks[0].__class__ = MyBlock
+
+    def unshareable_attn(clip):
+        clip.transformer.resblocks[1].attn = nn.MultiheadAttention(
+            32, 2, add_bias_kv=True, batch_first=True).double()
+
+    return {"prune_custom_text": (prune_custom_text, None),
+            "prune_blocks": (prune_blocks, None), "new_block": (new_block, None),
+            "new_attn": (new_attn, None), "unshareable_block": (unshareable_block, "MyBlock"),
+            "unshareable_attn": (unshareable_attn, "bias_k")}
+
+
+@pytest.mark.parametrize("edit", list(_edits()))
+def test_encoder_follows_a_changed_tower_or_falls_back_with_the_reason(edit):
+    """After open_clip's ``prune_intermediate_layers`` or a replaced block / ``attn``, the
+    text features are open_clip's own (float64), never the blocks seen at build: the
+    encoder plans again where it can share, else falls back, saying why once."""
+    change, why = _edits()[edit]
+    clip = make_clip(seed=5, clip=dict(custom_text=edit == "prune_custom_text"),
+                     layers=3).double()
+    model = PromptedCLIP(clip, NAMES, tokenizer=TOK, n_ctx=4, ctx_init=CTX_INIT)
+    enc = model.shared_prefix
+    assert enc is not None and enc.applies()
+    torch.testing.assert_close(model.text_features().detach(), _open_clip_features(clip, model),
+                               rtol=1e-10, atol=1e-12)
+    change(clip)
+    want = _open_clip_features(clip, model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = model.text_features().detach()
+        assert enc.applies() is (why is None)
+        model.text_features()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if why is None:
+        assert enc.off_reason is None and not caught
+    else:
+        assert "changed" in enc.off_reason and why in enc.off_reason
+        assert len(caught) == 1 and why in str(caught[0].message)
+        with pytest.raises(NotShareable, match=why):  # called directly: refuses, never stale
+            enc(*model.prompt_learner.prefix_and_suffixes())
+
+
+def test_prompt_of_exactly_the_context_length_is_accepted():
+    """A prompt filling all 77 tokens (its end-of-text in the last slot) fits, as in open_clip;
+    one token more is still refused.  Its features are open_clip's."""
+    clip = make_clip(seed=6).double()
+    name = " ".join(["dog"] * (77 - 2 - len(TOK.encode(CTX_INIT)) - 1))  # SOS, ctx, name, '.', EOT
+    assert len(TOK.encode(f"{CTX_INIT} {name}.")) + 2 == 77
+    model = PromptedCLIP(clip, [name, "cat"], tokenizer=TOK, ctx_init=CTX_INIT)
+    assert model.prompt_learner.eot.tolist()[0] == 76 and model.shared_prefix is not None
+    torch.testing.assert_close(model.text_features().detach(), _open_clip_features(clip, model),
+                               rtol=1e-10, atol=1e-12)
+    full = PromptedCLIP(clip, [name, "cat"], tokenizer=TOK, ctx_init=CTX_INIT, share_prefix=False)
+    torch.testing.assert_close(full.text_features().detach(), _open_clip_features(clip, model),
+                               rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="do not fit in 77"):
+        PromptedCLIP(clip, [name + " dog", "cat"], tokenizer=TOK, ctx_init=CTX_INIT)
+
+
+@pytest.mark.parametrize("position", ["end", "middle"])
+def test_eos_pooled_tower_whose_tokenizer_never_emits_its_eos_is_refused(position):
+    clip = make_clip(seed=7, pool_type="eos", eos_id=1)
+    with pytest.raises(ValueError, match=r"eos id 1\b.*end with id 49407") as info:
+        PromptedCLIP(clip, NAMES, tokenizer=TOK, n_ctx=4, class_token_position=position)
+    assert "\n" not in str(info.value)

@@ -504,3 +504,80 @@ def test_pending_general_grads_stay_out_of_checkpoints():
     fresh.load_state_dict(old)
     assert not fresh.has_general_grads()
     assert "general_grad" in next(iter(old["state"].values()))  # the caller's dict untouched
+
+
+# ---------------------------------------------------------- state_dict hooks (torch's contract)
+def _write_test_entry(optimizer):
+    optimizer.state["test"] = 1
+
+
+def _pop_test_entry(optimizer, state_dict):
+    state_dict["ran_pre_hook"] = state_dict["state"].pop("test", None) == 1
+    return state_dict
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_state_dict_pre_hook_entries_reach_the_state_dict(momentum):
+    """As torch's test_optim.py asks of every optimizer: what a ``state_dict`` pre-hook puts
+    in ``optimizer.state`` is in ``state_dict()["state"]``; ProGradSGD drops only its own
+    additions (pending general gradients, the entries they leave empty)."""
+    model = tiny_model()
+    opt = pf.ProGradSGD(model.parameters(), lr=0.1, momentum=momentum)
+    opt.register_state_dict_pre_hook(_write_test_entry)
+    assert opt.state_dict()["state"] == {"test": 1}  # never stepped: nothing else
+    train(model, opt, 1)
+    pf.backward(opt, *losses(model, *batch(3)))  # pending general gradients
+    sd = opt.state_dict()
+    assert sd["state"]["test"] == 1
+    own = {k: v for k, v in sd["state"].items() if k != "test"}
+    assert all(set(entry) == {"momentum_buffer"} for entry in own.values())
+    assert len(own) == (len(list(model.parameters())) if momentum else 0)
+
+
+def test_state_dict_pre_and_post_hooks_see_each_others_work():
+    p = torch.nn.Parameter(torch.rand(2, 3))
+    opt = pf.ProGradSGD([p], lr=0.1)
+    opt.register_state_dict_pre_hook(_write_test_entry)
+    opt.register_state_dict_post_hook(_pop_test_entry)
+    sd = opt.state_dict()
+    assert sd["ran_pre_hook"] is True and "test" not in sd["state"]
+
+
+def test_load_state_dict_keeps_entries_that_are_not_parameters():
+    model = tiny_model()
+    opt = pf.ProGradSGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, opt, 1)
+    sd = opt.state_dict()
+    sd["state"]["test"] = 1
+    other = pf.ProGradSGD(copy.deepcopy(model).parameters(), lr=0.1, momentum=0.9)
+    other.load_state_dict(sd)
+    assert other.state["test"] == 1
+    assert other.state_dict()["state"].keys() == sd["state"].keys()
+
+
+def _lr_to_0_003(optimizer, state_dict):
+    changed = copy.deepcopy(state_dict)
+    changed["param_groups"][0]["lr"] = 0.003
+    return changed
+
+
+def _note_load(optimizer):
+    optimizer.state["ran_pre_hook"] = optimizer.param_groups[0]["lr"] == 0.003
+    optimizer.state["ran_post_hook"] = True
+
+
+def test_load_state_dict_hooks_may_write_state_and_it_is_kept():
+    """torch's load_state_dict pre/post hook contract: a pre-hook's returned dict is what
+    loads; a post-hook may write non-parameter entries into ``state``, and a later
+    ``state_dict()`` carries them."""
+    model = tiny_model()
+    opt = pf.ProGradSGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, opt, 1)
+    opt.register_load_state_dict_pre_hook(_lr_to_0_003)
+    opt.register_load_state_dict_post_hook(_note_load)
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.003
+    assert opt.state["ran_pre_hook"] is True and opt.state["ran_post_hook"] is True
+    sd = opt.state_dict()
+    assert sd["state"]["ran_pre_hook"] is True and sd["state"]["ran_post_hook"] is True
+    train(model, opt, 1)  # the extra entries do not disturb a step

@@ -20,7 +20,8 @@ import sys
 import pytest
 import torch
 
-from dassl_harness import CLASSES, OLD_CHECKPOINTS_ENV, Workspace, load_example
+from dassl_harness import (CLASSES, OLD_CHECKPOINTS_ENV, OWN_CLASSES, OWN_DATASET, Workspace,
+                           load_example)
 from vendor_sources import custom_templates, vendor_tree  # noqa: F401 - the fixture
 
 pytest.importorskip("yacs", reason="Dassl's runtime (the 'test' extra) is not installed")
@@ -191,3 +192,42 @@ def test_ctx_init_true_equals_official_prograd_prompt_learner(ws, tmp_path, data
     embeddings, eot = ours()
     torch.testing.assert_close(embeddings.detach(), official["prompts"], rtol=0, atol=0)
     assert torch.equal(eot, official["tokens"].argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def own(ws, tmp_path_factory):
+    """The workspace with a data set of the user's own registered (dassl_harness)."""
+    return ws.with_own_dataset(tmp_path_factory.mktemp("own_code"))
+
+
+def _own_args(own, *opts):
+    return ["--trainer", "CoOpProGradFast", "--seed", "1",
+            "--dataset-config-file", own.config("datasets/my_shapes.yaml"),
+            "--config-file", own.config("trainers/ProGrad/rn50.yaml"), *TINY,
+            "TRAINER.COOP.PREC", "fp32", "OPTIM.MAX_EPOCH", "1", *opts]
+
+
+def _prompts_line(template, classes):
+    return f"Prompts: {[template.format(c.replace('_', ' ')) for c in classes]}"
+
+
+def test_own_dataset_trains_with_clips_template_and_says_so_once(own, tmp_path):
+    """A data set that is none of CoOp's 15, with the stock ProGrad config (CTX_INIT True):
+    it trains and tests; the teacher uses "a photo of a {}.", one line says so and names
+    the key that overrides it, and the context starts from that template."""
+    text = own.run("upstream", _own_args(own), tmp_path / "train")
+    notes = [line for line in text.splitlines() if "No teacher template" in line]
+    assert notes == [f"No teacher template for DATASET.NAME {OWN_DATASET!r}: using "
+                     f"'a photo of a {{}}.' (set TRAINER.PROGRAD.TEMPLATE to change it)"]
+    assert _prompts_line("a photo of a {}.", OWN_CLASSES) in text
+    assert 'Initial context: "' + "X " * 12 + 'a photo of a"' in text  # N_CTX 16, 4 words
+    assert len(_accuracies(text)) == 1
+
+
+def test_own_dataset_template_key_sets_the_teacher_and_the_context(own, tmp_path):
+    text = own.run("upstream", _own_args(own, "TRAINER.PROGRAD.TEMPLATE", "a sketch of the {}."),
+                   tmp_path / "train")
+    assert "No teacher template" not in text
+    assert _prompts_line("a sketch of the {}.", OWN_CLASSES) in text
+    assert 'Initial context: "' + "X " * 12 + 'a sketch of the"' in text
+    assert len(_accuracies(text)) == 1

@@ -99,7 +99,10 @@ def run_base_to_new(out_dir: str | Path = "prograd_demo", shots: Sequence[int] =
          epochs=epochs, lr=lr, ctx_init=ctx_init, template=template, shift=shift, lam=lam)},
         indent=1))
     log(table)
-    log(f"plot: {plot}   runs: {out / 'base_to_new.json'}   ({time.time() - start:.0f} s)")
+    from ..cli_help import PLOT_NEEDS
+
+    log(f"{f'plot: {plot}' if plot else PLOT_NEEDS}   runs: {out / 'base_to_new.json'}   "
+        f"({time.time() - start:.0f} s)")
     return {"rows": rows, "table": table, "plot": plot}
 
 
@@ -120,6 +123,8 @@ def _table(rows, shots) -> str:
 
 
 def _plot(rows, shots, path: Path) -> str | None:
+    """Base, new and harmonic mean over shots; error bars: the half-range over seeds (as the
+    table's ±); accuracy axes from 0 to 100; the legend above the panels."""
     try:
         import matplotlib
 
@@ -127,22 +132,33 @@ def _plot(rows, shots, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=False)
+    fig = _figure(rows, shots)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def _figure(rows, shots):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.9), sharey=False)
     for ax, key in zip(axes, ("base", "new", "hm")):
         for method, style in (("zero-shot", "k--"), ("CoOp", "o-"), ("ProGrad", "s-")):
             ks = list(shots)
             if key == "hm":
                 ys = [_hm(_mean(rows, method, k, "base")[0], _mean(rows, method, k, "new")[0]) for k in ks]
+                errs = [0.0] * len(ks)  # the H of the means has no spread over seeds
             else:
-                ys = [_mean(rows, method, k, key)[0] for k in ks]
-            ax.plot(ks, ys, style, label=method)
+                ys, errs = zip(*[_mean(rows, method, k, key) for k in ks])
+            ax.errorbar(ks, ys, yerr=errs if any(errs) else None, fmt=style, capsize=3,
+                        label=method)
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(shots), [str(k) for k in shots])
         ax.set_xlabel("shots per class")
         ax.set_title({"base": "base classes", "new": "new classes", "hm": "harmonic mean"}[key])
         ax.set_ylabel("accuracy (%)")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+        ax.set_ylim(0, 100)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return fig

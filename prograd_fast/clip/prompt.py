@@ -57,6 +57,25 @@ def _n_tokens(tokenizer: Callable, text: str, context_length: int) -> int:
     return int((tokens != 0).sum()) - 2
 
 
+def _overflowing(tokenizer: Callable, prompts: list[str], length: int) -> list[str]:
+    """The prompts (among those whose end-of-text token sits in the last slot) that the
+    tokenizer cut to fit ``length`` tokens.  A prompt of exactly ``length`` tokens fits, as
+    in open_clip and OpenAI's tokenizer; a cut one looks the same after tokenizing, so it is
+    counted again: with the tokenizer's ``encode``, else one slot longer (a tokenizer that
+    allows neither: every such prompt counts as cut)."""
+    if not prompts:
+        return []
+    if hasattr(tokenizer, "encode"):
+        return [p for p in prompts if len(tokenizer.encode(p)) + 2 > length]
+    try:
+        longer = tokenizer(prompts, context_length=length + 1)
+    except TypeError:
+        return prompts
+    if longer.shape[-1] != length + 1:
+        return prompts
+    return [p for p, last in zip(prompts, longer[:, length].tolist()) if last != 0]
+
+
 def _prograd_init(emb: nn.Embedding, tokenizer: Callable, ctx_init: str, n_ctx: int,
                   length: int, position: str) -> tuple[Tensor, str]:
     """Official ProGrad's context from ``ctx_init`` (its PromptLearner, ``CTX_INIT: True``):
@@ -168,10 +187,12 @@ class PromptLearner(nn.Module):
             tokens = _tokenize(tokenizer, prompts, length).to(emb.weight.device)
             eot = tower.eot_positions(tokens)
             longest = int(eot.max()) + 1
-            if longest >= length and bool((tokens[:, -1] != 0).any()):
-                too_long = [p for p, e in zip(prompts, eot.tolist()) if e == length - 1]
-                raise ValueError(f"prompts do not fit in {length} tokens (context too long or "
-                                 f"class names too long): {too_long[:3]}")
+            if longest >= length:
+                too_long = _overflowing(tokenizer, [p for p, e in zip(prompts, eot.tolist())
+                                                    if e == length - 1], length)
+                if too_long:
+                    raise ValueError(f"prompts do not fit in {length} tokens (context too long "
+                                     f"or class names too long): {too_long[:3]}")
             keep = longest if truncate else length
             embedding = emb(tokens[:, :keep]).to(ctx_dtype)
         self.ctx = nn.Parameter(ctx.to(ctx_dtype))

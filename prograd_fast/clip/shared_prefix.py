@@ -30,11 +30,15 @@ without layer scale, per-token norms and MLPs built from known layers.  Anything
 scaled cosine attention, other block or layer classes - gets a reason from
 :func:`shared_prefix_encoder` and the caller keeps today's encoder.  Hooks on the
 transformer or dropout in training mode send a call to today's encoder as well
-(:meth:`SharedPrefixEncoder.applies`).
+(:meth:`SharedPrefixEncoder.applies`).  So does a transformer changed after construction
+(``prune_intermediate_layers``, a replaced block or ``attn``) that cannot be shared; one that
+can is planned for again.  Each call checks this by module identity (no tensor is read).
 """
 
 from __future__ import annotations
 
+import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +113,31 @@ def _check_block(i: int, blk: nn.Module) -> None:
                            f"ResidualAttentionBlock / CustomResidualAttentionBlock")
     for name in parts:
         _check_per_token(getattr(blk, name), f"{where}.{name}")
+
+
+def _checked_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The transformer's blocks, each checked (:class:`NotShareable` names the first that
+    cannot be shared)."""
+    oct = _open_clip_classes()
+    if type(transformer) not in (oct.Transformer, oct.CustomTransformer):
+        kind = type(transformer)
+        raise NotShareable(f"the text transformer is a {kind.__module__}.{kind.__name__}, not "
+                           f"an open_clip Transformer")
+    blocks = list(transformer.resblocks)
+    for i, blk in enumerate(blocks):
+        _check_block(i, blk)
+    return blocks
+
+
+_CHILDREN = operator.attrgetter("_modules")
+
+
+def _layout_key(transformer: nn.Module, watched: list[nn.Module]) -> tuple:
+    """What the plan depends on, by identity: the transformer, the class of every module
+    under it and each one's child modules (a replaced block, ``attn`` or layer, a removed
+    block and a reassigned ``__class__`` all change it).  Cheap: no tensor is read."""
+    return (transformer, *map(type, watched),
+            *[child for children in map(_CHILDREN, watched) for child in children.values()])
 
 
 def _dropout_active(blk: nn.Module) -> bool:
@@ -186,13 +215,9 @@ class SharedPrefixEncoder(nn.Module):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if prefix_length < 1:
             raise NotShareable(f"prefix_length must be >= 1, got {prefix_length}")
-        oct = _open_clip_classes()
-        if type(tower.transformer) not in (oct.Transformer, oct.CustomTransformer):
-            kind = type(tower.transformer)
-            raise NotShareable(f"the text transformer is a {kind.__module__}.{kind.__name__}, not "
-                               f"an open_clip Transformer")
-        for i, blk in enumerate(tower.transformer.resblocks):
-            _check_block(i, blk)
+        self.tower = tower
+        self._take(_checked_blocks(tower.transformer))
+        self.off_reason: str | None = None  # why calls fall back (the tower changed)
         eots = [int(e) for e in eot.tolist()]  # once, at construction
         lengths = [e - prefix_length + 1 for e in eots]
         if min(lengths) < 1:
@@ -217,14 +242,19 @@ class SharedPrefixEncoder(nn.Module):
             mask = torch.zeros(seg.length, prefix_length + seg.length, dtype=torch.bool)
             mask[:, prefix_length:] = torch.ones(seg.length, seg.length, dtype=torch.bool).triu(1)
             self.register_buffer(f"mask{i}", mask.to(device), persistent=False)
-        self.tower = tower
         self.segments = segments
         self._split_sizes = [prefix_length] + [seg.rows for seg in segments]
         self.prefix_length, self.prompt_length, self.n_cls = prefix_length, prompt_length, len(eots)
         self.layout = layout
         self.suffix_lengths = lengths
-        self._blocks = list(tower.transformer.resblocks)
-        self._watched = list(tower.transformer.modules())
+
+    def _take(self, blocks: list[nn.Module] | None) -> None:
+        """Plan for these (checked) blocks of the tower's current transformer (``None``:
+        it cannot be shared; remembered so that it is not checked again on every call)."""
+        transformer = self.tower.transformer
+        self._blocks = blocks
+        self._watched = list(transformer.modules())
+        self._layout_key = _layout_key(transformer, self._watched)
 
     @property
     def tokens_per_step(self) -> int:
@@ -233,7 +263,14 @@ class SharedPrefixEncoder(nn.Module):
 
     def applies(self) -> bool:
         """False when a hook watches the transformer (its modules would not all run, or run
-        on differently shaped inputs) or a block with dropout is in training mode."""
+        on differently shaped inputs) or a block with dropout is in training mode, and when
+        the transformer is no longer the one planned for (a block or a layer replaced or
+        removed, e.g. by ``prune_intermediate_layers``) and the new one cannot be shared:
+        ``off_reason`` then says why (a warning says it once).  A changed transformer that
+        can be shared is planned for again.  The check compares module identities and
+        types only: no tensor is read."""
+        if not self._planned():
+            return False
         from torch.nn.modules import module as nn_module
 
         if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
@@ -244,10 +281,32 @@ class SharedPrefixEncoder(nn.Module):
                 return False
         return not any(_dropout_active(blk) for blk in self._blocks)
 
+    def _planned(self) -> bool:
+        """Whether the tower's transformer is (still, or once more) one this encoder runs."""
+        if _layout_key(self.tower.transformer, self._watched) != self._layout_key:
+            self._replan()
+        return self._blocks is not None
+
+    def _replan(self) -> None:
+        """Check the tower's changed transformer again: planned for when its blocks can be
+        shared, else the reason in ``off_reason`` (and one warning)."""
+        try:
+            self._take(_checked_blocks(self.tower.transformer))
+        except NotShareable as e:
+            self._take(None)
+            reason = f"the text transformer changed after the shared-prefix encoder was built: {e}"
+            if reason != self.off_reason:
+                warnings.warn(f"{reason}; using the full text encoder", stacklevel=5)
+            self.off_reason = reason
+            return
+        self.off_reason = None
+
     def forward(self, prefix: Tensor, suffixes: Tensor) -> Tensor:
         """Text features (C, D) of the prompts ``[prefix; suffixes[c]]``: token embeddings
         of the shared prefix (1, P, width) and of the class suffixes (C, prompt_length - P,
         width) (:meth:`PromptLearner.prefix_and_suffixes`)."""
+        if not self._planned():
+            raise NotShareable(self.off_reason)
         p = self.prefix_length
         n_cls, length, width = suffixes.shape
         if prefix.shape != (1, p, width) or (n_cls, length) != (self.n_cls, self.prompt_length - p):

@@ -50,12 +50,13 @@ def _is_causal(mask: Tensor) -> bool:
 
 @dataclass(eq=False)
 class TextTower:
-    """References to the parts of a CLIP causal text tower (no copies, no parameters)."""
+    """References to the parts of a CLIP causal text tower (no copies, no parameters).
 
-    token_embedding: nn.Embedding
-    transformer: nn.Module
-    ln_final: nn.Module
-    owner: nn.Module  # holds the tensors below (see attn_mask)
+    The modules and tensors are read from ``owner`` (the model or its ``.text``) on each use,
+    so the tower follows the model when a part is replaced (``prune_intermediate_layers``,
+    ``.to(device)``, a new ``ln_final``)."""
+
+    owner: nn.Module  # holds the modules and tensors below
     pool_type: str
     eos_id: int | None
     context_length: int
@@ -89,8 +90,19 @@ class TextTower:
                           f"end-of-text token, are supported)")
         if pool == "eos" and eos is None:
             raise _refuse("text_pool_type='eos' without an eos token id")
-        return cls(src.token_embedding, src.transformer, src.ln_final, src, pool, eos,
-                   int(src.positional_embedding.shape[0]))
+        return cls(src, pool, eos, int(src.positional_embedding.shape[0]))
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.owner.token_embedding
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.owner.transformer
+
+    @property
+    def ln_final(self) -> nn.Module:
+        return self.owner.ln_final
 
     @property
     def attn_mask(self) -> Tensor:
@@ -118,10 +130,22 @@ class TextTower:
         return get() if get is not None else self.token_embedding.weight.dtype
 
     def eot_positions(self, tokens: Tensor) -> Tensor:
-        """Position of the end-of-text token of each tokenized prompt (the pooled position)."""
+        """Position of the end-of-text token of each tokenized prompt (the pooled position).
+        An ``"eos"``-pooled tower checks that every prompt holds its eos id (one sync: call
+        it outside training steps) and otherwise raises a ``ValueError`` naming both ids."""
         if self.pool_type == "argmax":
             return tokens.argmax(dim=-1)
-        return (tokens == self.eos_id).int().argmax(dim=-1)
+        found = tokens == self.eos_id
+        missing = ~found.any(dim=-1)
+        if bool(missing.any()):
+            row = tokens[int(missing.int().argmax())]
+            ends = row[row != 0]
+            theirs = int(ends[-1]) if len(ends) else None
+            raise ValueError(f"this text tower pools at its eos id {self.eos_id}, but the "
+                             f"tokenizer's prompts end with id {theirs} and never hold "
+                             f"{self.eos_id}: use the tokenizer made for this model "
+                             f"(open_clip.get_tokenizer) or a tower with eos_id={theirs}")
+        return found.int().argmax(dim=-1)
 
     def encode_embeddings(self, x: Tensor, eot: Tensor) -> Tensor:
         """Text features of prompts given as token embeddings ``x`` (N, L, width), read at

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -18,7 +19,7 @@ from .model import PromptedCLIP
 from .train import build_optimizer, coop_lr_lambda, train_step
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "correct_counts", "transfer_context", "METHODS",
-           "PRECISIONS"]
+           "PRECISIONS", "epoch_line"]
 
 METHODS = ("zeroshot", "coop", "prograd")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,7 +27,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class TrainConfig:
-    """Options of one run (CoOp's defaults for the optimiser and schedule)."""
+    """Options of one run (CoOp's defaults for the optimiser and schedule).  ``eval_every``:
+    evaluate every N epochs; 0 (the default, as CoOp) evaluates after the last epoch only."""
 
     method: str = "prograd"
     epochs: int = 10
@@ -45,7 +47,7 @@ class TrainConfig:
     seed: int = 1
     num_workers: int = 0
     log_every: int = 20
-    eval_every: int = 1
+    eval_every: int = 0
     output_dir: str | None = None
     progress: bool = True
     drop_last: bool = False
@@ -60,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.inputs not in ("images", "features"):
             raise ValueError(f"inputs must be 'images' or 'features', got {self.inputs!r}")
 
@@ -117,7 +121,10 @@ def transfer_context(model: PromptedCLIP, classnames: Sequence[str], templates=N
 
 
 class Trainer:
-    """Trains ``model``'s prompt on ``train_set`` and evaluates on ``eval_set`` every epoch.
+    """Trains ``model``'s prompt on ``train_set`` and evaluates it on ``eval_set`` after the
+    last epoch (and every ``eval_every`` epochs).  With a ``val_set`` the periodic
+    evaluations use it (``val_acc``) and ``eval_set`` is tested after the last epoch only.
+    ``log`` (e.g. ``print``) gets one line per epoch (:func:`epoch_line`).
 
     Writes to ``config.output_dir``: ``log.json`` and ``log.csv`` (one row per epoch:
     lr, cross-entropy, KL, conflict rate, accuracy), ``curves.png``, and
@@ -134,8 +141,10 @@ class Trainer:
     """
 
     def __init__(self, model: PromptedCLIP, train_set: Dataset, eval_set: Dataset | None,
-                 config: TrainConfig, device: torch.device | str = "cpu") -> None:
+                 config: TrainConfig, device: torch.device | str = "cpu", *,
+                 val_set: Dataset | None = None, log: Callable[[str], None] | None = None) -> None:
         self.model, self.config = model, config
+        self.log = log
         self.device = torch.device(device)
         self.model.to(self.device)
         self._shuffle = torch.Generator().manual_seed(config.seed)
@@ -145,6 +154,10 @@ class Trainer:
             eval_set = Subset(eval_set, range(self.rank, len(eval_set), self.world))
         self.eval_loader = (DataLoader(eval_set, batch_size=max(config.batch_size, 100),
                                        num_workers=config.num_workers) if eval_set is not None else None)
+        if val_set is not None and self.world > 1:
+            val_set = Subset(val_set, range(self.rank, len(val_set), self.world))
+        self.val_loader = (DataLoader(val_set, batch_size=max(config.batch_size, 100),
+                                      num_workers=config.num_workers) if val_set is not None else None)
         lam = config.lam if config.method == "prograd" else 0.0
         self.optimizer = build_optimizer(model, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay, lam=lam,
@@ -207,10 +220,12 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------- loop
-    def evaluate(self, zeroshot: bool = False) -> float | None:
-        if self.eval_loader is None:
+    def evaluate(self, zeroshot: bool = False, val: bool = False) -> float | None:
+        """Accuracy (%) on the test set, or on the validation set with ``val=True``."""
+        loader = self.val_loader if val else self.eval_loader
+        if loader is None:
             return None
-        counts = correct_counts(self.model, self.eval_loader, self.device, zeroshot, self.autocast)
+        counts = correct_counts(self.model, loader, self.device, zeroshot, self.autocast)
         correct, total = parallel.all_reduce_sum(counts).tolist()
         return 100.0 * correct / max(total, 1)
 
@@ -282,12 +297,21 @@ class Trainer:
             return self.history
         while self.epoch < cfg.epochs and (stop_after is None or done < stop_after):
             done += 1
+            start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             row = {"epoch": self.epoch + 1, "lr": lr, **self._epoch()}
             self.scheduler.step()
             self.epoch += 1
             last = self.epoch == cfg.epochs
-            row["acc"] = self.evaluate() if (last or self.epoch % cfg.eval_every == 0) else None
+            due = cfg.eval_every > 0 and self.epoch % cfg.eval_every == 0
+            if self.val_loader is not None:
+                row["val_acc"] = self.evaluate(val=True) if (last or due) else None
+                row["acc"] = self.evaluate() if last else None
+            else:
+                row["acc"] = self.evaluate() if (last or due) else None
+            # the time is printed, not logged: a resumed run's log equals an uninterrupted one's
+            if self.log is not None and self.rank == 0:
+                self.log(epoch_line(row, cfg.epochs, time.perf_counter() - start))
             self.history.append(row)
             self.save()
             self._write()
@@ -298,7 +322,7 @@ class Trainer:
             return
         atomic_write_json(self.out / "log.json", {"config": asdict(self.config),
                                                    "history": self.history})
-        keys = ["epoch", "lr", "ce", "kl", "conflict_rate", "acc"]
+        keys = ["epoch", "lr", "ce", "kl", "conflict_rate", "acc", "val_acc"]
 
         def write_csv(tmp):
             with open(tmp, "w", newline="") as f:
@@ -311,6 +335,21 @@ class Trainer:
         if self.config.plot and importlib.util.find_spec("matplotlib") is not None:
             atomic_write(self.out / "curves.png",
                          lambda tmp: plot_history(self.history, Path(tmp), title=self.config.method))
+
+
+def epoch_line(row: dict, epochs: int, seconds: float | None = None) -> str:
+    """The terminal's one line for an epoch: losses, conflict rate, lr, time, accuracy."""
+    parts = [f"epoch {row['epoch']}/{epochs}: CE loss {row['ce']:.4f}", f"KL {row['kl']:.4f}"]
+    if row.get("conflict_rate") is not None:
+        parts.append(f"conflicts {100 * row['conflict_rate']:.1f}%")
+    parts.append(f"lr {row['lr']:.3g}")
+    if seconds is not None:
+        parts.append(f"{seconds:.1f} s")
+    if row.get("val_acc") is not None:
+        parts.append(f"val acc {row['val_acc']:.2f}%")
+    if row.get("acc") is not None:
+        parts.append(f"test acc {row['acc']:.2f}%")
+    return ", ".join(parts)
 
 
 def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
@@ -329,13 +368,15 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, keys, name in ((axes[0], ["acc"], "accuracy (%)"), (axes[1], ["ce", "kl"], "loss"),
+    for ax, keys, name in ((axes[0], ["acc", "val_acc"], "accuracy (%)"), (axes[1], ["ce", "kl"], "loss"),
                            (axes[2], ["conflict_rate"], "conflict rate")):
         for k in keys:
             x, y = series(k)
             ax.plot(x, y, marker="o", ms=3, label=k)
         ax.set_xlabel("epoch")
         ax.set_title(name)
+        if name == "accuracy (%)":
+            ax.set_ylim(0, 100)  # the whole scale: a zoomed axis makes small gaps look large
         if len(keys) > 1:
             ax.legend()
     fig.suptitle(title)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-
-from .config import METHODS, PROTOCOLS
+from ..cli_help import PLOT_NEEDS, PRETRAINED_HELP, HelpFormatter, default_workers
+from .config import DEFAULT_SETTING, METHODS, PROTOCOLS, SETTING_MODELS, SETTINGS
 
 __all__ = ["add_protocol_parser", "cmd_protocol"]
 
@@ -14,46 +13,76 @@ def add_protocol_parser(sub) -> None:
     p = sub.add_parser(
         "protocol", help="reproduce a paper table: base2new | fewshot | xd | dg over data sets, "
         "methods, shots and seeds (resumable; Markdown/CSV/JSON/PNG)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Runs the whole grid of a CoOp/ProGrad protocol on the data sets of CoOp's "
         "DATASETS.md under --root, skipping finished runs and resuming killed ones, and writes "
         "<output-dir>/<protocol>.{md,csv,json,png}. Settings follow the official configs "
-        "(docs/protocols.md). Multi-GPU: torchrun --nproc_per_node N -m prograd_fast.cli protocol ...")
-    p.add_argument("protocol", choices=PROTOCOLS)
+        "of --setting (docs/protocols.md); the table's caption lists every setting that differs "
+        "from them. Multi-GPU: torchrun --nproc_per_node N -m prograd_fast.cli protocol ...")
+    p.add_argument("protocol", choices=PROTOCOLS,
+                   help="base2new (train on base classes, test base and new), fewshot (1-16 "
+                        "shots on all classes), xd (ImageNet to 10 data sets), dg (ImageNet to "
+                        "its 4 shifted variants)")
+    p.add_argument("--setting", choices=SETTINGS, default=DEFAULT_SETTING,
+                   help="official configs to follow: prograd (ProGrad's code: RN50, 4 shots for "
+                        "base2new/xd/dg, its zero-shot templates) or cocoop (the base-to-new "
+                        "tables of CoCoOp, KgCoOp, MaPLe: ViT-B/16, 16 shots, their schedules)")
     p.add_argument("--root", required=True, help="data root holding CoOp's data set folders")
     p.add_argument("--datasets", nargs="+", default=None,
                    help="data sets by CoOp config name (default: the paper's: the 11 for "
                         "fewshot/base2new, the targets for xd/dg)")
     p.add_argument("--source", default="imagenet", help="xd / dg: the training data set")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                   help="seeds of the few-shot draws and context initialisations")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="zero-shot CLIP, CoOp, ProGrad")
     p.add_argument("--shots", type=int, nargs="+", default=None,
-                   help="default: 1 2 4 8 16 for fewshot, 4 for base2new / xd / dg (official scripts)")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model name or a JSON model config")
-    p.add_argument("--pretrained", default="openai",
-                   help="open_clip pretrained tag or a state-dict file; 'none' for random weights")
-    p.add_argument("--output-dir", default="protocol_runs")
+                   help="training images per class (default: the setting's: 1 2 4 8 16 for "
+                        "fewshot; 4 (prograd) or 16 (cocoop) for base2new / xd / dg)")
+    p.add_argument("--model", default=None,
+                   help="open_clip model name or a JSON model config (default: the setting's: "
+                        + ", ".join(f"{m} for {s}" for s, m in SETTING_MODELS.items()) + ")")
+    p.add_argument("--pretrained", default="openai", help=PRETRAINED_HELP)
+    p.add_argument("--output-dir", default="protocol_runs",
+                   help="where runs, features and tables go")
     p.add_argument("--cache-dir", default=None,
                    help="image feature cache (default: <output-dir>/features); keyed by content")
     p.add_argument("--cache-train-features", action="store_true",
                    help="also train on cached features (test transform, NO augmentation: "
                         "changes CoOp's training semantics; much faster)")
-    p.add_argument("--epochs", type=int, default=None, help="override the official epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="override 32")
-    p.add_argument("--lr", type=float, default=None, help="override 0.002")
-    p.add_argument("--lam", type=float, default=None, help="override ProGrad's lambda")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--device", default=None, help="default: cuda if available (cuda:LOCAL_RANK "
-                   "under torchrun) else cpu")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: the official ones per data set and shots)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 32)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.002)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="ProGrad's lambda (default: the official one, 1.0 or 0.8)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast dtype (the official code runs CLIP in fp16)")
+    p.add_argument("--n-ctx", type=int, default=None,
+                   help="ablation: context length of the trained methods (default: 16; 4 for "
+                        "CoOp in the cocoop setting)")
+    p.add_argument("--ctx-init", default=None,
+                   help="ablation: initial context words, or 'none' for a random context "
+                        "(default: the method's: random for CoOp, the data set's template for "
+                        "ProGrad, 'a photo of a' for CoOp in the cocoop setting)")
+    p.add_argument("--csc", action="store_true",
+                   help="ablation: one context per class (fewshot only: it cannot be tested on "
+                        "other classes)")
+    p.add_argument("--class-token-position", choices=["end", "middle", "front"], default=None,
+                   help="ablation: where the class name goes (default: end)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if "
+                   "available, cuda:LOCAL_RANK under torchrun, else cpu)")
+    p.add_argument("--num-workers", type=int, default=default_workers(4),
+                   help="data-loader worker processes (at most the available cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def cmd_protocol(args) -> int:
     from ..cli import CLIError
     from ..datasets import DatasetError
-    from .config import ProtocolError
+    from .config import PromptOverrides, ProtocolError
     from .grid import GridOptions, GridRunner
+    from .meta import grid_meta
     from .tables import write_outputs
 
     pretrained = None if (args.pretrained or "").lower() in ("", "none") else args.pretrained
@@ -64,7 +93,9 @@ def cmd_protocol(args) -> int:
                        batch_size=args.batch_size, lr=args.lr, lam=args.lam,
                        precision=args.precision, device=args.device, num_workers=args.num_workers,
                        cache_train_features=args.cache_train_features,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, setting=args.setting,
+                       prompt=PromptOverrides(args.n_ctx, args.ctx_init, args.csc,
+                                              args.class_token_position))
     try:
         runner = GridRunner(opts)
         results = runner.run()
@@ -73,9 +104,9 @@ def cmd_protocol(args) -> int:
     from ..clip import parallel
 
     if parallel.is_main():
-        meta = {"model": args.model + (f"/{pretrained}" if pretrained else ""),
-                "seeds": " ".join(map(str, args.seeds)), "processes": parallel.world_size()}
+        meta = grid_meta(opts, parallel.world_size())
         paths = write_outputs(args.protocol, results, args.output_dir, meta)
         print((paths["md"]).read_text())
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        print("wrote " + ", ".join(str(p) for p in paths.values())
+              + ("" if "png" in paths else f" ({PLOT_NEEDS})"))
     return 0

@@ -16,10 +16,23 @@ rn50{,_ep100,_ep50}.yaml``, ``scripts/{main,prograd,base2new_*,eval}.sh`` and it
   ImageNet-V2, -Sketch, -A and -R with their own class names.
 * ImageNet always trains for 50 epochs (``rn50_ep50``, as the README says for base-to-new
   and ``eval.sh`` for xd / dg; CoOp's few-shot ImageNet runs used 50 as well).
-* methods: ``zeroshot`` (CoOp's ZeroshotCLIP: CoOp's hand-crafted template per data set, no
+* methods: ``zeroshot`` (ZeroshotCLIP: the hand-crafted template per data set, no
   training), ``coop`` (random N(0, 0.02) context), ``prograd`` (context initialised from the
   data set's ProGrad template, right-aligned in 16 tokens -- ``CTX_INIT: True`` -- and that
   template as the zero-shot teacher, T = 1).
+
+Two *settings* (``--setting``), each the official configs of one family of papers:
+
+* ``prograd`` (the default): the official ProGrad code above -- RN50, 4 shots for
+  base2new / xd / dg, and ProGrad's own zero-shot templates (its ``zsclip.py``: they differ
+  from CoOp's on OxfordPets, Flowers102 and Food101).
+* ``cocoop``: the base-to-new and cross-data-set tables of CoCoOp, KgCoOp and MaPLe --
+  ViT-B/16, 16 shots, CoOp's templates for zero-shot CLIP, and per method the schedule those
+  repositories use: CoOp as CoCoOp's scripts run it (``CoOp/vit_b16_ctxv1``: 200 epochs, 50
+  on ImageNet, context initialised from "a photo of a", 4 tokens); ProGrad with the
+  ViT-B/16 config of the ProGrad-derived KgCoOp code (``vit_b16_ep100_ctxv1``: 100 epochs,
+  ``CTX_INIT: True``), keeping ProGrad's 16-token template context.  ``fewshot`` keeps
+  CoOp's per-shot schedule in both settings.
 """
 
 from __future__ import annotations
@@ -29,7 +42,9 @@ from dataclasses import asdict, dataclass
 from ..datasets.registry import FEWSHOT_DATASETS, IMAGENET_SHIFTS
 
 __all__ = ["ProtocolError", "PROTOCOLS", "METHODS", "DEFAULT_SHOTS", "SOURCE", "Schedule",
-           "official_schedule", "default_datasets", "method_prompt", "N_CTX"]
+           "official_schedule", "default_datasets", "method_prompt", "N_CTX", "SETTINGS",
+           "DEFAULT_SETTING", "SETTING_MODELS", "OFFICIAL_PRECISION", "default_shots",
+           "PromptOverrides"]
 
 PROTOCOLS = ("base2new", "fewshot", "xd", "dg")
 
@@ -43,6 +58,44 @@ DEFAULT_SHOTS = {"fewshot": (1, 2, 4, 8, 16), "base2new": (4,), "xd": (4,), "dg"
 SOURCE = "imagenet"  # the training set of xd and dg
 N_CTX = 16
 LAMBDA_08 = ("oxford_flowers", "dtd", "eurosat")
+SETTINGS = ("prograd", "cocoop")
+DEFAULT_SETTING = "prograd"
+SETTING_MODELS = {"prograd": "RN50", "cocoop": "ViT-B-16"}  # open_clip names of the backbones
+COCOOP_SHOTS = 16
+COCOOP_COOP_INIT = "a photo of a"  # CoOp/vit_b16_ctxv1's CTX_INIT
+OFFICIAL_PRECISION = "fp16"  # TRAINER.COOP.PREC of every official config
+
+
+def _check_setting(setting: str) -> None:
+    if setting not in SETTINGS:
+        raise ProtocolError(f"unknown setting {setting!r}: use one of {', '.join(SETTINGS)}")
+
+
+def default_shots(protocol: str, setting: str = DEFAULT_SETTING) -> tuple[int, ...]:
+    """The shots of a protocol's table in a setting (16 for CoCoOp's base2new / xd / dg)."""
+    _check_setting(setting)
+    if setting == "cocoop" and protocol != "fewshot":
+        return (COCOOP_SHOTS,)
+    return DEFAULT_SHOTS[protocol]
+
+
+@dataclass(frozen=True)
+class PromptOverrides:
+    """Ablations of the trained methods' prompt (``None``: the method's own).  ``ctx_init``
+    ``"none"`` starts from a random context."""
+
+    n_ctx: int | None = None
+    ctx_init: str | None = None
+    csc: bool = False
+    class_token_position: str | None = None
+
+    def active(self) -> dict:
+        """The overrides given, by their option names."""
+        out = {"n-ctx": self.n_ctx, "ctx-init": self.ctx_init,
+               "csc": True if self.csc else None,
+               "class-token-position": (self.class_token_position
+                                        if self.class_token_position != "end" else None)}
+        return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -63,10 +116,18 @@ class Schedule:
         return asdict(self)
 
 
-def official_schedule(protocol: str, dataset: str, shots: int, method: str) -> Schedule:
-    """The settings the official configs and scripts use for this run."""
+def official_schedule(protocol: str, dataset: str, shots: int, method: str,
+                      setting: str = DEFAULT_SETTING) -> Schedule:
+    """The settings the official configs and scripts of ``setting`` use for this run."""
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {PROTOCOLS}")
+    _check_setting(setting)
+    if setting == "cocoop" and protocol != "fewshot":
+        if method == "prograd":
+            epochs = 100  # KgCoOp's vit_b16_ep100_ctxv1, ImageNet included
+        else:
+            epochs = 50 if dataset == "imagenet" else 200  # CoOp/vit_b16{_ep50,}_ctxv1
+        return Schedule(epochs=epochs, lam=1.0 if method == "prograd" else 0.0)
     if dataset == "imagenet":
         epochs = 50
     elif protocol == "fewshot":
@@ -87,17 +148,40 @@ def default_datasets(protocol: str, source: str = SOURCE) -> tuple[str, ...]:
     return IMAGENET_SHIFTS
 
 
-def method_prompt(method: str, dassl_name: str) -> dict:
-    """Prompt and teacher settings of a method on a data set (keys of ``PromptedCLIP``)."""
+def method_prompt(method: str, dassl_name: str, setting: str = DEFAULT_SETTING,
+                  overrides: PromptOverrides | None = None) -> dict:
+    """Prompt and teacher settings of a method on a data set in a setting, with the
+    ablation ``overrides`` of the trained methods (keys of ``PromptedCLIP``)."""
     from ..clip.teacher import get_templates
 
-    if method == "zeroshot":
-        return {"templates": dassl_name, "template_set": "coop", "n_ctx": N_CTX}
+    _check_setting(setting)
+    if method == "zeroshot":  # each family's zero-shot CLIP uses its own code's templates
+        return {"templates": dassl_name, "n_ctx": N_CTX,
+                "template_set": "prograd" if setting == "prograd" else "coop"}
     if method == "coop":
-        return {"templates": dassl_name, "template_set": "coop", "n_ctx": N_CTX}
-    if method == "prograd":
+        out = {"templates": dassl_name, "template_set": "coop", "n_ctx": N_CTX}
+        if setting == "cocoop":
+            out["ctx_init"] = COCOOP_COOP_INIT
+    elif method == "prograd":
         template = get_templates(dassl_name, "prograd")[0]
-        return {"templates": dassl_name, "template_set": "prograd", "n_ctx": N_CTX,
-                "ctx_init": template.replace(" {}.", "").replace("_", " "),
-                "ctx_init_mode": "prograd"}
-    raise ProtocolError(f"unknown method {method!r}: use one of {METHODS}")
+        out = {"templates": dassl_name, "template_set": "prograd", "n_ctx": N_CTX,
+               "ctx_init": template.replace(" {}.", "").replace("_", " "),
+               "ctx_init_mode": "prograd"}
+    else:
+        raise ProtocolError(f"unknown method {method!r}: use one of {METHODS}")
+    o = overrides or PromptOverrides()
+    if o.n_ctx is not None:
+        out["n_ctx"] = o.n_ctx
+        if out.get("ctx_init_mode", "coop") == "coop" and o.ctx_init is None:
+            out.pop("ctx_init", None)  # CoOp-style init words would fix the length
+    if o.ctx_init is not None:
+        if o.ctx_init.strip().lower() in ("", "none"):
+            out.pop("ctx_init", None)
+            out.pop("ctx_init_mode", None)
+        else:
+            out["ctx_init"] = o.ctx_init
+    if o.csc:
+        out["class_specific"] = True
+    if o.class_token_position is not None:
+        out["class_token_position"] = o.class_token_position
+    return out

@@ -39,8 +39,9 @@ from ..clip.data import ImageDataset, Split, coop_transforms, few_shot_shortfall
 from ..clip.trainer import PRECISIONS, TrainConfig, Trainer, correct_counts, transfer_context
 from ..datasets import dataset_folder, few_shot_train, get_spec, read_dataset
 from ..datasets.registry import DatasetError
-from .config import (DEFAULT_SHOTS, METHODS, PROTOCOLS, SOURCE, ProtocolError, Schedule,
-                     default_datasets, method_prompt, official_schedule)
+from .config import (DEFAULT_SETTING, METHODS, PROTOCOLS, SETTING_MODELS, SOURCE,
+                     PromptOverrides, ProtocolError, Schedule, default_datasets, default_shots,
+                     method_prompt, official_schedule)
 from .features import FeatureCache, model_fingerprint
 from .records import check_result, move_aside, seal, why_redone
 
@@ -82,7 +83,7 @@ class GridOptions:
     methods: Sequence[str] = METHODS
     shots: Sequence[int] | None = None
     source: str = SOURCE
-    model: str = "ViT-B-16"
+    model: str | None = None  # None: the setting's backbone
     pretrained: str | None = "openai"
     output_dir: str = "protocol_runs"
     cache_dir: str | None = None
@@ -96,10 +97,17 @@ class GridOptions:
     cache_train_features: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    setting: str = DEFAULT_SETTING
+    prompt: PromptOverrides = field(default_factory=PromptOverrides)
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = SETTING_MODELS.get(self.setting, SETTING_MODELS[DEFAULT_SETTING])
 
 
 def plan(protocol: str, datasets: Sequence[str] | None, methods: Sequence[str],
-         shots: Sequence[int] | None, seeds: Sequence[int], source: str = SOURCE) -> list[Run]:
+         shots: Sequence[int] | None, seeds: Sequence[int], source: str = SOURCE,
+         setting: str = DEFAULT_SETTING) -> list[Run]:
     """The runs of a protocol's grid, data set by data set (their test features stay hot)."""
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -108,7 +116,7 @@ def plan(protocol: str, datasets: Sequence[str] | None, methods: Sequence[str],
         raise ProtocolError(f"unknown method(s) {bad}: use {', '.join(METHODS)}")
     # a repeated value is one run (a table must not average a run with itself)
     methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(seeds))
-    shots = list(dict.fromkeys(shots or DEFAULT_SHOTS[protocol]))
+    shots = list(dict.fromkeys(shots or default_shots(protocol, setting)))
     if any(k < 1 for k in shots) or not seeds:
         raise ProtocolError("shots must be >= 1 and at least one seed is needed")
     if protocol != "fewshot" and len(shots) != 1:
@@ -148,9 +156,13 @@ def _check_options(opts: GridOptions) -> None:
     bad = range_error((("--epochs", opts.epochs, AT_LEAST_0),
                        ("--batch-size", opts.batch_size, AT_LEAST_1),
                        ("--lr", opts.lr, POSITIVE), ("--lam", opts.lam, UNIT),
-                       ("--num-workers", opts.num_workers, AT_LEAST_0)))
+                       ("--num-workers", opts.num_workers, AT_LEAST_0),
+                       ("--n-ctx", opts.prompt.n_ctx, AT_LEAST_1)))
     if bad:
         raise ProtocolError(bad)
+    if opts.prompt.csc and opts.protocol != "fewshot":
+        raise ProtocolError(f"--csc: a class-specific context cannot be tested on other classes "
+                            f"({opts.protocol} does): use it with fewshot")
     from ..runs import RunFolderError, check_writable
 
     try:
@@ -175,7 +187,7 @@ class GridRunner:
         self._fewshot: dict[tuple[str, int, int], tuple] = {}
         self._warned: set[tuple[str, int]] = set()  # (data set, shots) with too few images
         self.runs = plan(opts.protocol, opts.datasets, opts.methods, opts.shots, opts.seeds,
-                         opts.source)
+                         opts.source, opts.setting)
         for name in {r.dataset for r in self.runs} | {t.split("/")[0] for r in self.runs
                                                       for t in r.tests}:
             self._split(name)  # every data set is checked before the first run
@@ -261,7 +273,8 @@ class GridRunner:
 
     # ------------------------------------------------------------------ settings
     def schedule(self, run: Run) -> Schedule:
-        s = official_schedule(self.opts.protocol, run.dataset, run.shots, run.method)
+        s = official_schedule(self.opts.protocol, run.dataset, run.shots, run.method,
+                              self.opts.setting)
         o = self.opts
         over = {k: v for k, v in (("epochs", o.epochs), ("batch_size", o.batch_size), ("lr", o.lr))
                 if v is not None}
@@ -269,11 +282,15 @@ class GridRunner:
             over["lam"] = o.lam
         return Schedule(**{**s.as_dict(), **over})
 
+    def prompt(self, method: str, dassl_name: str) -> dict:
+        """The method's prompt in this grid's setting, with the ablation overrides."""
+        return method_prompt(method, dassl_name, self.opts.setting, self.opts.prompt)
+
     def settings(self, run: Run) -> dict:
         spec = get_spec(run.dataset)
         out = {"format": RUN_FORMAT, "dataset": run.dataset, "classes": run.classes,
                "method": run.method, "model": self.opts.model, "pretrained": self.opts.pretrained,
-               "model_sha256": self.model_fp, "prompt": method_prompt(run.method, spec.dassl),
+               "model_sha256": self.model_fp, "prompt": self.prompt(run.method, spec.dassl),
                "precision": self.opts.precision}
         if run.trained:  # the few-shot images (drawn or a cached pickle's) are part of the run
             out.update(shots=run.shots, seed=run.seed, schedule=self.schedule(run).as_dict(),
@@ -320,8 +337,11 @@ class GridRunner:
         items, source, _ = self._few_shot(run)
         split = subsample_classes(Split(items, [], [], full.classnames), run.classes)
         torch.manual_seed(run.seed)  # the random context (CoOp) depends on the seed only
-        model = PromptedCLIP(self.clip, split.classnames, tokenizer=self.tokenizer,
-                             **method_prompt(run.method, spec.dassl))
+        try:  # an ablation's prompt that cannot be built (too long, too short for its words)
+            model = PromptedCLIP(self.clip, split.classnames, tokenizer=self.tokenizer,
+                                 **self.prompt(run.method, spec.dassl))
+        except ValueError as exc:
+            raise ProtocolError(f"{run.title()}: {exc}") from None
         s = self.schedule(run)
         if self.opts.cache_train_features:
             feats, labels = self.cache.get(self.clip, split.train, self.test_tf)
@@ -366,7 +386,7 @@ class GridRunner:
         remap = torch.full((n,), -1, dtype=torch.long)
         remap[keep] = torch.arange(len(keep))
         classnames = [full.classnames[i] for i in keep.tolist()]
-        prompt = method_prompt(run.method, spec.dassl)
+        prompt = self.prompt(run.method, spec.dassl)
         if model is None:  # zero-shot: CoOp's template of the tested data set
             torch.manual_seed(0)
             tested = PromptedCLIP(self.clip, classnames, tokenizer=self.tokenizer, **prompt)
@@ -432,12 +452,15 @@ class GridRunner:
                  f"process(es), output {self.out}")
         results = []
         bar = tqdm(self.runs, desc=o.protocol, disable=not o.progress or not parallel.is_main())
+        # lines go above the bar, which stays at the bottom and is left behind at the end
+        say = (lambda msg: tqdm.write(str(msg))) if not bar.disable and self.log is print else self.log
         for i, run in enumerate(bar):
             bar.set_postfix_str(run.title())
             res = self.execute(run)
             results.append((run, res))
             accs = ", ".join(f"{t} {res['tests'][t]:.2f}" for t in run.tests)
-            self.log(f"[{i + 1}/{len(self.runs)}] {run.title()}: {accs}")
+            say(f"[{i + 1}/{len(self.runs)}] {run.title()}: {accs}")
+        bar.close()
         self.log(f"trained {self.trained} run(s); image features: {self.cache.misses} computed, "
                  f"{self.cache.hits} from the cache")
         return results

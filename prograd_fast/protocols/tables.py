@@ -166,7 +166,9 @@ def _num(x) -> str:
 
 
 def plot(table: dict, path: Path) -> bool:
-    """Few-shot curves per data set, or grouped bars (base / new / H; source / targets)."""
+    """Few-shot curves per data set, or grouped bars (base / new / H; source / targets), with
+    the standard deviation over seeds as error bars, accuracy axes from 0 to 100 and the
+    legend above the panels; False without matplotlib."""
     try:
         import matplotlib
 
@@ -174,6 +176,19 @@ def plot(table: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    fig = figure(table)
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return True
+
+
+def figure(table: dict):
+    """The matplotlib figure of :func:`plot`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows, cols, protocol = table["rows"], table["columns"], table["protocol"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
@@ -189,18 +204,19 @@ def plot(table: dict, path: Path) -> bool:
                 pts = [(xs[c], r["cells"][c]) for c in cols if c in r["cells"]]
                 if m == "zeroshot":
                     for _, cell in pts:
-                        ax.plot([0], [cell["mean"]], "*", ms=12, label=METHOD_TITLES[m])
+                        ax.errorbar([0], [cell["mean"]], yerr=[_err(cell)], fmt="*", ms=12,
+                                    capsize=2, label=METHOD_TITLES[m])
                     continue
                 ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts],
-                            yerr=[p[1]["std"] or 0 for p in pts], marker="o", ms=3, capsize=2,
+                            yerr=[_err(p[1]) for p in pts], marker="o", ms=3, capsize=2,
                             label=METHOD_TITLES.get(m, m))
             ax.set_xticks(list(xs.values()), list(xs))
             ax.set_title(d)
             ax.set_xlabel("shots per class")
             ax.set_ylabel("accuracy (%)")
+            ax.set_ylim(0, 100)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
     else:
         panels = cols if protocol == "base2new" else ["_all"]
         width_in = max(6, 0.9 * len(datasets) * len(panels))
@@ -209,25 +225,45 @@ def plot(table: dict, path: Path) -> bool:
         width = 0.8 / len(methods)
         for ax, panel in zip(axes.flat, panels):
             for j, m in enumerate(methods):
-                vals = []
+                vals, errs = [], []
                 for g in groups:
                     if protocol == "base2new":
                         r = next(r for r in rows if r["dataset"] == g and r["method"] == m)
-                        vals.append(r["cells"][panel]["mean"])
+                        cell = r["cells"][panel]
                     else:
                         r = next(r for r in rows if r["method"] == m)
-                        vals.append(r["cells"][g]["mean"] or 0.0)
+                        cell = r["cells"][g]
+                    vals.append(cell["mean"] or 0.0)
+                    errs.append(_err(cell))
                 ax.bar([i + j * width for i in range(len(groups))], vals, width,
+                       yerr=errs if any(errs) else None, capsize=2,
                        label=METHOD_TITLES.get(m, m))
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups, rotation=45,
                           ha="right", fontsize=7)
             ax.set_title({"base": "Base", "new": "New", "H": "H"}.get(panel, protocol))
             ax.set_ylabel("accuracy (%)")
-        axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-    return True
+            ax.set_ylim(0, 100)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the legend
+    return fig
+
+
+def _caption(protocol: str, meta: dict) -> str:
+    """``**protocol** (key value, ...; differs from the official configs: ...)``."""
+    parts = [f"{k} {v}" for k, v in meta.items() if not isinstance(v, dict)]
+    text = f"**{protocol}** ({', '.join(parts)}"
+    for k, v in meta.items():
+        if isinstance(v, dict) and v:
+            text += f"; {k}: " + "; ".join(f"{name} {what}" for name, what in v.items())
+    return text + ")"
+
+
+def _err(cell: dict | None) -> float:
+    """The error bar of a cell: its standard deviation over seeds, 0 with one seed."""
+    if not cell or cell.get("std") is None or cell.get("n", 1) < 2:
+        return 0.0
+    return cell["std"]
 
 
 def write_outputs(protocol: str, results, out_dir: str | Path, meta: dict | None = None) -> dict:
@@ -235,7 +271,7 @@ def write_outputs(protocol: str, results, out_dir: str | Path, meta: dict | None
     atomically); returns the paths."""
     out = Path(out_dir)
     table = build_table(protocol, results)
-    caption = f"**{protocol}** ({', '.join(f'{k} {v}' for k, v in (meta or {}).items())})"
+    caption = _caption(protocol, meta or {})
     paths = {"md": out / f"{protocol}.md", "csv": out / f"{protocol}.csv",
              "json": out / f"{protocol}.json", "png": out / f"{protocol}.png"}
     atomic_write_text(paths["md"], to_markdown(table, caption))
