@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["Item", "Split", "load_image_folder", "load_coop_split", "load_dataset",
-           "few_shot", "subsample_classes", "ImageDataset", "coop_transforms"]
+           "few_shot", "few_shot_shortfall", "subsample_classes", "ImageDataset", "coop_transforms"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,6 +62,12 @@ def load_image_folder(root: str | Path) -> Split:
     if not classnames:
         raise ValueError(f"{train_dir} has no class folders")
     train = _folder_items(train_dir, classnames)
+    have = {it.label for it in train}
+    empty = [c for i, c in enumerate(classnames) if i not in have]
+    if empty:  # it would be a class no image teaches and no test can hit
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise ValueError(f"{train_dir / empty[0]}: empty class folder{more}: no image files; "
+                         f"add images or remove the folder")
     val = _folder_items(root / "val", classnames) if (root / "val").is_dir() else []
     test = _folder_items(root / "test", classnames) if (root / "test").is_dir() else []
     if not val and not test:
@@ -74,6 +80,7 @@ def load_coop_split(split_json: str | Path, image_dir: str | Path | None = None)
     relative to ``image_dir``, by default the JSON's folder or its ``images/`` sibling)."""
     split_json = Path(split_json)
     data = json.loads(split_json.read_text())
+    given = image_dir is not None
     if image_dir is None:
         image_dir = split_json.parent / "images"
         if not image_dir.is_dir():
@@ -97,21 +104,33 @@ def load_coop_split(split_json: str | Path, image_dir: str | Path | None = None)
         raise ValueError(f"{split_json} has no train items")
     if sorted(names) != list(range(len(names))):
         raise ValueError(f"{split_json}: labels must be 0..{len(names) - 1}")
+    first = parts["train"][0].path
+    if not Path(first).exists():  # say where the images were looked for
+        rel = data["train"][0][0]
+        looked = (str(image_dir) if given else
+                  f"{split_json.parent / 'images'} and {split_json.parent}")
+        raise FileNotFoundError(
+            f"{split_json}: its first image {rel!r} is not in {looked}"
+            + (" (the image root given)" if given else
+               "; --image-root DIR names the folder the split's image paths start from"))
     val = parts["val"] or parts["test"]
     return Split(parts["train"], val, parts["test"] or val, [names[i] for i in range(len(names))])
 
 
-def load_dataset(root: str | Path) -> Split:
+def load_dataset(root: str | Path, image_dir: str | Path | None = None) -> Split:
     """An ImageFolder root (has ``train/``), a CoOp split JSON file, or a folder holding one
-    (``split_*.json``)."""
+    (``split_*.json``); ``image_dir``: a split's image folder (see :func:`load_coop_split`)."""
     root = Path(root)
     if root.is_file() and root.suffix == ".json":
-        return load_coop_split(root)
+        return load_coop_split(root, image_dir)
     if (root / "train").is_dir():
+        if image_dir is not None:
+            raise ValueError(f"{root} is an ImageFolder root: an image folder is only for a "
+                             f"CoOp split JSON")
         return load_image_folder(root)
     splits = sorted(root.glob("split_*.json")) if root.is_dir() else []
     if len(splits) == 1:
-        return load_coop_split(splits[0])
+        return load_coop_split(splits[0], image_dir)
     raise FileNotFoundError(f"{root}: not an ImageFolder root (train/<class>/...) nor a CoOp "
                             f"split JSON (found {len(splits)} split_*.json)")
 
@@ -133,6 +152,23 @@ def few_shot(items: Sequence[Item], shots: int, seed: int) -> list[Item]:
     for group in by_label.values():
         out.extend(rng.sample(group, shots) if len(group) >= shots else group)
     return out
+
+
+def few_shot_shortfall(split: Split, shots: int) -> str | None:
+    """A one-line warning when some class of ``split.train`` has fewer than ``shots`` items
+    (:func:`few_shot` then takes all it has, as Dassl does), else None."""
+    if shots <= 0:
+        return None
+    counts = [0] * len(split.classnames)
+    for it in split.train:
+        counts[it.label] += 1
+    short = [i for i, n in enumerate(counts) if n < shots]
+    if not short:
+        return None
+    low = min(short, key=lambda i: counts[i])
+    return (f"--shots {shots}: {len(short)} of {len(counts)} classes have fewer training images "
+            f"(fewest: {split.classnames[low]!r} with {counts[low]}); they train on all they "
+            f"have, as Dassl's few-shot sampler does")
 
 
 def subsample_classes(split: Split, which: str) -> Split:
