@@ -14,6 +14,14 @@ Run: ``PROGRAD_BENCH_THREADS=1 pytest benchmarks/test_bench_host.py --benchmark-
   ``host=python``: the Python fallback (no compiler), no target.  Without a GPU the
   tensors are CPU tensors of the real shapes (Triton's interpreter mode selects the
   backend; nothing runs in it); with one, CUDA tensors.
+* ``test_host_path_alternating[<scenario>-<host>-<device>]``: the same step where the
+  general gradients come from a fresh ``autograd.grad`` every step (two sets of tensors
+  alternating: every step sees new addresses, nothing else changes).  With the helper
+  only the addresses are re-bound (the offset table's address rows); target
+  (``extra_info["target_ratio"]``): ``extra_info["paired_alternating_over_stable"]`` <= 1.5,
+  the alternating step against the stable-address one, the two alternated.  ``cpu``: CPU
+  tensors (Triton's interpreter selects the backend, launches stubbed); ``cuda``: CUDA
+  tensors, launches stubbed too (skipped without CUDA).
 * ``test_whole_step[coop-cpp]`` vs ``[coop-torch_fused_sgd]``: the cpp backend's whole CoOp
   step (store + step, kernel included) against ``torch.optim.SGD(fused=True).step()`` on
   the same shapes (no ProGrad).  Target: cpp no slower.  The cpp case also records a
@@ -60,12 +68,16 @@ def stubbed_launches(monkeypatch):
     monkeypatch.setattr(kernels.Launcher, "__call__", lambda self: None)
 
 
-def _host_path_step(shapes):
-    params, generals = _group(shapes, device=DEVICE)
+def _host_path_step(shapes, device=DEVICE, alternate=False):
+    params, generals = _group(shapes, device=device)
     opt = pf.ProGradSGD(params, backend="triton", **HYPER)
+    # alternate: two sets of general gradients in turn, as a fresh autograd.grad gives
+    sets = [generals, [g.clone() for g in generals]] if alternate else [generals, generals]
+    turn = [0]
 
     def step():
-        opt.store_general_grads(generals)
+        turn[0] ^= 1
+        opt.store_general_grads(sets[turn[0]])
         opt.step()
 
     for _ in range(3):  # plan built, buffers made, addresses bound
@@ -104,6 +116,36 @@ def test_host_path(benchmark, scenario, host, stubbed_launches, monkeypatch):
         benchmark.extra_info["paired_python_over_c"] = _paired(fallback,
                                                                _with_host(step, helper))
         _host._module = helper
+    benchmark(step)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("host", ["c", "python"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_host_path_alternating(benchmark, scenario, host, device, stubbed_launches,
+                               monkeypatch):
+    from prograd_fast import _host
+    from prograd_fast.backends import triton_backend
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if device == "cpu" and not triton_backend.BACKEND._k.INTERPRET:
+        pytest.skip("the triton backend runs CUDA tensors here (no interpreter)")
+    shapes, _ = SCENARIOS[scenario]
+    helper = _host.module()
+    if helper is None and host == "c":
+        pytest.skip("the C host helper cannot be built here")
+    helper = helper if host == "c" else None
+    monkeypatch.setattr(_host, "_module", helper)
+    step = _host_path_step(shapes, device, alternate=True)
+    stable = _host_path_step(shapes, device)
+    benchmark.group = "host path, alternating general-gradient addresses, launches stubbed"
+    benchmark.extra_info.update(kind="host_path_alternating", scenario=scenario,
+                                tensors=len(shapes), host=host, backend="triton",
+                                device=device, target_ratio=1.5)
+    benchmark.extra_info["paired_alternating_over_stable"] = _paired(
+        _with_host(step, helper), _with_host(stable, helper))
+    _host._module = helper
     benchmark(step)
 
 

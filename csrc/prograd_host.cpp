@@ -343,6 +343,62 @@ PyObject* fingerprint(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return out;
 }
 
+// address_rows(fp: bytes, old: bytes, element_size: int, rows: int, row: int,
+//              general_bit: int, aligned_bit: int) -> bool
+// The address part of the Triton backend's offset table, rewritten from a fingerprint
+// ``fp`` whose structure (every tensor's element count and the word of dtype, device and
+// flags) equals that of ``old``, the fingerprint the table was checked for: per tensor i, ``rows[i*row + k]`` (k < 4) = element offset of p, d, g, buf from the
+// first parameter (a missing one: 0), and ``rows[i*row + 7]`` = general_bit when a general
+// gradient is present | aligned_bit when all four addresses are 16-byte aligned (the
+// first-step bit cleared).  ``rows`` is the address of a CPU int64 buffer of at least
+// n * row entries, owned by the caller.  False, nothing written, when the structures
+// differ, or an address is not a whole number of elements away from the first parameter's
+// or not a multiple of the element size (the caller then runs its full check).
+PyObject* address_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 7 || !PyBytes_CheckExact(args[0]) || !PyBytes_CheckExact(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "address_rows(bytes, bytes, int, int, int, int, int)");
+    return nullptr;
+  }
+  const long long size = PyLong_AsLongLong(args[2]);
+  void* rows_ptr = PyLong_AsVoidPtr(args[3]);
+  const long long row = PyLong_AsLongLong(args[4]);
+  const long long general_bit = PyLong_AsLongLong(args[5]);
+  const long long aligned_bit = PyLong_AsLongLong(args[6]);
+  if (PyErr_Occurred()) return nullptr;
+  const Py_ssize_t bytes = PyBytes_GET_SIZE(args[0]);
+  if (size <= 0 || row < 8 || rows_ptr == nullptr || PyBytes_GET_SIZE(args[1]) != bytes ||
+      bytes % static_cast<Py_ssize_t>(kWords * sizeof(int64_t)) != 0 || bytes == 0) {
+    Py_RETURN_FALSE;
+  }
+  const auto* w = reinterpret_cast<const int64_t*>(PyBytes_AS_STRING(args[0]));
+  const auto* o = reinterpret_cast<const int64_t*>(PyBytes_AS_STRING(args[1]));
+  const Py_ssize_t n = bytes / static_cast<Py_ssize_t>(kWords * sizeof(int64_t));
+  const int64_t base = w[0];
+  for (Py_ssize_t i = 0; i < n; ++i) {  // check everything before writing anything
+    if (w[i * kWords + 4] != o[i * kWords + 4] || w[i * kWords + 5] != o[i * kWords + 5]) {
+      Py_RETURN_FALSE;
+    }
+    for (int k = 0; k < 4; ++k) {
+      const int64_t a = w[i * kWords + k] == 0 ? base : w[i * kWords + k];
+      if (a % size != 0 || (a - base) % size != 0) Py_RETURN_FALSE;
+    }
+  }
+  auto* rows = static_cast<int64_t*>(rows_ptr);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const int64_t* t = w + i * kWords;
+    int64_t* r = rows + i * row;
+    bool aligned = true;
+    for (int k = 0; k < 4; ++k) {
+      const int64_t a = t[k] == 0 ? base : t[k];
+      r[k] = (a - base) / size;
+      aligned = aligned && (a % 16 == 0);
+    }
+    const bool general = (static_cast<uint64_t>(t[5]) >> 32) & 1;
+    r[7] = (general ? general_bit : 0) | (aligned ? aligned_bit : 0);
+  }
+  Py_RETURN_TRUE;
+}
+
 PyMethodDef kMethods[] = {
     {"same_items", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_items)),
      METH_FASTCALL, "same_items(dict, keys, values) -> bool"},
@@ -354,6 +410,9 @@ PyMethodDef kMethods[] = {
      METH_FASTCALL, "gather(params, state_dicts, momentum, general_key, buffer_key)"},
     {"fingerprint", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fingerprint)),
      METH_FASTCALL, "fingerprint(params, grads, generals, buffers) -> bytes | None"},
+    {"address_rows", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(address_rows)),
+     METH_FASTCALL,
+     "address_rows(fp, old_fp, element_size, rows_ptr, row, general_bit, aligned_bit)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

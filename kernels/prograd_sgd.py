@@ -34,9 +34,9 @@ rather than raw addresses cast to pointers: the compiler's alignment analysis fo
 The table is rebuilt when an address or size changes -- including inside CUDA-graph
 capture, where the standard pattern (``zero_grad(set_to_none=True)``, then capture backward
 and step) gives ``.grad`` new addresses from the graph's pool.  The backend uploads it from
-pinned host memory owned by the group (no pageable copy, no sync); a table built during
-capture keeps its pinned source alive for as long as the group exists, because every replay
-repeats that copy (see ``prograd_fast/backends/triton_backend.py``).  A group of one tensor
+pinned host memory (no pageable copy; eagerly no sync); a table built during capture is
+copied at once outside the graph, so replays copy nothing from the host (see
+``prograd_fast/backends/_common.py``).  A group of one tensor
 skips the table (``TABLE=False``): its pointers travel as kernel arguments.
 
 Vector width: every chunk is walked as full ``BLOCK``-element steps without a mask, then
@@ -56,7 +56,11 @@ entries per chunk ``[tensor, start]`` from ``chunk_base``.  Statistics buffer ``
 
 Launching: :class:`Launcher` calls a kernel through Triton's JIT entry point once, keeps
 the compiled kernel it returns and from then on calls the compiled kernel's launcher
-directly with a pre-packed argument list (no binder, no specialisation lookup per step).
+directly with a pre-packed argument list (no binder, no specialisation lookup per step);
+with a launch hook installed (Proton, a profiler) it calls the hooks with the kernel's launch
+metadata itself, as Triton's entry point would, and still launches the compiled kernel.
+The update walks its chunks in reverse (last chunk first): the reduce read the end of the
+group last, so that part of ``d`` and ``g`` is the most likely to be still in L2.
 The backend makes a new ``Launcher`` whenever anything the compiled kernel was specialised
 on can change (addresses, constexpr flags, the dtype or alignment of the AMP / lr tensors).
 """
@@ -397,7 +401,9 @@ def _update_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0,
                    AMP_SCALE: tl.constexpr, LR_PTR: tl.constexpr, MOMENTUM: tl.constexpr,
                    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                    ROW: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
+    # Chunks in reverse: the programs scheduled first take the end of the group, the part
+    # of d and g the reduce read last and that is most likely still in L2.
+    c = tl.num_programs(0) - 1 - tl.program_id(0)
     inv = _inv_scale(grad_scale, AMP_SCALE)
     lr_val = _load_lr(lr, lr_ptr, LR_PTR)
     _update_one(meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0, CHUNK,
@@ -429,7 +435,8 @@ def _fused_kernel(meta, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, 
               GLOBAL, TABLE, AMP, HAS_FOUND_INF, ROW, BLOCK_F, TBLOCK, CBLOCK)
     tl.debug_barrier()
     lr_val = _load_lr(lr, lr_ptr, LR_PTR)
-    for c in range(0, n_parts):
+    for i in range(0, n_parts):  # in reverse, as the update kernel (L2 holds the tail)
+        c = n_parts - 1 - i
         _update_one(meta, c, chunk_base, p_ref, d_ref, g_ref, b_ref, numel0, has_g0, first0,
                     CHUNK, stats_f, stats_b, T, inv, lr_val, momentum, one_minus_dampening,
                     weight_decay, GLOBAL, TABLE, AMP_SCALE, MOMENTUM, NESTEROV, MAXIMIZE,
@@ -441,7 +448,8 @@ KERNELS = {"fused": _fused_kernel, "reduce": _reduce_kernel, "update": _update_k
 
 # ---------------------------------------------------------------------------- launching
 def _hooks_idle() -> bool:
-    """True when no Triton launch hook (profilers) is installed: the fast path may skip them."""
+    """True when no Triton launch hook (profilers) is installed: the fast path may skip them.
+    (Triton 3.6 keeps a hook as a callable or None, 3.8 as a chain with a ``calls`` list.)"""
     if _knobs is None:
         return False
     runtime = _knobs.runtime
@@ -449,6 +457,17 @@ def _hooks_idle() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return False
     return True
+
+
+def _launch_hooked(compiled, grid: int, stream: int, args: list) -> None:
+    """Launch ``compiled`` as Triton's own entry point does when a launch hook (Proton, a
+    profiler) is installed: the hooks get the kernel's launch metadata.  The arguments stay
+    as packed (addresses for pointers): going back through ``kernel[grid](*args)`` would
+    specialise those integers as ``i64`` and compile a kernel that cannot load."""
+    runtime = _knobs.runtime
+    metadata = compiled.launch_metadata((grid,), stream, *args)
+    compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, metadata,
+                 runtime.launch_enter_hook, runtime.launch_exit_hook, *args)
 
 
 class Launcher:
@@ -489,10 +508,13 @@ class Launcher:
 
     def __call__(self) -> None:
         compiled = self.compiled
-        if compiled is not None and _hooks_idle():
+        if compiled is not None:
             stream = torch._C._cuda_getCurrentRawStream(self.device_index)
-            compiled.run(self.grid, 1, 1, stream, compiled.function, compiled.packed_metadata,
-                         None, None, None, *self.args)
+            if _hooks_idle():
+                compiled.run(self.grid, 1, 1, stream, compiled.function,
+                             compiled.packed_metadata, None, None, None, *self.args)
+            else:  # never back through the JIT: the pointers are addresses by now
+                _launch_hooked(compiled, self.grid, stream, self.args)
             return
         out = self.kernel[(self.grid,)](*self.args, num_warps=NUM_WARPS)
         if self.device_index is not None and hasattr(out, "packed_metadata") \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 import sys
 from pathlib import Path
@@ -47,12 +48,16 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="few-shot prompt tuning (zero-shot / CoOp / ProGrad)",
                        formatter_class=HelpFormatter,
                        description="Tunes a prompt few-shot on one data set, tests it after the "
-                       "last epoch (or every --eval-every epochs) and writes log.csv, log.json, "
-                       "curves.png, checkpoint.pt and result.json to --output-dir; a rerun "
-                       "resumes from the checkpoint.")
+                       "last epoch (or every --eval-every epochs) and writes settings.json, "
+                       "log.csv, log.json, curves.png, checkpoint.pt and result.json to "
+                       "--output-dir; a rerun with the same settings resumes from the checkpoint "
+                       "or reprints a finished run's result, one with other settings is refused.")
     p.add_argument("--data", default="digits",
                    help="'digits' (the embedded data set), an ImageFolder root (train/<class>/..., "
                         "val/ or test/), a CoOp split_*.json or a folder holding one")
+    p.add_argument("--image-root", default=None,
+                   help="with --data a CoOp split JSON: the folder its image paths start from "
+                        "(default: images/ beside the JSON, else the JSON's folder)")
     from .datasets.cli import add_dataset_args
     add_dataset_args(p)
     p.add_argument("--model", default=None,
@@ -120,8 +125,11 @@ def _add_train(sub) -> None:
                    "available, else cpu)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     p.add_argument("--output-dir", default=None,
-                   help="run folder (default: runs/<data>_<method>_<shots>shot_seed<seed>)")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+                   help="run folder (default: runs/<data>_<method>_<shots>shot_seed<seed> plus "
+                        "each option not at its standard value, e.g. _lam0.5); a folder "
+                        "holding a run with other settings is refused")
+    p.add_argument("--no-resume", action="store_true",
+                   help="train from scratch, replacing the run in --output-dir")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (the one line per epoch stays)")
     p.add_argument("--eval-every", type=int, default=0,
@@ -186,6 +194,8 @@ def _check_train_args(args) -> None:
         args.pretrained = None
     if args.eval_new and args.subsample != "base":
         raise CLIError("--eval-new needs --subsample base")
+    if args.image_root is not None and (args.data == "digits" or args.dataset is not None):
+        raise CLIError("--image-root needs --data a CoOp split JSON (or a folder holding one)")
     if args.data != "digits" and not Path(args.data).exists():
         raise CLIError(f"--data {args.data!r} does not exist (an ImageFolder root, a CoOp "
                        f"split_*.json or a folder holding one, or 'digits')")
@@ -193,7 +203,7 @@ def _check_train_args(args) -> None:
                        ("--eval-every", args.eval_every, AT_LEAST_0),
                        ("--num-workers", args.num_workers, AT_LEAST_0),
                        ("--batch-size", args.batch_size, AT_LEAST_1), ("--lam", args.lam, UNIT),
-                       ("--temperature", args.temperature, POSITIVE), ("--lr", args.lr, AT_LEAST_0),
+                       ("--temperature", args.temperature, POSITIVE), ("--lr", args.lr, POSITIVE),
                        ("--momentum", args.momentum, AT_LEAST_0),
                        ("--weight-decay", args.weight_decay, AT_LEAST_0),
                        ("--warmup-lr", args.warmup_lr, AT_LEAST_0),
@@ -217,25 +227,35 @@ def cmd_train(args) -> int:
     import torch
 
     from .clip import PromptedCLIP
-    from .clip.data import (ImageDataset, coop_transforms, few_shot, load_dataset,
-                            subsample_classes)
+    from .clip.data import (ImageDataset, coop_transforms, few_shot, few_shot_shortfall,
+                            load_dataset, subsample_classes)
+    from .datasets import DatasetError
+    from .datasets.images import check_images
     from .clip.trainer import TrainConfig, Trainer, evaluate, transfer_context
     from .atomic import atomic_write_json
     from .clip import parallel
     from .datasets.cli import load_named
+    from . import runs
 
+    typed = dict(vars(args))  # the options as typed: the default folder name
     _check_train_args(args)
+    given = dict(vars(args))  # the options as given (--pretrained none read): the run's settings
     device = parallel.init_from_env(args.device)  # torchrun: one process per GPU, data-parallel
     torch.manual_seed(args.seed)
     named = load_named(args)  # --dataset NAME --root DATA: (data set, full split, drawn items)
     if named is not None:
         args.data = named[0].name
+    out = _output_dir(args, typed)
+    try:
+        runs.check_writable(out)
+    except runs.RunFolderError as exc:
+        raise CLIError(str(exc)) from None
     clip, tokenizer, size, mean, std = _load_model(args, device)
     if args.data == "digits":
         full, _, make = _digits_split(args)
     else:
         try:
-            full = named[1] if named else load_dataset(args.data)
+            full = named[1] if named else load_dataset(args.data, image_dir=args.image_root)
         except (OSError, ValueError, KeyError) as exc:
             raise CLIError(f"cannot read --data {args.data!r}: {_one_line(exc)}") from exc
         train_tf = coop_transforms(size, mean, std, augment=True)
@@ -263,8 +283,31 @@ def cmd_train(args) -> int:
                              share_prefix=_SHARE_PREFIX.get(args.share_prefix, args.share_prefix))
     except (ValueError, TypeError) as exc:  # prompts too long, unknown template, refused tower
         raise CLIError(_one_line(exc)) from exc
-    data_name = "digits" if args.data == "digits" else Path(args.data).stem
-    out = Path(args.output_dir or f"runs/{data_name}_{args.method}_{args.shots}shot_seed{args.seed}")
+    from .protocols.features import model_fingerprint
+
+    data_id = runs.data_fingerprint(full.train + full.val + full.test, None)
+    settings = runs.run_settings(given, data_id, model_fingerprint(clip))
+    out, state = _claim_folder(out, args, settings)
+    say = print if parallel.is_main() else (lambda *a, **k: None)
+    if state == "done":
+        say(f"{out} holds this run, finished, with the same settings: reprinting its result "
+            f"(--no-resume trains it again)")
+        say(_result_line(runs.read_result(out), out))
+        return 0
+    if args.eval_split == "val" and not split.val:
+        raise CLIError(f"--eval-split val: --data {args.data!r} has no validation images")
+    new_test = subsample_classes(full, "new").test if args.eval_new else []
+    try:  # every image of the run, before anything is written
+        check_images(train_items + split.val + split.test + new_test)
+    except DatasetError as exc:
+        raise CLIError(str(exc)) from None
+    short = few_shot_shortfall(subsample_classes(full, args.subsample), args.shots)
+    if short and parallel.is_main():
+        print(f"prograd-fast: warning: {short}", file=sys.stderr)
+    if parallel.is_main():
+        if state == "start":  # --no-resume: nothing of the replaced run may answer later
+            runs.clear_run(out)
+        atomic_write_json(out / "settings.json", settings)
     cfg = TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, lam=args.lam,
@@ -273,21 +316,23 @@ def cmd_train(args) -> int:
                       seed=args.seed, num_workers=args.num_workers, output_dir=str(out),
                       progress=not args.no_progress, eval_every=args.eval_every,
                       extra={"prompt": saved_prompt_settings(args, model, split, templates)})
-    say = print if parallel.is_main() else (lambda *a, **k: None)
     say(f"{args.method}: {len(split.classnames)} classes, {len(train_items)} training images "
         f"({args.shots} shots, seed {args.seed}), {len(split.test)} test images, "
         f"prompt length {model.prompt_learner.length} tokens ({_prefix_note(model)}), device {device}, "
         f"{parallel.world_size()} process(es)")
     val_set = None
     if args.eval_split == "val":
-        if not split.val:
-            raise CLIError(f"--eval-split val: --data {args.data!r} has no validation images")
         val_set = make(split.val, False)
     trainer = Trainer(model, make(train_items, True), make(split.test, False), cfg, device,
                       val_set=val_set, log=say)
     if not args.no_resume:
         try:
-            trainer.maybe_resume()
+            if trainer.maybe_resume() and trainer.epoch < args.epochs:
+                say(f"resuming the run in {out} (same settings) from the checkpoint of epoch "
+                    f"{trainer.epoch} of {args.epochs}")
+            elif trainer.epoch:
+                say(f"{out} holds this run, finished, with the same settings, but no intact "
+                    f"result.json: reporting from its checkpoint")
         except Exception as exc:  # any unreadable or mismatched checkpoint file
             raise CLIError(f"cannot resume from {out / 'checkpoint.pt'}: {_one_line(exc)} "
                            f"(--no-resume starts over)") from exc
@@ -299,11 +344,48 @@ def cmd_train(args) -> int:
         loader = torch.utils.data.DataLoader(make(new.test, False), batch_size=100)
         result["new_acc"] = evaluate(other, loader, device, zeroshot=args.method == "zeroshot")
     if parallel.is_main():
-        atomic_write_json(out / "result.json", result)
-    say(f"test accuracy {result['acc']:.2f}%"
-          + (f", new classes {result['new_acc']:.2f}%" if "new_acc" in result else "")
-          + f"  (log: {out}/log.csv, {plot_note(out / 'curves.png')})")
+        atomic_write_json(out / "result.json", runs.seal(result))
+    say(_result_line(result, out))
     return 0
+
+
+def _result_line(result: dict, out: Path) -> str:
+    return (f"test accuracy {result['acc']:.2f}%"
+            + (f", new classes {result['new_acc']:.2f}%" if "new_acc" in result else "")
+            + f"  (log: {out}/log.csv, {plot_note(out / 'curves.png')})")
+
+
+def _output_dir(args, given: dict) -> Path:
+    """``--output-dir``, else ``runs/<data>_<method>_<shots>shot_seed<seed>`` plus every option
+    that differs from its default."""
+    from .runs import default_run_name
+
+    if args.output_dir:
+        return Path(args.output_dir)
+    data_name = "digits" if args.data == "digits" else Path(args.data).stem
+    defaults = vars(build_parser().parse_args(["train"]))
+    return Path("runs") / default_run_name(
+        f"{data_name}_{args.method}_{args.shots}shot_seed{args.seed}", given, defaults)
+
+
+def _claim_folder(out: Path, args, settings: dict) -> tuple[Path, str]:
+    """The run folder and what to do there (:func:`prograd_fast.runs.folder_state`).  Where
+    the default name holds a run of other data, the name gets the settings' hash."""
+    import hashlib
+
+    from .runs import RunFolderError, folder_state
+
+    try:
+        return out, folder_state(out, settings, args.no_resume)
+    except RunFolderError as exc:
+        if args.output_dir:
+            raise CLIError(str(exc)) from None
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        other = out.with_name(f"{out.name}_{digest}")
+        try:
+            return other, folder_state(other, settings, args.no_resume)
+        except RunFolderError as exc2:
+            raise CLIError(str(exc2)) from None
 
 
 def saved_prompt_settings(args, model, split, templates) -> dict:
@@ -345,7 +427,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:  # a bad input: one line, no traceback
         print(f"prograd-fast: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every file is written atomically, the run resumes
+        print("prograd-fast: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # python -m prograd_fast.cli: run the imported module's main, so that the CLIError the
+    # sub-commands import (prograd_fast.cli.CLIError) is the one it catches
+    from prograd_fast.cli import main as _main
+
+    sys.exit(_main())

@@ -28,22 +28,44 @@ def _train(data, cfg, out, *extra):
                      "--shots", "2", "--batch-size", "4", "--n-ctx", "3", "--no-progress", *extra])
 
 
-def test_train_prograd_one_epoch_writes_logs_and_resumes(tree_and_cfg, capsys):
+def test_train_prograd_writes_logs_resumes_when_interrupted_and_reprints(tree_and_cfg, capsys,
+                                                                         monkeypatch):
+    from prograd_fast.clip.trainer import Trainer
+
     data, cfg, out = tree_and_cfg
-    assert _train(data, cfg, out, "--epochs", "1", "--method", "prograd") == 0
+    real, calls = Trainer._epoch, []
+
+    def epoch(self):  # Ctrl-C in the second epoch
+        calls.append(self.epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_epoch", epoch)
+    assert _train(data, cfg, out, "--epochs", "2", "--method", "prograd") == 130
+    err = capsys.readouterr().err
+    assert err == "prograd-fast: interrupted; rerun the same command to resume\n"
     rows = list(csv.DictReader(open(out / "log.csv")))
-    assert len(rows) == 1 and 0.0 <= float(rows[0]["acc"]) <= 100.0
+    assert len(rows) == 1
     assert float(rows[0]["ce"]) > 0 and rows[0]["conflict_rate"] != ""
-    assert (out / "curves.png").stat().st_size > 0 and (out / "checkpoint.pt").exists()
+    assert (out / "curves.png").stat().st_size > 0 and not (out / "result.json").exists()
     ctx1 = torch.load(out / "checkpoint.pt", weights_only=False)["ctx"]
-    # resume: a second epoch continues from the checkpoint
+    # the same command resumes: the second epoch continues from the checkpoint
     assert _train(data, cfg, out, "--epochs", "2", "--method", "prograd") == 0
+    text = capsys.readouterr().out
+    assert f"resuming the run in {out} (same settings) from the checkpoint of epoch 1 of 2" in text
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert state["epoch"] == 2 and len(state["history"]) == 2 and calls == [0, 1, 1]
     assert not torch.equal(state["ctx"], ctx1)
     log = json.loads((out / "log.json").read_text())
     assert [r["epoch"] for r in log["history"]] == [1, 2]
-    assert "test accuracy" in capsys.readouterr().out
+    line = next(t for t in text.splitlines() if t.startswith("test accuracy"))
+    # and once more: the finished run's result, reprinted without training or testing
+    assert _train(data, cfg, out, "--epochs", "2", "--method", "prograd") == 0
+    text = capsys.readouterr().out
+    assert "finished, with the same settings: reprinting its result" in text
+    assert [t for t in text.splitlines() if t.startswith("test accuracy")] == [line]
+    assert calls == [0, 1, 1]
 
 
 def test_train_coop_and_zeroshot_base_to_new(tree_and_cfg):
@@ -83,7 +105,7 @@ def test_train_with_its_defaults_runs(fast_digits, tmp_path, capsys):
     shots, ...) but the epoch count, cut to 1 for CI time (the defaults used to fail before
     the first step)."""
     assert cli.main(["train", "--epochs", "1"]) == 0
-    out = tmp_path / "runs" / "digits_prograd_16shot_seed1"
+    out = tmp_path / "runs" / "digits_prograd_16shot_seed1_epochs1"  # the option not at its default
     result = json.loads((out / "result.json").read_text())
     assert 0.0 <= result["acc"] <= 100.0
     assert "prompt length" in capsys.readouterr().out
@@ -131,7 +153,8 @@ def test_bad_inputs_give_one_line_and_exit_2(tree_and_cfg, fast_digits, tmp_path
 
 @pytest.mark.parametrize("extra,message", [
     (["--temperature", "0"], "--temperature must be > 0"),
-    (["--lr", "-1"], "--lr must be >= 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "0"], "--lr must be > 0"),
     (["--momentum", "-0.5"], "--momentum must be >= 0"),
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
     (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),

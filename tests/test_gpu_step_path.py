@@ -316,3 +316,160 @@ def test_compiled_model_with_the_fused_step_matches_eager(backend):
             opt.step()
     torch.cuda.synchronize()
     assert_same_params(eager, compiled_model, rtol=1e-4, atol=1e-5)
+
+
+def _add_launch_hook(hook):
+    """Install a Triton launch-enter hook (a chain in Triton 3.8, one callable in 3.6);
+    returns the undo."""
+    from triton import knobs
+
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        return lambda: chain.remove(hook)
+    knobs.runtime.launch_enter_hook = hook
+    return lambda: setattr(knobs.runtime, "launch_enter_hook", chain)
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="triton backend unavailable")
+@pytest.mark.parametrize("hidden", [17, 700], ids=["one_launch", "two_launches"])
+def test_a_launch_hook_sees_the_compiled_kernels_and_changes_nothing(hidden, monkeypatch):
+    """A profiler's launch hook (Proton): the steps equal torch's, the hook sees every
+    launch, and nothing goes back through Triton's JIT (which would recompile with the
+    packed addresses as i64 integers)."""
+    from prograd_fast.kernels import prograd_sgd as k
+
+    (fused, ref), (opt_f, opt_r) = twins("triton", hidden)
+    opt_r.param_groups[0]["backend"] = "torch"
+    data = batches(6, seed=8)
+    for x, y, zs in data[:2]:
+        for model, opt in ((fused, opt_f), (ref, opt_r)):
+            train_step(model, opt, x, y, zs)
+    jit_calls, seen = [], []
+    jit_class = type(k.KERNELS["fused"])
+    original = jit_class.run
+
+    def counted(self, *a, **kw):
+        jit_calls.append(self)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(jit_class, "run", counted)
+    undo = _add_launch_hook(lambda metadata: seen.append(metadata.get()["name"]))
+    try:
+        for x, y, zs in data[2:]:
+            for model, opt in ((fused, opt_f), (ref, opt_r)):
+                train_step(model, opt, x, y, zs)
+        torch.cuda.synchronize()
+    finally:
+        undo()
+    assert jit_calls == [], "a launch hook must not send the launch back through the JIT"
+    launches = len(opt_f._backend_cache[0]["triton_plan"].launchers)
+    assert len([n for n in seen if "kernel" in n]) >= 4 * launches
+    assert_same_params(fused, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS + ["torch"])
+def test_a_first_step_under_capture_is_refused(backend):
+    from prograd_fast.backends._common import CaptureError
+
+    model = Net().to(DEV)
+    opt = pf.ProGradSGD(model.parameters(), backend=backend, **HYPER)
+    x, y, zs = batches(1, seed=10)[0]
+    ce, kl = pf.prograd_losses(model(x), zs, y)
+    pf.backward(opt, ce, kl)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(CaptureError, match="take one eager step before capturing"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("hidden", [17, 700], ids=["one_launch", "two_launches"])
+def test_a_capture_on_the_fast_path_survives_eager_rebinds(backend, hidden):
+    """Capture with the .grad tensors the eager steps used (the fast path reads the eagerly
+    built table), then an eager step on new .grad addresses (a re-bind), then a replay: the
+    replay must still read its own table."""
+    (model, ref), (opt, opt_r) = twins(backend, hidden)
+    opt_r.param_groups[0]["backend"] = "torch"
+    data = batches(5, seed=11)
+    static = data[0]
+    for m, o in ((model, opt), (ref, opt_r)):
+        for x, y, zs in data[1:3]:  # on the current stream: the table belongs to it
+            o.zero_grad(set_to_none=False)
+            train_step(m, o, x, y, zs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # autograd's warm-up before a capture (no step)
+        opt.zero_grad(set_to_none=False)
+        pf.prograd_losses(model(static[0]), static[2], static[1])[0].backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.zero_grad(set_to_none=False)
+        train_step(model, opt, *static)
+    captured_grads = [p.grad for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    train_step(model, opt, *data[3])  # new .grad tensors: a re-bind, eagerly
+    for p, g in zip(model.parameters(), captured_grads):
+        p.grad = g
+    graph.replay()
+    for batch in (data[3], static):
+        opt_r.zero_grad(set_to_none=False)
+        train_step(ref, opt_r, *batch)
+    torch.cuda.synchronize()
+    assert_same_params(model, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_replays_copy_nothing_from_the_host(backend):
+    """The standard capture (new .grad addresses inside it: the table or slots are uploaded
+    while capturing) replays without any host-to-device copy."""
+    model = Net(700).to(DEV)
+    opt = pf.ProGradSGD(model.parameters(), backend=backend, **HYPER)
+    data = batches(4, seed=12)
+    graph = capture(model, opt, data[0], data[1:3])
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    if not any("kernel" in n.lower() or "prograd" in n.lower() for n in names):
+        pytest.skip("the profiler does not trace the kernels of graph replays here")
+    assert not [n for n in names if "HtoD" in n], "a replay copied from the host"
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="triton backend unavailable")
+@pytest.mark.parametrize("hidden", [17, 700], ids=["one_launch", "two_launches"])
+def test_alternating_general_gradients_rewrite_only_the_address_rows(hidden, monkeypatch):
+    """General gradients at new addresses every step (two sets in turn): with the host
+    helper the table's address rows are rewritten, without the full check, and every step
+    equals torch's."""
+    from prograd_fast import _host
+    from prograd_fast.backends import triton_backend as tb
+
+    if _host.module() is None:
+        pytest.skip("the host helper cannot be built here")
+    (model, ref), (opt, opt_r) = twins("triton", hidden)
+    opt_r.param_groups[0]["backend"] = "torch"
+    gen = torch.Generator().manual_seed(13)
+    sets = [[torch.randn(p.shape, generator=gen).to(DEV) for p in model.parameters()]
+            for _ in range(2)]
+    checks = []
+    full_check = tb.BACKEND._full_check
+    for i in range(6):
+        if i == 3:
+            monkeypatch.setattr(tb.BACKEND, "_full_check",
+                                lambda step: checks.append(1) or full_check(step))
+        for m, o in ((model, opt), (ref, opt_r)):
+            for p, g in zip(m.parameters(), sets[i % 2]):
+                p.grad = -0.3 * g + 0.01 * i
+            o.store_general_grads(sets[i % 2])
+            o.step()
+    torch.cuda.synchronize()
+    assert checks == []
+    assert_same_params(model, ref, rtol=1e-4, atol=1e-5)

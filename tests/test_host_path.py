@@ -424,7 +424,8 @@ def test_general_gradients_that_require_grad_are_detached(host_mode):
 
 def test_the_helper_path_is_the_one_taken(host, monkeypatch):
     """With the helper, an unchanged step runs no Python gather, no Python keys and no full
-    check (else the targets are not met); a changed one does."""
+    check (else the targets are not met); nor does a step where only an address changed
+    (its rows are re-bound); any other change runs the full check."""
     if tb.BACKEND.available() is not None:
         pytest.skip(f"triton: {tb.BACKEND.available()}")
     assert _host.module() is host
@@ -446,9 +447,14 @@ def test_the_helper_path_is_the_one_taken(host, monkeypatch):
     opt.store_general_grads(gs)
     opt.step()
     assert calls == []
-    params[1].grad = params[1].grad.clone()  # new address: checked again, in full
+    params[1].grad = params[1].grad.clone()  # only a new address: re-bound, no full check
     opt.store_general_grads(gs)
     opt.step()
+    assert calls == []
+    params[1].grad = params[1].grad.t().contiguous().t()  # not contiguous: checked in full
+    opt.store_general_grads(gs)
+    with pytest.raises(pf.BackendUnavailableError, match="non-contiguous"):
+        opt.step()
     assert "_full_check" in calls and "gather" not in calls
 
 

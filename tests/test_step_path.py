@@ -186,8 +186,16 @@ class Builds:
             self.binds += 1
             return bind(backend, *a, **kw)
 
+        rebase = tb.TritonBackend._rebase
+
+        def counted_rebase(backend, *a, **kw):  # an address-only re-bind counts as one
+            done = rebase(backend, *a, **kw)
+            self.binds += bool(done)
+            return done
+
         monkeypatch.setattr(tb.TritonBackend, "_build", counted_build)
         monkeypatch.setattr(tb.TritonBackend, "_bind", counted_bind)
+        monkeypatch.setattr(tb.TritonBackend, "_rebase", counted_rebase)
 
     def take(self):
         out = (self.builds, self.binds)
@@ -326,6 +334,9 @@ class FakeCompiled:
     def run(self, *args):
         self.calls.append(args)
 
+    def launch_metadata(self, grid, stream, *args):
+        return ("launch metadata", grid, stream, args[0])
+
 
 class FakeKernel:
     arg_names = ["x_ptr", "n", "lr", "grad_scale", "BLOCK"]
@@ -362,7 +373,9 @@ def test_launcher_compiles_once_then_launches_the_compiled_kernel(monkeypatch):
     launcher.bind(x_ptr=y)
     launcher()
     assert kernel.compiled.calls[-1][9] == y.data_ptr()
-    # a profiler's launch hook: back to Triton's own entry point, which calls the hooks
+    # a profiler's launch hook: the compiled kernel still, with the hooks and the metadata
+    # Triton's entry point would give them (never the JIT again: the pointers are integers
+    # by now, it would compile an i64 kernel)
     from triton import knobs
 
     def hook(*args):
@@ -371,9 +384,13 @@ def test_launcher_compiles_once_then_launches_the_compiled_kernel(monkeypatch):
     knobs.runtime.launch_enter_hook.add(hook)
     try:
         launcher()
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
-    assert len(kernel.jit_calls) == 2
+    assert len(kernel.jit_calls) == 1
+    assert kernel.compiled.calls[-1] == (3, 1, 1, 777, 42, ("meta",),
+                                         ("launch metadata", (3,), 777, y.data_ptr()),
+                                         enter, leave, y.data_ptr(), 4, 0.2, scale, 16)
     with pytest.raises(ValueError, match="do not match"):
         K.Launcher(kernel, 1, dict(x_ptr=x), torch.device("cuda", 0))
 
@@ -403,6 +420,8 @@ class FakeCuda:
         monkeypatch.setattr(_common, "capturing", lambda device: self.capturing)
         monkeypatch.setattr(_common, "_pinned_empty", self._pinned)
         monkeypatch.setattr(_common, "_device_empty", self._device)
+        # no driver to relax the capture mode: captured copies (see the next tests)
+        monkeypatch.setattr(_common, "_exchange_capture_mode", lambda mode: None)
 
     def _pinned(self, n, dtype):
         if self.capturing:

@@ -6,17 +6,30 @@ cannot run on it) and ``step(step: GroupStep) -> ProGradStats``.  ``"auto"`` pic
 backend in ``AUTO_ORDER[device type]`` that is available and supports the group; a backend
 named explicitly (argument or ``PROGRAD_FAST_BACKEND``) that cannot run raises
 :class:`BackendUnavailableError` -- never a silent fallback.
+
+A fused backend that fails on this machine when it runs (its extension does not build, a
+Triton compile error, a launch refused for this GPU's architecture) does not end training
+under ``"auto"``: one warning names the backend and the cause, and ``"auto"`` uses the next
+backend for the rest of the process; on a GPU, a fused backend that cannot be built or
+loaded at all is named once the same way.  Named explicitly, the same failure raises
+:class:`BackendUnavailableError`.  Never taken for a fallback: a step that cannot be
+captured (:class:`~prograd_fast.backends._common.CaptureError`), out of memory, and sticky
+CUDA errors (an illegal address, a device-side assert: the CUDA context is lost and every
+later call would fail).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from ..functional import ProGradStats
+from ._common import CaptureError
 
 __all__ = [
     "BACKENDS",
@@ -136,6 +149,8 @@ def select_backend(name: str, step: GroupStep):
         return backend
     device_type = step.params[0].device.type
     for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+        if candidate in _failed:  # failed when it ran here (see run_step)
+            continue
         try:
             backend = get_backend(candidate)
         except Exception:
@@ -143,6 +158,62 @@ def select_backend(name: str, step: GroupStep):
         if backend.available() is None and backend.unsupported(step) is None:
             return backend
     raise BackendUnavailableError("no backend can run this step")  # torch always can
+
+
+# Backends that failed when run under "auto" in this process: name -> the cause.
+_failed: dict[str, str] = {}
+# CUDA errors that leave the context unusable (never a reason to try another backend) ...
+_STICKY = ("illegal memory access", "illegal address", "illegal instruction",
+           "misaligned address", "unspecified launch failure", "device-side assert",
+           "hardware stack error", "launch timed out", "uncorrectable ecc",
+           "invalid program counter", "cuda error: unknown error")
+# ... and launch errors that only say this kernel cannot run on this device
+_NOT_STICKY = ("no kernel image is available", "invalid device function",
+               "unsupported toolchain", "too many resources requested",
+               "named symbol not found", "invalid ptx")
+# (A TypeError or ValueError inside a fused backend is most likely a toolchain of another
+# version, e.g. a Triton launcher with another signature: a failure, not the caller's
+# error -- those are checked when the optimizer is made, and the next backend checks them.)
+_NEVER_FALLBACK = (CaptureError, torch.OutOfMemoryError, BackendUnavailableError)
+# Device types where "auto" also warns (once) when a fused backend it reaches cannot be
+# built or loaded: on a GPU that is a missing speed-up worth saying (on the CPU, a machine
+# without a compiler is common and the torch backend is the expected fallback).
+_WARN_UNAVAILABLE_ON = frozenset({"cuda"})
+
+
+def is_backend_failure(exc: BaseException) -> bool:
+    """True when ``exc`` says the backend cannot run on this machine (build, compile or
+    launch failure), so another backend may; False for the caller's errors, out of memory
+    and sticky CUDA errors, which must reach the caller as they are."""
+    if not isinstance(exc, Exception) or isinstance(exc, _NEVER_FALLBACK):
+        return False
+    text = str(exc).lower()
+    if any(s in text for s in _STICKY):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return any(s in text for s in _NOT_STICKY)
+    return True
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: message`` on one line: the first line of the message and, for a longer one
+    (a Triton compile error quotes the source first), its last line too."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = " ... ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else "".join(lines)
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def _give_up(name: str, cause: str, step: GroupStep, buffers: list | None = None) -> None:
+    """Record that ``name`` cannot run here, warn once, and undo what it did to the step."""
+    if buffers is not None:
+        step.momentum_buffers[:] = buffers  # new buffers it made before failing: not valid
+    _failed[name] = cause
+    if step.extra.get("auto_backend") == name:
+        del step.extra["auto_backend"]
+    warnings.warn(f"prograd_fast: the {name!r} backend failed on this machine ({cause}); "
+                  f"backend='auto' uses the next backend from now on (name a backend to get "
+                  f"the error instead)", RuntimeWarning, stacklevel=4)
 
 
 def _try(backend, step: GroupStep) -> ProGradStats | str:
@@ -159,39 +230,68 @@ def run_step(name: str, step: GroupStep) -> ProGradStats:
     group once per step: backends with ``try_step`` check and launch in one call, and
     ``"auto"`` tries the backend that ran the group last time first."""
     backend = _loaded.get(name)  # an explicit name, already imported: the common case
-    if backend is not None:
-        reason = backend.available()
-        if reason is None:
-            out = backend.try_step(step)
-            if not isinstance(out, str):
-                return out
-            reason = out
-        raise BackendUnavailableError(f"backend {name!r} cannot run this step: {reason}")
-    name = requested_backend(name)
-    if name != "auto":
+    if backend is None:
+        name = requested_backend(name)
+        if name == "auto":
+            return _run_auto(step)
         backend = get_backend(name)
-        reason = backend.available()
-        if reason is None:
+    reason = backend.available()
+    if reason is None:
+        try:
             out = _try(backend, step)
-            if not isinstance(out, str):
-                return out
-            reason = out
-        raise BackendUnavailableError(f"backend {name!r} cannot run this step: {reason}")
-    extra = step.extra
-    last = _loaded.get(extra.get("auto_backend"))  # a name: the cache stays picklable
-    if last is not None:
-        out = _try(last, step)
+        except Exception as exc:
+            if name == "torch" or not is_backend_failure(exc):
+                raise
+            raise BackendUnavailableError(
+                f"backend {name!r} failed on this machine: {type(exc).__name__}: {exc}") from exc
         if not isinstance(out, str):
             return out
+        reason = out
+    raise BackendUnavailableError(f"backend {name!r} cannot run this step: {reason}")
+
+
+def _run_auto(step: GroupStep) -> ProGradStats:
+    """``"auto"``: the backend that ran the group last time first, then ``AUTO_ORDER``;
+    a fused backend that fails is dropped for the process (see the module docstring)."""
+    extra = step.extra
+    last_name = extra.get("auto_backend")  # a name: the cache stays picklable
+    last = _loaded.get(last_name)
+    tried = None
+    if last is not None and last_name not in _failed:
+        out = _try_fused(last_name, last, step)
+        if out is not None and not isinstance(out, str):
+            return out
+        tried = last
     for candidate in AUTO_ORDER.get(step.params[0].device.type, ("torch",)):
+        if candidate in _failed:
+            continue
         try:
             backend = get_backend(candidate)
         except Exception:
             continue
-        if backend is last or backend.available() is not None:
+        if backend is tried:
             continue
-        out = _try(backend, step)
-        if not isinstance(out, str):
+        reason = backend.available()
+        if reason is not None:
+            if candidate != "torch" and step.params[0].device.type in _WARN_UNAVAILABLE_ON:
+                _give_up(candidate, reason, step)
+            continue
+        out = _try_fused(candidate, backend, step)
+        if out is not None and not isinstance(out, str):
             extra["auto_backend"] = candidate
             return out
     raise BackendUnavailableError("no backend can run this step")  # torch always can
+
+
+def _try_fused(name: str, backend, step: GroupStep) -> ProGradStats | str | None:
+    """:func:`_try`, or None when the backend failed here (warned once, see _give_up)."""
+    if name == "torch":
+        return _try(backend, step)
+    buffers = list(step.momentum_buffers)
+    try:
+        return _try(backend, step)
+    except Exception as exc:
+        if not is_backend_failure(exc):
+            raise
+        _give_up(name, _cause(exc), step, buffers)
+        return None

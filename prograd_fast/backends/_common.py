@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import ctypes
+import sys
+from typing import Callable, Iterator
 
 import torch
 
@@ -110,9 +113,29 @@ def stats_buffers(S: int, acc: torch.dtype, device, glob: bool) -> tuple:
 
 
 # ----------------------------------------------------------------- capture-safe uploads
+class CaptureError(RuntimeError):
+    """A step that cannot be captured in a CUDA graph as asked, on any backend (the
+    caller's to fix: ``"auto"`` never falls back on it)."""
+
+
+FIRST_STEP_UNDER_CAPTURE = (
+    "ProGradSGD: the first step with momentum (no momentum buffers yet) is being captured in "
+    "a CUDA graph, where every replay would start momentum again: take one eager step "
+    "before capturing")
+_NONE_TYPE = type(None)
+
+
 def capturing(device: torch.device) -> bool:
     """True while the current CUDA stream of ``device`` is capturing a CUDA graph."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_first_step_under_capture(step, device: torch.device) -> None:
+    """Raise :class:`CaptureError` when ``step`` would make momentum buffers while a CUDA
+    graph is captured: the graph would bake "new buffer: ``buf = u``" into every replay."""
+    if (step.momentum != 0 and _NONE_TYPE in map(type, step.momentum_buffers)
+            and capturing(device)):
+        raise CaptureError(FIRST_STEP_UNDER_CAPTURE)
 
 
 def _pinned_empty(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -142,22 +165,74 @@ def note_stream(extra: dict, device: torch.device, tensors, key: str) -> None:
 
 def keep_for_graphs(extra: dict, *tensors) -> None:
     """Keep tensors a captured CUDA graph reads or writes alive as long as the group's cache:
-    every replay repeats the captured launches and copies on the same addresses."""
-    extra.setdefault("graph_keep", []).extend(t for t in tensors if t is not None)
+    every replay repeats the captured launches on the same addresses.  (Each tensor once.)"""
+    keep = extra.setdefault("graph_keep", [])
+    kept = set(map(id, keep))
+    for t in tensors:
+        if t is not None and id(t) not in kept:
+            keep.append(t)
+            kept.add(id(t))
+
+
+_CU_STREAM_CAPTURE_MODE_RELAXED = 2
+_exchange_mode = None  # the driver's cuThreadExchangeStreamCaptureMode; False: not found
+_side_streams: dict = {}
+
+
+def _exchange_capture_mode(mode: int) -> int | None:
+    """Set this thread's CUDA stream-capture mode, returning the previous one (None when the
+    driver library or the call is not available)."""
+    global _exchange_mode
+    if _exchange_mode is None:
+        try:
+            lib = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+            _exchange_mode = lib.cuThreadExchangeStreamCaptureMode
+            _exchange_mode.restype = ctypes.c_int
+            _exchange_mode.argtypes = [ctypes.POINTER(ctypes.c_int)]
+        except (OSError, AttributeError):
+            _exchange_mode = False
+    if not _exchange_mode:
+        return None
+    value = ctypes.c_int(mode)
+    return value.value if _exchange_mode(ctypes.byref(value)) == 0 else None
+
+
+@contextlib.contextmanager
+def outside_capture(device: torch.device) -> Iterator[bool]:
+    """Run the CUDA work of the ``with`` block now, outside the graph being captured: on a
+    side stream that is not capturing, with this thread's capture mode relaxed for the
+    block (as torch's allocator does around its ``cudaMalloc``), then wait for it.  Yields
+    False, and runs the block on the capturing stream, where the mode cannot be changed."""
+    previous = _exchange_capture_mode(_CU_STREAM_CAPTURE_MODE_RELAXED)
+    if previous is None:
+        yield False
+        return
+    try:
+        side = _side_streams.get(device.index)
+        if side is None:
+            side = _side_streams[device.index] = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            yield True
+        side.synchronize()
+    finally:
+        _exchange_capture_mode(previous)
 
 
 def upload(values: list[int], dtype: torch.dtype, device: torch.device, extra: dict,
            tag: str, into: torch.Tensor | None = None) -> torch.Tensor:
     """A device tensor holding ``values`` (``into`` when given, else a new one), copied from
-    pinned host memory without a host sync (never from pageable memory: recent torch refuses
-    that under capture, older torch replays then read a freed host buffer).
+    pinned host memory (never from pageable memory: recent torch refuses that under capture,
+    older torch replays then read a freed host buffer).
 
-    Eager: a fresh pinned buffer per upload (torch's pinned allocator recycles it once the
-    copy has run), plus a spare of the same size kept in ``extra``.  Under CUDA-graph capture:
-    the spare is filled and used (nothing is allocated on the host while capturing) and, with
-    the device tensor, kept for as long as the group exists, because every replay copies
-    from it again.  ``into`` is written in stream order: only pass a tensor that no captured
-    graph reads and that the current stream was the last to use.
+    Eager: without a host sync, from a fresh pinned buffer per upload (torch's pinned
+    allocator recycles it once the copy has run), plus a spare of the same size kept in
+    ``extra``.  Under CUDA-graph capture: the spare is filled (nothing is allocated on the
+    host while capturing) and copied now, outside the graph (:func:`outside_capture`), so
+    the graph reads a table already on the device and no replay copies anything over PCIe;
+    the device tensor is kept for as long as the group exists.  (Where the capture mode
+    cannot be relaxed the copy is captured, and its pinned source kept too.)  ``into`` is
+    written in stream order: only pass a tensor that no captured graph reads and that the
+    current stream was the last to use.
     """
     if device.type != "cuda":
         out = torch.tensor(values, dtype=dtype, device=device)
@@ -166,7 +241,8 @@ def upload(values: list[int], dtype: torch.dtype, device: torch.device, extra: d
     spare_key = f"{tag}_spare"
     spare = extra.get(spare_key)
     fits = spare is not None and spare.numel() == n and spare.dtype == dtype
-    if capturing(device):
+    now_capturing = capturing(device)
+    if now_capturing:
         host = spare if fits else _pinned_empty(n, dtype)  # the latter: torch >= 2.10 only
         extra.pop(spare_key, None)
     else:
@@ -175,7 +251,14 @@ def upload(values: list[int], dtype: torch.dtype, device: torch.device, extra: d
             extra[spare_key] = _pinned_empty(n, dtype)
     host.copy_(torch.tensor(values, dtype=dtype))
     out = _device_empty(n, dtype, device) if into is None else into
-    out.copy_(host, non_blocking=True)
-    if capturing(device):
+    if not now_capturing:
+        out.copy_(host, non_blocking=True)
+        return out
+    with outside_capture(device) as outside:
+        out.copy_(host, non_blocking=True)
+    if outside:
+        extra[spare_key] = host  # done with: the graph holds no copy from it
+        keep_for_graphs(extra, out)
+    else:
         keep_for_graphs(extra, host, out)
     return out

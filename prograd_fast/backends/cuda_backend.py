@@ -22,8 +22,8 @@ import os
 
 import torch
 
-from ._common import (ExtensionBackend, capturing, kernel_args, keep_for_graphs, note_stream,
-                      stats_buffers, upload)
+from ._common import (CaptureError, ExtensionBackend, capturing, kernel_args, keep_for_graphs,
+                      note_stream, refuse_first_step_under_capture, stats_buffers, upload)
 from .. import _ext
 from ..functional import ProGradStats
 
@@ -81,14 +81,16 @@ class CudaBackend(ExtensionBackend):
         return _ext.unavailable_reason("cuda")
 
     def step(self, step) -> ProGradStats:
-        module = _ext.load("cuda")
         device = step.params[0].device
+        refuse_first_step_under_capture(step, device)
+        module = _ext.load("cuda")
         cache = _group_buffers(step.extra.setdefault("cuda", {}), step, module, device)
         args = list(kernel_args(step))
         lr = step.lr
+        now_capturing = capturing(device)
         if isinstance(lr, torch.Tensor) and lr.device != device:
-            if capturing(device):
-                raise RuntimeError(
+            if now_capturing:
+                raise CaptureError(
                     "a CPU tensor lr would be baked into the CUDA graph (a scheduler's later "
                     f"values ignored on replay): pass lr as a 0-d tensor on {device}")
             args[4], args[5] = float(lr), None  # a host read of a CPU tensor: no device sync
@@ -98,10 +100,10 @@ class CudaBackend(ExtensionBackend):
         bufs, workspace, plan = module.prograd_sgd(
             *args, cache["workspace"], cache["slots"], cache["stats_f"], cache["stats_b"],
             requested_plan())
-        if workspace is not cache["workspace"]:
-            cache["workspace"] = workspace
-            if capturing(device):
-                keep_for_graphs(cache, workspace)
+        cache["workspace"] = workspace
+        if now_capturing:  # what the graph reads and writes outlives any layout change
+            keep_for_graphs(cache, cache["stats_f"], cache["stats_b"], cache["slots"],
+                            workspace, *bufs)
         cache["plan"] = plan
         if step.momentum != 0:
             step.momentum_buffers[:] = bufs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..functional import ProGradStats, prograd_sgd
+from ._common import refuse_first_step_under_capture
 
 
 class TorchBackend:
@@ -18,6 +19,8 @@ class TorchBackend:
         return self.step(step)
 
     def step(self, step) -> ProGradStats:
+        if step.params:
+            refuse_first_step_under_capture(step, step.params[0].device)
         return prograd_sgd(step.params, step.grads, step.general_grads, step.momentum_buffers,
                            **step.hyper())
 

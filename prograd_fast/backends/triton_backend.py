@@ -16,22 +16,29 @@ select kernel code or were checked (granularity, momentum, nesterov, maximize, w
 on/off, AMP tensors and a tensor lr with their dtype, device, alignment and size); without
 it, two keys from a few C-level passes: the *addresses* (with every tensor's sizes) and
 the *structure* (the parameters' element counts, every tensor's dtype against p0's,
-contiguity and negation bit, p0's device, the options).  Equal: launch.  A fingerprint that differs always runs the full validation.
-New addresses with the same structure (fresh ``.grad`` after
-``zero_grad(set_to_none=True)`` where the allocator did not hand back the same blocks):
-the full validation runs, then the addresses are re-bound (pointer arguments; for a table,
-one upload into the same device tensor) and the compiled kernels are kept.  A different
-structure: full validation and a new plan.  Scalar values (lr, lam, momentum, dampening,
-weight decay, the AMP and lr tensors themselves) are written into the launchers every step.
+contiguity and negation bit, p0's device, the options).  Equal: launch.  A fingerprint
+whose only change is addresses (a fresh general gradient from ``autograd.grad`` every
+step, ``.grad`` blocks alternating): the pointers are re-bound and, for a table, only its
+address rows are rewritten (one C pass, ``_rebase``), without the full validation.  Any
+other difference runs the full validation.  New addresses with the same structure on the
+Python keys (fresh ``.grad`` after ``zero_grad(set_to_none=True)`` where the allocator did
+not hand back the same blocks): the full validation runs, then the addresses are re-bound
+(pointer arguments; for a table, one upload into the same device tensor) and the compiled
+kernels are kept.  A different structure: full validation and a new plan.  Scalar values
+(lr, lam, momentum, dampening, weight decay, the AMP and lr tensors themselves) are
+written into the launchers every step.
 
 CUDA graphs: after the first step nothing is allocated and nothing is copied from the host
 unless the key changes; when it changes inside a capture (``zero_grad(set_to_none=True)``
-gives ``.grad`` new addresses from the graph's pool), the table is uploaded from pinned
-memory that, like every buffer the captured launches touch, stays alive as long as the
-group.  A tensor ``lr`` on the device is read by the kernels, so a scheduler that writes
-it in place (as torch's schedulers do) steers the replays; a float lr is baked into the
-graph, and a CPU tensor lr is refused under capture.  Buffers used on a stream other than
-the last one get ``record_stream``.
+gives ``.grad`` new addresses from the graph's pool), the table is copied from pinned
+memory at once, outside the graph (``_common.upload``): replays copy nothing.  Whatever a
+captured step reads or writes (the table, statistics, partials, counter, momentum
+buffers) stays alive as long as the group, also when the capture reused the eager plan;
+such a table is never rewritten in place.  A first step with momentum is refused under
+capture (its replays would restart momentum).  A tensor ``lr`` on the device is read by
+the kernels, so a scheduler that writes it in place (as torch's schedulers do) steers the
+replays; a float lr is baked into the graph, and a CPU tensor lr is refused under
+capture.  Buffers used on a stream other than the last one get ``record_stream``.
 
 The returned :class:`ProGradStats` are views of preallocated buffers: the next step
 overwrites them (clone to keep).  Float64 parameters are refused (Triton passes float
@@ -42,13 +49,16 @@ from __future__ import annotations
 
 import operator
 import os
+import struct
 
 import torch
 from torch import Tensor
 
 from .. import _host
 from ..functional import GRANULARITIES, ProGradStats
-from ._common import capturing, keep_for_graphs, note_stream, stats_buffers, upload
+from . import _common
+from ._common import (CaptureError, capturing, keep_for_graphs, note_stream,
+                      refuse_first_step_under_capture, stats_buffers, upload)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _dp = Tensor.data_ptr
@@ -59,6 +69,7 @@ _is_neg = Tensor.is_neg
 _dtype = operator.attrgetter("dtype")
 _NO_KEY = object()  # a key that equals nothing (tensors the key cannot describe)
 _NONE_TYPE = type(None)
+_unpack_addresses = struct.Struct("4q").unpack_from  # a fingerprint's first four words
 # Kernel arguments written every step (in this order; see TritonBackend._launch).
 _STEP_ARGS = ("grad_scale", "lam", "found_inf", "lr", "lr_ptr", "momentum",
               "one_minus_dampening", "weight_decay")
@@ -112,6 +123,7 @@ class _Plan:
         self.cpu_lr = False
         self.device = None
         self.meta: Tensor | None = None  # the offset table (groups of several tensors)
+        self.rows_host: Tensor | None = None  # its tensor rows on the host (CUDA only)
         self.meta_stream = None          # stream that last wrote/used it; None: do not reuse
 
     def __reduce__(self):
@@ -352,9 +364,10 @@ class TritonBackend:
     @staticmethod
     def _new_buffers(step) -> list[bool]:
         """Momentum buffers for the tensors that have none yet (the kernel writes ``buf = u``);
-        which ones were made."""
+        which ones were made.  Refused while capturing (see ``_common``)."""
         firsts = [False] * len(step.params)
         if step.momentum != 0:
+            refuse_first_step_under_capture(step, step.params[0].device)
             bufs = step.momentum_buffers
             for i, b in enumerate(bufs):
                 if b is None:
@@ -394,6 +407,9 @@ class TritonBackend:
             plan.meta = upload(rows, torch.int64, device, step.extra, "triton_table",
                                into=plan.meta if reuse else None)
             plan.meta_stream = None if now_capturing else stream
+            # the rows as uploaded: what an address-only re-bind starts from (see _rebase)
+            plan.rows_host = (torch.tensor(rows[:len(params) * self._k.ROW], dtype=torch.int64)
+                              if device.type == "cuda" else None)
             meta = plan.meta
             for launcher in plan.launchers:
                 launcher.bind(meta=meta, p_ref=p0, d_ref=p0, g_ref=p0, b_ref=p0)
@@ -502,12 +518,76 @@ class TritonBackend:
             if fp is not None:
                 if fp == plan.fp and self._quiet_options(step) == plan.options:
                     return plan, None
+                if plan.fp is not None and self._rebase(plan, step, fp):
+                    return plan, None
             else:
                 keys = self._keys(step)
                 addrs, struct = keys
                 if plan.addrs == addrs and plan.key == struct and struct is not _NO_KEY:
                     return plan, None
         return self._plan_or_reason(step, keys=keys, fp=fp)
+
+    def _rebase(self, plan: _Plan, step, fp: bytes) -> bool:
+        """Only addresses changed (a fresh general gradient every step, alternating
+        ``.grad`` blocks): re-bind the pointers and rewrite only the table's address rows,
+        without the full check.  True when done; False (nothing changed) sends the step
+        through the full check.  The fingerprint's other words -- element counts, every
+        tensor's dtype, sizes and device against its parameter's, contiguity, which general
+        gradients and buffers are present -- equal those the plan was checked with, and so
+        do the options; the addresses are checked here (whole elements from the first
+        parameter, the alignment the kernels were compiled for)."""
+        old = plan.fp
+        if len(fp) != len(old) or self._quiet_options(step) != plan.options:
+            return False
+        params = step.params
+        p0 = params[0]
+        device = plan.device
+        momentum = step.momentum != 0
+        k = self._k
+        if len(params) > 1:
+            address_rows = getattr(_host.module(), "address_rows", None)
+            if address_rows is None:
+                return False
+            meta = plan.meta
+            if (p0.data_ptr() % 16 == 0) != plan.align or meta is None:
+                return False
+            cuda = device.type == "cuda"
+            stream = torch._C._cuda_getCurrentRawStream(device.index) if cuda else "cpu"
+            if plan.meta_stream != stream or capturing(device):
+                return False  # a graph reads this table, or another stream used it last
+            if cuda:
+                if plan.rows_host is None:
+                    return False
+                n_rows = plan.rows_host.numel()
+                staging = _common._pinned_empty(n_rows, torch.int64)  # the last copy may run
+                staging.copy_(plan.rows_host)
+                if not address_rows(fp, old, p0.element_size(), staging.data_ptr(), k.ROW,
+                                    k.BIT_GENERAL, k.BIT_ALIGNED):
+                    return False
+                meta[:n_rows].copy_(staging, non_blocking=True)
+            elif not address_rows(fp, old, p0.element_size(), meta.data_ptr(), k.ROW,
+                                  k.BIT_GENERAL, k.BIT_ALIGNED):
+                return False
+            for launcher in plan.launchers:
+                launcher.bind(meta=meta, p_ref=p0, d_ref=p0, g_ref=p0, b_ref=p0)
+        else:  # one tensor: words 4 and 5 are its structure, 0 to 3 its addresses
+            if fp[32:] != old[32:]:
+                return False
+            a_p, a_d, a_g, a_b = _unpack_addresses(fp)  # 0 for a missing one: aligned
+            if (a_p % 16 == 0, a_d % 16 == 0, a_g % 16 == 0, a_b % 16 == 0) != plan.align:
+                return False
+            size = p0.element_size()
+            if a_p % size or a_d % size or a_g % size or a_b % size:
+                return False
+            d0, g0 = step.grads[0], step.general_grads[0]
+            b0 = step.momentum_buffers[0] if momentum else None
+            for launcher in plan.launchers:
+                launcher.bind(p_ref=p0, d_ref=d0, g_ref=d0 if g0 is None else g0,
+                              b_ref=p0 if b0 is None else b0)
+        plan.owned = plan.owned[:4] + ([plan.meta] if len(params) > 1 else []) \
+            + (list(step.momentum_buffers) if momentum else [])
+        plan.fp, plan.addrs = fp, _NO_KEY  # the Python keys no longer describe the binding
+        return True
 
     @classmethod
     def _quiet_options(cls, step):
@@ -523,7 +603,7 @@ class TritonBackend:
             lr_value, lr_tensor = 0.0, lr
         else:
             if plan.cpu_lr and capturing(device):
-                raise RuntimeError(
+                raise CaptureError(
                     "a CPU tensor lr would be baked into the CUDA graph (a scheduler's later "
                     f"values ignored on replay): pass lr as a 0-d tensor on {device}")
             lr_value, lr_tensor = float(lr), None
@@ -545,6 +625,8 @@ class TritonBackend:
                 args[i_mom] = mom
                 args[i_omd] = omd
                 args[i_wd] = wd
+        if capturing(device):
+            self._own_for_graph(plan, step.extra)
         if device.type == "cuda":
             self._streams(plan, step.extra, device)
             if device.index != torch.cuda.current_device():
@@ -555,6 +637,15 @@ class TritonBackend:
         for launcher in plan.launchers:
             launcher()
         return plan.stats
+
+    @staticmethod
+    def _own_for_graph(plan: _Plan, extra: dict) -> None:
+        """A graph captures these launches (bound now or earlier, eagerly): what they read
+        and write -- the table, statistics, partials, ticket counter, momentum buffers --
+        lives as long as the group, and the table is never rewritten in place again (a
+        later re-bind uploads a new one)."""
+        plan.meta_stream = None
+        keep_for_graphs(extra, *plan.owned)
 
     @staticmethod
     def _streams(plan: _Plan, extra: dict, device) -> None:

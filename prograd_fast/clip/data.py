@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -10,10 +11,10 @@ from torch.utils.data import Dataset
 
 # the data items and their few-shot / base-new selections live in prograd_fast.datasets.items
 # (re-exported here: these names were first defined in this module)
-from ..datasets.items import Item, Split, few_shot, subsample_classes
+from ..datasets.items import Item, Split, few_shot, few_shot_shortfall, subsample_classes
 
 __all__ = ["Item", "Split", "load_image_folder", "load_coop_split", "load_dataset",
-           "few_shot", "subsample_classes", "ImageDataset", "coop_transforms"]
+           "few_shot", "few_shot_shortfall", "subsample_classes", "ImageDataset", "coop_transforms"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -43,6 +44,12 @@ def load_image_folder(root: str | Path) -> Split:
     if not classnames:
         raise ValueError(f"{train_dir} has no class folders")
     train = _folder_items(train_dir, classnames)
+    have = {it.label for it in train}
+    empty = [c for i, c in enumerate(classnames) if i not in have]
+    if empty:  # it would be a class no image teaches and no test can hit
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise ValueError(f"{train_dir / empty[0]}: empty class folder{more}: no image files; "
+                         f"add images or remove the folder")
     val = _folder_items(root / "val", classnames) if (root / "val").is_dir() else []
     test = _folder_items(root / "test", classnames) if (root / "test").is_dir() else []
     if not val and not test:
@@ -56,26 +63,39 @@ def load_coop_split(split_json: str | Path, image_dir: str | Path | None = None)
     from ..datasets.readers import read_split_json
 
     split_json = Path(split_json)
+    given = image_dir is not None
     if image_dir is None:
         image_dir = split_json.parent / "images"
         if not image_dir.is_dir():
             image_dir = split_json.parent
     split = read_split_json(str(split_json), str(image_dir), require_all=False)
+    first = split.train[0].path
+    if not Path(first).exists():  # say where the images were looked for
+        rel = os.path.relpath(first, str(image_dir))
+        looked = (str(image_dir) if given else
+                  f"{split_json.parent / 'images'} and {split_json.parent}")
+        raise FileNotFoundError(
+            f"{split_json}: its first image {rel!r} is not in {looked}"
+            + (" (the image root given)" if given else
+               "; --image-root DIR names the folder the split's image paths start from"))
     val = split.val or split.test
     return Split(split.train, val, split.test or val, split.classnames)
 
 
-def load_dataset(root: str | Path) -> Split:
+def load_dataset(root: str | Path, image_dir: str | Path | None = None) -> Split:
     """An ImageFolder root (has ``train/``), a CoOp split JSON file, or a folder holding one
-    (``split_*.json``)."""
+    (``split_*.json``); ``image_dir``: a split's image folder (see :func:`load_coop_split`)."""
     root = Path(root)
     if root.is_file() and root.suffix == ".json":
-        return load_coop_split(root)
+        return load_coop_split(root, image_dir)
     if (root / "train").is_dir():
+        if image_dir is not None:
+            raise ValueError(f"{root} is an ImageFolder root: an image folder is only for a "
+                             f"CoOp split JSON")
         return load_image_folder(root)
     splits = sorted(root.glob("split_*.json")) if root.is_dir() else []
     if len(splits) == 1:
-        return load_coop_split(splits[0])
+        return load_coop_split(splits[0], image_dir)
     raise FileNotFoundError(f"{root}: not an ImageFolder root (train/<class>/...) nor a CoOp "
                             f"split JSON (found {len(splits)} split_*.json)")
 

@@ -175,7 +175,7 @@ def coop_lr_lambda(max_epoch: int, warmup_epochs: int = 1, base_lr: float = 0.00
 
     def factor(epoch: int) -> float:
         if epoch < warmup_epochs:
-            return warmup_lr / base_lr
+            return warmup_lr / base_lr if base_lr > 0 else 0.0  # lr 0: any factor gives 0
         t = min(epoch - warmup_epochs, max_epoch)
         return 0.5 * (1.0 + math.cos(math.pi * t / max_epoch))
 

@@ -9,7 +9,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Item", "Split", "few_shot", "subsample_classes", "class_subset"]
+__all__ = ["Item", "Split", "few_shot", "few_shot_shortfall", "subsample_classes",
+           "class_subset"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,24 @@ def few_shot(items: Sequence[Item], shots: int, seed: int) -> list[Item]:
     for group in by_label.values():
         out.extend(rng.sample(group, shots) if len(group) >= shots else group)
     return out
+
+
+def few_shot_shortfall(split: Split, shots: int) -> str | None:
+    """A one-line warning when some class of ``split.train`` has fewer than ``shots`` items
+    (:func:`few_shot` then takes all it has, as Dassl does), else None."""
+    if shots <= 0:
+        return None
+    counts = [0] * len(split.classnames)
+    for it in split.train:
+        counts[it.label] += 1
+    short = [i for i, n in enumerate(counts) if n < shots]
+    if not short:
+        return None
+    low = min(short, key=lambda i: counts[i])
+    return (f"--shots {shots}: {len(short)} of {len(counts)} classes have fewer training images "
+            f"(fewest: {split.classnames[low]!r} with {counts[low]}); they train on all they "
+            f"have, as Dassl's few-shot sampler does")
+
 
 
 def subsample_classes(split: Split, which: str) -> Split:

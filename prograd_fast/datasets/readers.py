@@ -225,6 +225,12 @@ def _read_imagenet(spec: DatasetSpec, folder: str) -> Split:
                            f"class folders (labels follow their sorted names); they differ in {odd}")
     parts = {split: _folder_items(d, folders[split], classnames, names_file)
              for split, d in dirs.items()}
+    have = {it.label for it in parts["train"]}
+    empty = [f for label, f in enumerate(folders["train"]) if label not in have]
+    if empty:  # a class no image teaches
+        raise DatasetError(f"{os.path.join(dirs['train'], empty[0])}: empty class folder"
+                           + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
+                           + ": no images; add images or remove it from train/ and val/")
     names = [classnames[f] for f in folders["train"]]
     return Split(parts["train"], parts["val"], parts["val"], names)
 

@@ -3,13 +3,15 @@
 A *run* is one prompt: trained (CoOp / ProGrad) on a data set's few-shot split, or the
 zero-shot prompt.  It lives in ``<output>/runs/<data set>/<classes>/<method>/
 shots<K>-seed<S>-ep<E>-<hash>/`` (the hash covers every setting that changes the result:
-model weights, schedule, prompt, precision, inputs, the few-shot images), holding the
-trainer's ``checkpoint.pt`` and logs and ``result.json`` (accuracy per test set and the
-test list it was made on, written atomically when the run's tests are done).  A rerun
-skips runs whose ``result.json`` has every test the protocol needs, made on the current
-test lists; resumes a killed run from its checkpoint; and only tests a finished one that
-lacks a test (e.g. an ImageNet run trained by ``xd``, then used by ``dg``) or whose test
-list changed.
+model weights, schedule, prompt, precision, inputs, the few-shot images: paths, labels,
+sizes and modification times), holding the trainer's ``checkpoint.pt`` and logs and
+``result.json`` (accuracy per test set and the test set it was made on, sealed with a digest
+and written atomically when the run's tests are done).  A rerun skips runs whose intact
+``result.json`` has every test the protocol needs, made on the current test sets; resumes a
+killed run from its checkpoint (an unreadable one is moved aside and the run trained
+again); and only tests a finished one that lacks a test (e.g. an ImageNet run trained by
+``xd``, then used by ``dg``), whose test set changed, or whose ``result.json`` is damaged.
+It says which runs it redoes and why.
 
 Test sets are named ``<data set>/<classes>`` (``oxford_pets/base``, ``imagenet_a/all``)
 and evaluated on cached image features (:mod:`.features`): a test set's images are encoded
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,21 +34,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..atomic import atomic_write_json
 from ..clip import PromptedCLIP, parallel
-from ..clip.load import load_model
 from ..clip.data import ImageDataset, coop_transforms
+from ..clip.load import load_model
 from ..clip.trainer import PRECISIONS, TrainConfig, Trainer, correct_counts, transfer_context
 from ..datasets import dataset_folder, few_shot_train, get_spec, read_dataset
-from ..datasets.items import Split, class_subset, subsample_classes
+from ..datasets.items import Split, class_subset, few_shot_shortfall, subsample_classes
 from ..datasets.registry import DatasetError
 from ..methods import get_method
 from .config import (DEFAULT_SETTING, METHODS, PROTOCOLS, SETTING_MODELS, SOURCE,
                      PromptOverrides, ProtocolError, Schedule, default_datasets, default_shots,
                      method_prompt, official_schedule)
 from .features import FeatureCache, model_fingerprint
+from .records import check_result, move_aside, seal, why_redone
 
 __all__ = ["Run", "GridOptions", "plan", "GridRunner", "RUN_FORMAT"]
 
-RUN_FORMAT = 2
+RUN_FORMAT = 3
 FEATURES_IN_MEMORY = 4 << 30  # bytes of test features kept between runs (ImageNet ViT-B: 0.1 GB)
 
 
@@ -161,6 +165,14 @@ def _check_options(opts: GridOptions) -> None:
     if opts.prompt.csc and opts.protocol != "fewshot":
         raise ProtocolError(f"--csc: a class-specific context cannot be tested on other classes "
                             f"({opts.protocol} does): use it with fewshot")
+    from ..runs import RunFolderError, check_writable
+
+    try:
+        check_writable(Path(opts.output_dir))
+        if opts.cache_dir:
+            check_writable(Path(opts.cache_dir), "--cache-dir")
+    except RunFolderError as e:
+        raise ProtocolError(str(e)) from None
 
 
 class GridRunner:
@@ -173,6 +185,7 @@ class GridRunner:
         self.log = log if parallel.is_main() else (lambda *a, **k: None)
         self._splits: dict[str, tuple] = {}
         self._fewshot: dict[tuple[str, int, int], tuple] = {}
+        self._warned: set[tuple[str, int]] = set()  # (data set, shots) with too few images
         self.runs = plan(opts.protocol, opts.datasets, opts.methods, opts.shots, opts.seeds,
                          opts.source, opts.setting)
         for name in {r.dataset for r in self.runs} | {t.split("/")[0] for r in self.runs
@@ -195,6 +208,25 @@ class GridRunner:
         self._features: dict[str, tuple] = {}
         self._test_ids: dict[str, str] = {}
         self.trained = 0  # runs that trained at least one epoch in this call
+        self._check_images()
+
+    def _check_images(self) -> None:
+        """Read the header (and JPEG stream) of every image this call will load, before the
+        first run: the few-shot sets of runs with work left and the test sets whose features
+        are not cached.  A bad one is one line naming it."""
+        from ..datasets.images import check_images
+
+        todo = parallel.broadcast_object([i for i, r in enumerate(self.runs)
+                                          if self._missing(r, self._result(r)[0])]
+                                         if parallel.is_main() else None)
+        for i in todo:
+            if self.runs[i].trained:
+                check_images(self._few_shot(self.runs[i])[0])
+        for name in dict.fromkeys(t.split("/")[0] for i in todo for t in self.runs[i].tests):
+            _, split, _ = self._split(name)
+            key, _ = self.cache.key(self.clip, split.test, self.test_tf)
+            if self.cache.root is None or not (self.cache.root / f"{key}.pt").is_file():
+                check_images(split.test)
 
     # ------------------------------------------------------------------ data
     def _split(self, name: str):
@@ -211,6 +243,10 @@ class GridRunner:
             spec, full, folder = self._split(run.dataset)
             items, source = few_shot_train(spec, folder, full, run.shots, run.seed)
             self._fewshot[key] = (items, source, _items_id(items, folder))
+            short = few_shot_shortfall(full, run.shots) if source == "draw" else None
+            if short and parallel.is_main() and (run.dataset, run.shots) not in self._warned:
+                self._warned.add((run.dataset, run.shots))
+                print(f"prograd-fast: warning: {run.dataset}: {short}", file=sys.stderr)
         return self._fewshot[key]
 
     def _test_id(self, name: str) -> str:
@@ -271,16 +307,28 @@ class GridRunner:
         return base / f"shots{run.shots}-seed{run.seed}-ep{settings['schedule']['epochs']}-{digest}"
 
     # ------------------------------------------------------------------ one run
-    def _result(self, run: Run) -> dict:
+    def _result(self, run: Run) -> tuple[dict, str | None]:
+        """The run's result (empty when there is none) and why a ``result.json`` there was
+        not used (None: it was, or there was none)."""
         path = self.run_dir(run) / "result.json"
+        settings = self.settings(run)
         if parallel.is_main() and path.is_file():
             try:
                 data = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                data = None  # never half-written by us; a hand-edited file is redone
-            if isinstance(data, dict) and isinstance(data.get("tests"), dict):
-                return data
-        return {"settings": self.settings(run), "tests": {}}
+            except (OSError, ValueError):  # never half-written by us
+                data, why = None, "is not valid JSON"
+            else:
+                why = check_result(data, settings)
+            if why is None:
+                return data, None
+            return {"settings": settings, "tests": {}}, f"{path} {why}"
+        return {"settings": settings, "tests": {}}, None
+
+    def _missing(self, run: Run, result: dict) -> list[str]:
+        """The run's tests that its result lacks or made on another test list."""
+        made_on = result.get("test_sets", {})
+        return [t for t in run.tests if t not in result["tests"]
+                or made_on.get(t) != self._test_id(t.split("/")[0])]
 
     def _train(self, run: Run, out: Path) -> tuple[PromptedCLIP, str, int]:
         """The trained prompt (resumed, or loaded when finished), where its few-shot items
@@ -310,7 +358,19 @@ class GridRunner:
                           output_dir=str(out), progress=self.opts.progress, inputs=inputs,
                           plot=False, extra={"few_shot_source": source})
         trainer = Trainer(model, train_set, None, cfg, self.device)
-        if trainer.maybe_resume() and trainer.epoch < s.epochs:
+        try:
+            resumed = trainer.maybe_resume()
+        except Exception as e:  # unreadable or not this run's: keep it for a look, train again
+            path = out / "checkpoint.pt"
+            parallel.barrier()  # every process has read it before it moves
+            if parallel.is_main() and path.exists():
+                aside = move_aside(path)
+                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                self.log(f"{run.title()}: {path} is unreadable ({reason}): moved to "
+                         f"{aside.name}; training again")
+            parallel.barrier()
+            return self._train(run, out)
+        if resumed and trainer.epoch < s.epochs:
             self.log(f"{run.title()}: resuming from the checkpoint of epoch {trainer.epoch}")
         start = trainer.epoch
         trainer.fit(resume=False)
@@ -345,13 +405,25 @@ class GridRunner:
     def execute(self, run: Run) -> dict:
         """Train (or resume) and test ``run`` unless its result is complete; its result."""
         out = self.run_dir(run)
-        result = parallel.broadcast_object(self._result(run))
+        result, why = parallel.broadcast_object(self._result(run))
         ids = {t: self._test_id(t.split("/")[0]) for t in run.tests}
         made_on = result.setdefault("test_sets", {})
         # a test made on another test list (the data set changed since) is made again
-        missing = [t for t in run.tests if t not in result["tests"] or made_on.get(t) != ids[t]]
+        missing = self._missing(run, result)
         if not missing:
             return result
+        if why is not None:
+            self.log(f"{run.title()}: {why}: testing it again")
+        elif result["tests"]:
+            changed = [t for t in missing if t in result["tests"]]
+            if changed:
+                self.log(f"{run.title()}: test set(s) {', '.join(changed)} changed since tested "
+                         f"(images, labels, sizes or modification times): testing again")
+        elif not out.exists():
+            redone = why_redone(out, result["settings"])
+            if redone:
+                self.log(f"{run.title()}: {redone}: {'training' if run.trained else 'testing'} "
+                         f"it again in {out.name}")
         start = time.time()
         model = None
         if run.trained:
@@ -363,6 +435,7 @@ class GridRunner:
             result["tests"][test] = self._test(run, model, test)
             result["test_sets"][test] = ids[test]
         result["seconds"] = round(time.time() - start, 2)
+        result = seal(result)
         if parallel.is_main():
             atomic_write_json(out / "result.json", result)
         parallel.barrier()
@@ -394,9 +467,15 @@ class GridRunner:
 
 
 def _items_id(items, folder: str) -> str:
-    """SHA-256 of the items' paths under the data set folder and labels (not their bytes:
-    that is the feature cache's job): which images a run trains or is tested on."""
+    """SHA-256 of the items' paths under the data set folder, labels, sizes and modification
+    times (as the feature cache keys images): which images a run trains or is tested on, and
+    whether any was replaced since."""
     h = hashlib.sha256()
     for it in items:
-        h.update(f"{os.path.relpath(str(it.path), folder)}\0{it.label}\n".encode())
+        try:
+            st = os.stat(it.path)
+            stat = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:
+            stat = "missing"
+        h.update(f"{os.path.relpath(str(it.path), folder)}\0{it.label}\0{stat}\n".encode())
     return h.hexdigest()[:16]
