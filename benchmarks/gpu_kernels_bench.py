@@ -275,7 +275,13 @@ class RowWriter:
         self.rows: list[dict] = []
         self.path = Path(out) / "gpu_kernels_bench.jsonl" if out else None
         self._file = open(self.path, "w") if self.path else None
-        self._write(dict(meta=meta))
+        self.meta(meta)
+
+    def meta(self, facts: dict) -> None:
+        """Facts about the run (several lines add up), written before what needs the GPU."""
+        self._write(dict(meta=facts))
+
+    def header(self) -> None:
         print("| scenario | implementation | wall us/step | device us/step | floor us | wall/floor |")
         print("|---|---|---|---|---|---|", flush=True)
 
@@ -353,21 +359,25 @@ def main(argv=None) -> int:
         for phase, scen, name, _ in order:
             print(f"{phase:8s}{scen} | {name}")
         return 0
-    reasons = available_backends()
-    bw = copy_bandwidth(device)
     try:
         import triton
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - optional
         triton_version = None
-    meta = dict(device=str(device), device_name=_device_name(device), torch=torch.__version__,
-                triton=triton_version, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                bandwidth_Bps=bw, granularity=args.granularity)
+    meta = dict(device=str(device), torch=torch.__version__, triton=triton_version,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                granularity=args.granularity)
+    writer = RowWriter(os.environ.get("OUT"), meta)  # on disk before the first CUDA call
+    reasons = available_backends()
+    gpu = dict(device_name=_device_name(device), bandwidth_Bps=copy_bandwidth(device))
+    writer.meta(gpu)
+    meta.update(gpu)
+    bw = gpu["bandwidth_Bps"]
     print(f"\n## ProGrad-SGD step, {device.type} ({meta['device_name']}), fp32, granularity="
           f"{args.granularity}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s (read+write); floor = 32 B/elem at "
           f"that rate (24 B for a single-pass plan)\n", flush=True)
-    writer = RowWriter(os.environ.get("OUT"), meta)
+    writer.header()
     results = writer.rows
     left = (lambda: args.budget_s - (time.perf_counter() - start)) if args.budget_s > 0 else (lambda: math.inf)
     try:

@@ -185,3 +185,28 @@ def test_host_report_renders_targets_and_the_paired_ratio(tmp_path):
     assert "| test_host_path[maple27-c] | 25.0 us | 1.0 us | 20 us | FAIL |" in text
     assert "| test_host_path[maple27-python] | 90.0 us | 1.0 us |  |  | Python path (no helper" in text
     assert "PASS | paired cpp / torch fused SGD = 0.80x" in text
+
+
+def test_rehearsal_hook_stops_a_process_at_its_first_cuda_call(tmp_path):
+    """benchmarks/rehearsal/sitecustomize.py: a GPU path runs up to its first CUDA call."""
+    script = tmp_path / "gpu_script.py"
+    script.write_text("import torch\nassert torch.cuda.is_available()\nx = torch.ones(2)\n"
+                      "print('before', flush=True)\ny = torch.ones(2, device='cuda')\n"
+                      "print('after')\n")
+    env = dict(os.environ, PROGRAD_FAST_REHEARSAL="1",
+               PYTHONPATH=str(ROOT / "benchmarks" / "rehearsal"))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 86, proc.stdout + proc.stderr
+    assert "before" in proc.stdout and "after" not in proc.stdout
+    assert f"REHEARSAL STOP before the first CUDA call: {script}:5" in proc.stdout
+    env.pop("PROGRAD_FAST_REHEARSAL")  # without the switch the hook does nothing
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == str(torch_cuda_available())
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
