@@ -70,6 +70,8 @@ REHEARSAL_STOP=86  # benchmarks/rehearsal/sitecustomize.py: stopped before the f
 if [ "$REHEARSAL" != "0" ]; then
     export PROGRAD_FAST_REHEARSAL=1
     export PYTHONPATH=$PWD/benchmarks/rehearsal${PYTHONPATH:+:$PYTHONPATH}
+    PROGRAD_FAST_REHEARSAL_STOPS=$(mktemp /tmp/rehearsal_stops.XXXXXX)  # where each stopped
+    export PROGRAD_FAST_REHEARSAL_STOPS
 fi
 SUMMARY=()
 VERDICTS="$OUTDIR/verdicts.txt"
@@ -114,7 +116,10 @@ run_step() {
     if [ $rc -eq 0 ]; then
         note "ok    $name (${secs}s)"
     elif [ "$REHEARSAL" != "0" ] && [ $rc -eq $REHEARSAL_STOP ]; then
-        note "rehearsed $name (stopped at its first CUDA call after ${secs}s)"
+        local where
+        where=$(tail -n 1 "$PROGRAD_FAST_REHEARSAL_STOPS" | sed 's/.*CUDA call: //')
+        note "rehearsed $name (stopped at its first CUDA call, ${where#"$PWD/"}, after ${secs}s)"
+        : > "$PROGRAD_FAST_REHEARSAL_STOPS"
         rc=0
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
         note "TIME  $name (killed after ${secs}s)"

@@ -193,13 +193,15 @@ def test_rehearsal_hook_stops_a_process_at_its_first_cuda_call(tmp_path):
     script.write_text("import torch\nassert torch.cuda.is_available()\nx = torch.ones(2)\n"
                       "print('before', flush=True)\ny = torch.ones(2, device='cuda')\n"
                       "print('after')\n")
-    env = dict(os.environ, PROGRAD_FAST_REHEARSAL="1",
+    stops = tmp_path / "stops"
+    env = dict(os.environ, PROGRAD_FAST_REHEARSAL="1", PROGRAD_FAST_REHEARSAL_STOPS=str(stops),
                PYTHONPATH=str(ROOT / "benchmarks" / "rehearsal"))
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 86, proc.stdout + proc.stderr
     assert "before" in proc.stdout and "after" not in proc.stdout
     assert f"REHEARSAL STOP before the first CUDA call: {script}:5" in proc.stdout
+    assert stops.read_text().endswith(f"{script}:5 in <module>\n")  # seen under pytest too
     env.pop("PROGRAD_FAST_REHEARSAL")  # without the switch the hook does nothing
     proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -3,7 +3,8 @@
 With ``PROGRAD_FAST_REHEARSAL=1`` and this folder on ``PYTHONPATH`` (device_check.sh sets both
 in rehearsal mode), every Python process sees ``torch.cuda.is_available() == True``, so it
 takes its GPU path, and stops at its first CUDA call (torch's lazy CUDA initialisation),
-printing where, with exit status 86: everything before it (imports, test collection,
+printing where (and appending it to the file ``PROGRAD_FAST_REHEARSAL_STOPS`` names, if
+set: pytest captures the output of a test), with exit status 86: everything before it (imports, test collection,
 argument parsing, extension builds and loads, files written) runs as on the GPU machine.
 torch is patched when ``torch.cuda`` is first imported, so processes that never import torch
 (pip, nvcc) are untouched.
@@ -31,8 +32,13 @@ def _where() -> str:
 
 
 def _stop(*args, **kwargs):
-    print(f"REHEARSAL STOP before the first CUDA call: {_where()}", flush=True)
+    line = f"REHEARSAL STOP before the first CUDA call: {_where()}"
+    print(line, flush=True)
     sys.stderr.flush()
+    record = os.environ.get("PROGRAD_FAST_REHEARSAL_STOPS")
+    if record:
+        with open(record, "a") as f:
+            f.write(line + "\n")
     os._exit(STOP_STATUS)
 
 
