@@ -20,6 +20,10 @@
 #  5. prints the check's summary, the files in $OUT and the wall time; exit status 0 when
 #     every step passed or was rehearsed.
 # Not run in CI (the download alone is several GB); CI keeps the plan-only dry run.
+# The step limits are the GPU machine's (16 idle cores there): on a small, busy machine the
+# three builds in parallel can pass the 150 s build limit (the CUDA extension alone is about
+# 50 CPU-seconds), and the steps after it then run without the extensions;
+# DEVICE_CHECK_BUILD_S=400 lets them finish here, so the later steps load them.
 #
 # Environment: REHEARSAL_CACHE, REHEARSAL_PYTHON (a python3.12; default: found on PATH or
 # under pyenv), OUT (default $REHEARSAL_CACHE/out, emptied first), and device_check.sh's own.
