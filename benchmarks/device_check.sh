@@ -42,7 +42,8 @@
 # running them (each command printed, inline Python syntax-checked): CI uses it so that the
 # GPU run does not meet a typo first.  Rehearsal runs every GPU step for real on a machine
 # without a GPU, each Python process stopped at its first CUDA call (benchmarks/rehearsal/
-# sitecustomize.py; the step reads "rehearsed"); compute-sanitizer is left out.
+# sitecustomize.py; the step reads "rehearsed"); compute-sanitizer is left out, and the Triton
+# kernels are compiled for sm_90 (no launch) with the machine's triton after the builds.
 #
 # Environment: PYTHON (default python3), OUT (logs, JSON, BENCHMARKS.md), DEVICE_CHECK_SITE
 # (where carried wheels go, default /tmp/site), PROGRAD_FAST_BUILD_DIR (default
@@ -211,6 +212,10 @@ procs = [subprocess.Popen([sys.executable, "-c", code, kind]) for kind in ("cuda
 sys.exit(max(p.wait() for p in procs))
 EOF
 export PROGRAD_FAST_PREBUILT=1  # from here on an extension that did not build is unavailable
+if [ "$REHEARSAL" != "0" ]; then  # no kernel launches here: compile the Triton kernels instead
+    run_step "rehearsal: Triton kernels compile for sm_90 with this triton (no launch)" 60 \
+        $PY -m pytest -q -p no:cacheprovider tests/test_triton_backend.py -k compile_for_sm90
+fi
 
 BENCH_S=${DEVICE_CHECK_BENCH_S:-100}
 run_step "time the fused backends, torch's fused SGD, the peers: benchmarks/gpu_kernels_bench.py" \
