@@ -292,8 +292,8 @@ def main(argv=None) -> int:
     print(f"prompt tokens through the text tower per step: official/paper 77 x {len(names)} = "
           f"{77 * len(names)}, prograd_fast_unshared {fast.model.prompt_learner.length} x "
           f"{len(names)} = {fast.model.prompt_learner.length * len(names)}, prograd_fast "
-          f"{shared.tokens_per_step if shared is not None else 'n/a'} ({shared.layout if shared is not None else 'off'})",
-          flush=True)
+          f"{shared.tokens_per_step if shared is not None else 'n/a'} "
+          f"({shared.layout if shared is not None else 'off'})", flush=True)
     iters = args.iters or (20 if device.type == "cuda" else 5)
     fns = step_fns(paper, fast, images, labels, clip, names)
     times = dict(zip(fns, time_steps(list(fns.values()), device, iters)))

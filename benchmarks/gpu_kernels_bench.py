@@ -282,7 +282,8 @@ class RowWriter:
         self._write(dict(meta=facts))
 
     def header(self) -> None:
-        print("| scenario | implementation | wall us/step | device us/step | floor us | wall/floor |")
+        print("| scenario | implementation | wall us/step | device us/step | floor us "
+              "| wall/floor |")
         print("|---|---|---|---|---|---|", flush=True)
 
     def _write(self, item: dict) -> None:
@@ -330,7 +331,10 @@ def measure(make, name, scen, shapes, device, reasons, quick, bw) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if isinstance(runner, ProGradRunner) and backend == "cuda" and "[" not in name:
-        chosen = runner.opt._backend_cache[0].get("cuda", {}).get("plan")
+        try:  # the plan the backend chose (internal state: never let it end the run)
+            chosen = runner.opt._backend_cache[0].get("cuda", {}).get("plan")
+        except Exception:  # noqa: BLE001
+            chosen = "?"
         name = f"{name} plan={PLAN_NAMES.get(chosen, chosen)}"
     floor = device_verdicts.bytes_per_element(name) * elements / bw * 1e6
     return dict(scenario=scen, impl=name, tensors=len(shapes), elements=elements, wall_us=wall,
@@ -342,7 +346,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="few iterations (smoke test)")
     ap.add_argument("--granularity", default="tensor", choices=("tensor", "global"))
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("GPU_BENCH_BUDGET_S", 0)),
+    ap.add_argument("--budget-s", type=float,
+                    default=float(os.environ.get("GPU_BENCH_BUDGET_S", 0)),
                     help="stop starting measurements after this many seconds (0: no limit; "
                          "env GPU_BENCH_BUDGET_S); the compile peer runs only with "
                          "--compile-reserve-s left")
@@ -379,15 +384,20 @@ def main(argv=None) -> int:
           f"that rate (24 B for a single-pass plan)\n", flush=True)
     writer.header()
     results = writer.rows
-    left = (lambda: args.budget_s - (time.perf_counter() - start)) if args.budget_s > 0 else (lambda: math.inf)
+    def left() -> float:
+        spent = time.perf_counter() - start
+        return args.budget_s - spent if args.budget_s > 0 else math.inf
+
     try:
         for i, (phase, scen, name, make) in enumerate(order):
             need = args.compile_reserve_s if phase == "compile" else 1.0
             if left() < need:
-                writer.add(dict(scenario=scen, impl=name, skipped=f"time budget: {max(left(), 0):.0f} s "
-                                f"left of {args.budget_s:.0f} s, {need:.0f} s needed"))
+                why = (f"time budget: {max(left(), 0):.0f} s left of {args.budget_s:.0f} s, "
+                       f"{need:.0f} s needed")
+                writer.add(dict(scenario=scen, impl=name, skipped=why))
             else:
-                writer.add(measure(make, name, scen, scenarios[scen], device, reasons, args.quick, bw))
+                writer.add(measure(make, name, scen, scenarios[scen], device, reasons,
+                                   args.quick, bw))
             last_of_scenario = i + 1 == len(order) or order[i + 1][:2] != (phase, scen)
             if device.type == "cuda" and phase == "fused" and last_of_scenario:
                 target = next((t for t in device_verdicts.TARGETS if t[0] == scen), None)

@@ -236,7 +236,8 @@ def _lock_stale_seconds() -> float:
     try:
         return float(text) if text else DEFAULT_LOCK_STALE_S
     except ValueError:
-        raise ExtensionUnavailable(f"{LOCK_STALE_ENV} must be a number of seconds, got {text!r}") from None
+        raise ExtensionUnavailable(
+            f"{LOCK_STALE_ENV} must be a number of seconds, got {text!r}") from None
 
 
 def _clear_stale_lock(directory: Path, stale_after_s: float, poll_s: float = 0.5) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def test_plan_mode_prints_the_order(capsys):
 
 class _Runner:
     def __init__(self, *args, **kwargs):
-        pass
+        self.opt = types.SimpleNamespace(_backend_cache=[{"cuda": {"plan": 1}}])
 
     def __call__(self):
         pass
@@ -92,3 +93,29 @@ def test_no_measurement_starts_past_the_budget(stubbed, monkeypatch):
     assert rows and all("time budget" in r["skipped"] for r in rows)
     final = json.loads((stubbed.parent / "gpu_kernels_bench.json").read_text())
     assert final["results"] == rows
+
+
+def test_each_verdict_is_printed_as_soon_as_its_rows_exist(stubbed, monkeypatch, capsys):
+    """On CUDA (stubbed): the CoOp verdict comes right after CoOp's fused rows, before
+    anything else is measured."""
+    fake_peers = types.SimpleNamespace(
+        PEERS=dict.fromkeys(("paper_style", "foreach", "torch_sgd", "compile")),
+        make_problem=lambda *a, **k: None,
+        build=lambda name, problem: types.SimpleNamespace(step=lambda: None))
+    monkeypatch.setattr(gkb, "peers", fake_peers)
+    monkeypatch.setattr(gkb, "_device_name", lambda device: "Stub GPU")
+    monkeypatch.setattr(gkb, "make_group", lambda *a, **k: ([], [], []))
+    monkeypatch.setattr(gkb, "GPU_SCENARIOS", {k: gkb.GPU_SCENARIOS[k]
+                                               for k in ("coop 16x512", "maple 27 / 3.6M")})
+    seen = []
+
+    def timer(fn, device, budget_s, quick, warmup=3, rounds=5):
+        seen.append(capsys.readouterr().out)  # what was printed before this measurement
+        return (20.0 if len(seen) == 3 else 10.0), 9.0, 3  # the third is torch_sgd
+
+    monkeypatch.setattr(gkb, "time_runner", timer)
+    assert gkb.main(["--device", "cuda", "--compile-reserve-s", "0"]) == 0
+    assert not any("VERDICT" in out for out in seen[:3])
+    assert "VERDICT PASS coop 16x512: 0.500x torch fused SGD" in seen[3]
+    assert "(prograd_fast-triton 10.0 us, torch_sgd 20.0 us; cuda plan=small 10.0 us)" in seen[3]
+    assert "[Stub GPU, copy 10 GB/s]" in seen[3]

@@ -4,8 +4,9 @@ With ``PROGRAD_FAST_REHEARSAL=1`` and this folder on ``PYTHONPATH`` (device_chec
 in rehearsal mode), every Python process sees ``torch.cuda.is_available() == True``, so it
 takes its GPU path, and stops at its first CUDA call (torch's lazy CUDA initialisation),
 printing where (and appending it to the file ``PROGRAD_FAST_REHEARSAL_STOPS`` names, if
-set: pytest captures the output of a test), with exit status 86: everything before it (imports, test collection,
-argument parsing, extension builds and loads, files written) runs as on the GPU machine.
+set: pytest captures the output of a test), with exit status 86: everything before it
+(imports, test collection, argument parsing, extension builds and loads, files written) runs
+as on the GPU machine.
 torch is patched when ``torch.cuda`` is first imported, so processes that never import torch
 (pip, nvcc) are untouched.
 """
