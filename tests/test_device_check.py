@@ -178,13 +178,20 @@ def test_host_report_renders_targets_and_the_paired_ratio(tmp_path):
               paired_python_over_c=2.5),
         bench("test_host_path[maple27-c]", 25.0, target_us=20.0, tensors=27, host="c"),
         bench("test_host_path[maple27-python]", 90.0, tensors=27, host="python"),
-        bench("test_whole_step[cpp]", 12.0, paired_over_torch_fused=0.8)])
+        bench("test_whole_step[cpp]", 12.0, paired_over_torch_fused=0.8),
+        bench("test_host_path_alternating[coop-c-cpu]", 9.0, target_ratio=1.5,
+              paired_alternating_over_stable=1.3),
+        bench("test_host_path_alternating[maple27-c-cpu]", 40.0, target_ratio=1.5,
+              paired_alternating_over_stable=2.0)])
     text = host_report.render(data, "cmd")
     assert "| test_host_path[coop-c] | 7.5 us | 1.0 us | 8 us | PASS | paired Python path / C " \
         "helper = 2.5x" in text
     assert "| test_host_path[maple27-c] | 25.0 us | 1.0 us | 20 us | FAIL |" in text
     assert "| test_host_path[maple27-python] | 90.0 us | 1.0 us |  |  | Python path (no helper" in text
     assert "PASS | paired cpp / torch fused SGD = 0.80x" in text
+    assert "| test_host_path_alternating[coop-c-cpu] | 9.0 us | 1.0 us |  | PASS | paired " \
+        "alternating / stable addresses = 1.30x (target <= 1.5x)" in text
+    assert "| test_host_path_alternating[maple27-c-cpu] | 40.0 us | 1.0 us |  | FAIL |" in text
 
 
 def test_rehearsal_hook_stops_a_process_at_its_first_cuda_call(tmp_path):
