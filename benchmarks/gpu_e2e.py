@@ -279,22 +279,24 @@ def main(argv=None) -> int:
         return 0
     paper, fast, images, labels, size, clip, names = setup(
         device, args.model, args.classes, args.batch, args.image_size)
-    rel, fired = check_same_math(clip, names[:10], images[:4], ctx_scale=1.0)
-    rel_coop = check_same_coop(clip, names[:10], images[:4], labels[:4] % 10)
-    iters = args.iters or (20 if device.type == "cuda" else 5)
-    fns = step_fns(paper, fast, images, labels, clip, names)
-    times = dict(zip(fns, time_steps(list(fns.values()), device, iters)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     shared = fast.model.shared_prefix
     print(f"\nOne CoOp / ProGrad step, {args.model} (random weights), {size['n_classes']} classes, "
           f"batch {size['batch']}, image {size['image_size']}px, {name}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, prograd_fast autocast {fast.autocast}")
+          f"{torch.get_num_threads()} threads, prograd_fast autocast {fast.autocast}", flush=True)
+    # Each fact as soon as it is known: a run cut short by its time limit keeps them.
+    rel, fired = check_same_math(clip, names[:10], images[:4], ctx_scale=1.0)
+    rel_coop = check_same_coop(clip, names[:10], images[:4], labels[:4] % 10)
     print(f"same math (fp64, 2 steps): ProGrad max relative difference of the context {rel:.1e} "
           f"(projection fired in {fired}), CoOp {rel_coop:.1e}")
     print(f"prompt tokens through the text tower per step: official/paper 77 x {len(names)} = "
           f"{77 * len(names)}, prograd_fast_unshared {fast.model.prompt_learner.length} x "
           f"{len(names)} = {fast.model.prompt_learner.length * len(names)}, prograd_fast "
-          f"{shared.tokens_per_step if shared is not None else 'n/a'} ({shared.layout if shared is not None else 'off'})")
+          f"{shared.tokens_per_step if shared is not None else 'n/a'} "
+          f"({shared.layout if shared is not None else 'off'})", flush=True)
+    iters = args.iters or (20 if device.type == "cuda" else 5)
+    fns = step_fns(paper, fast, images, labels, clip, names)
+    times = dict(zip(fns, time_steps(list(fns.values()), device, iters)))
     print(f"{'implementation':22s} {'ms/step':>10s} {'vs paper':>9s} {'cost vs coop_official':>22s}")
     for k, t in times.items():
         print(f"{k:22s} {t:10.1f} {times['paper_style'] / t:8.2f}x {t / times['coop_official']:21.3f}x")

@@ -12,8 +12,13 @@ On a CPU (no CUDA device): 1M and 16M element groups plus CoOp and MaPLe, for th
 reference, a no-sync ``torch._foreach`` version, the C++ backend and ``torch.optim.SGD``
 (foreach); the ratio reference / cpp is printed.
 
-Prints one markdown table; writes JSON to ``$OUT/gpu_kernels_bench.json`` when ``OUT`` is
-set.  ``--quick`` runs fewer iterations (smoke test).
+Order (a timeout keeps what came first): the fused backends and torch's fused SGD on every
+scenario (each scenario's VERDICT line printed as soon as its rows exist), then the
+reference, the forced plans and the peers, and last the ``compile`` peer (a cold Inductor
+compile each), only while ``--budget-s`` leaves ``--compile-reserve-s``.  Each row is printed
+(markdown) and appended to ``$OUT/gpu_kernels_bench.jsonl`` (flushed to disk) as soon as it is
+measured; the whole run also goes to ``$OUT/gpu_kernels_bench.json`` at the end.
+``--quick`` runs fewer iterations (smoke test); ``--plan`` prints the order and exits.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import prograd_fast
 from prograd_fast.backends import available_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import device_verdicts  # noqa: E402  (the targets and the bytes each plan moves)
 import peers  # noqa: E402  (benchmarks/peers.py: the implementations a user could run instead)
 
 HYPER = dict(lr=0.002, momentum=0.9, weight_decay=5e-4, lam=1.0)
@@ -211,116 +217,235 @@ def copy_bandwidth(device, elements=64 * 2**20):
     return 2 * src.numel() * 4 * n / (time.perf_counter() - t0)
 
 
+PHASES = ("fused", "others", "compile")  # the order rows are measured in
+
+
+def implementations(shapes, device, granularity) -> dict:
+    """name -> (phase, factory) for one scenario: the fused backends and torch's fused SGD
+    (what the verdicts compare) first, then the reference, forced plans and peers, then the
+    compile peer (cold Inductor compiles: only with the time left)."""
+    elements = sum(math.prod(s) for s in shapes)
+    impls = {}
+
+    def progr(b, plan=None):
+        return lambda: ProGradRunner(b, *make_group(shapes, device), granularity, plan=plan)
+
+    def peer(name):
+        return lambda: peers.build(name, peers.make_problem(
+            shapes, device, granularity=granularity, hyper=HYPER)).step
+
+    if device.type == "cuda":
+        impls["prograd_fast-triton"] = ("fused", progr("triton"))
+        impls["prograd_fast-cuda"] = ("fused", progr("cuda"))
+        impls["torch_sgd"] = ("fused", peer("torch_sgd"))
+        impls["prograd_fast-torch"] = ("others", progr("torch"))
+        for plan in ("small", "coop", "two_pass"):  # each plan on its own (refused: n/a)
+            if plan == "small" and elements > 16384:  # kSmallMax
+                continue
+            impls[f"prograd_fast-cuda[{plan}]"] = ("others", progr("cuda", plan))
+        for name in peers.PEERS:
+            if name not in impls:
+                impls[name] = ("compile" if name == "compile" else "others", peer(name))
+    else:
+        impls["prograd_fast-cpp"] = ("fused", progr("cpp"))
+        impls["prograd_fast-torch"] = ("others", progr("torch"))
+        impls["foreach (torch, no sync)"] = ("others", lambda: ForeachRunner(
+            *make_group(shapes, device), granularity))
+        impls["torch SGD foreach alone"] = ("others", lambda: SGDRunner(
+            *make_group(shapes, device)[:2], fused=False))
+    return impls
+
+
+def plan(scenarios, device, granularity) -> list[tuple[str, str, str, object]]:
+    """(phase, scenario, implementation, factory) in the order they are measured."""
+    rows = []
+    for phase in PHASES:
+        for scen, shapes in scenarios.items():
+            for name, (p, make) in implementations(shapes, device, granularity).items():
+                if p == phase:
+                    rows.append((phase, scen, name, make))
+    return rows
+
+
+class RowWriter:
+    """Each result as it is measured: a markdown row on stdout and a JSON line in
+    ``$OUT/gpu_kernels_bench.jsonl``, flushed to disk, so a killed run keeps its numbers."""
+
+    def __init__(self, out: str | None, meta: dict):
+        self.rows: list[dict] = []
+        self.path = Path(out) / "gpu_kernels_bench.jsonl" if out else None
+        self._file = open(self.path, "w") if self.path else None
+        self.meta(meta)
+
+    def meta(self, facts: dict) -> None:
+        """Facts about the run (several lines add up), written before what needs the GPU."""
+        self._write(dict(meta=facts))
+
+    def header(self) -> None:
+        print("| scenario | implementation | wall us/step | device us/step | floor us "
+              "| wall/floor |")
+        print("|---|---|---|---|---|---|", flush=True)
+
+    def _write(self, item: dict) -> None:
+        if self._file:
+            self._file.write(json.dumps(item) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self._write(row)
+        if "wall_us" in row:
+            dev = f"{row['device_us']:.1f}" if row["device_us"] is not None else "-"
+            print(f"| {row['scenario']} | {row['impl']} | {row['wall_us']:.1f} | {dev} | "
+                  f"{row['floor_us']:.1f} | {row['wall_us'] / row['floor_us']:.2f} |", flush=True)
+        else:
+            why = row.get("skipped") or row.get("error")
+            print(f"| {row['scenario']} | {row['impl']} | n/a: {why[:80]} | | | |", flush=True)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def measure(make, name, scen, shapes, device, reasons, quick, bw) -> dict:
+    """One implementation on one scenario: a result row (times, or why it did not run)."""
+    elements = sum(math.prod(s) for s in shapes)
+    backend = name.split("-", 1)[1].split("[")[0] if name.startswith("prograd_fast-") else None
+    if backend and reasons.get(backend):
+        return dict(scenario=scen, impl=name, skipped=reasons[backend])
+    try:
+        runner = make()
+        wall, dev, iters = time_runner(
+            runner, device, budget_s=0.02 if device.type == "cuda" else 0.1,
+            quick=quick, rounds=5 if device.type == "cuda" else 3)
+    except Exception as exc:  # report, keep going
+        return dict(scenario=scen, impl=name, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if isinstance(runner, ProGradRunner) and backend == "cuda" and "[" not in name:
+        try:  # the plan the backend chose (internal state: never let it end the run)
+            chosen = runner.opt._backend_cache[0].get("cuda", {}).get("plan")
+        except Exception:  # noqa: BLE001
+            chosen = "?"
+        name = f"{name} plan={PLAN_NAMES.get(chosen, chosen)}"
+    floor = device_verdicts.bytes_per_element(name) * elements / bw * 1e6
+    return dict(scenario=scen, impl=name, tensors=len(shapes), elements=elements, wall_us=wall,
+                device_us=dev, floor_us=floor, iters=iters)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few iterations (smoke test)")
     ap.add_argument("--granularity", default="tensor", choices=("tensor", "global"))
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--budget-s", type=float,
+                    default=float(os.environ.get("GPU_BENCH_BUDGET_S", 0)),
+                    help="stop starting measurements after this many seconds (0: no limit; "
+                         "env GPU_BENCH_BUDGET_S); the compile peer runs only with "
+                         "--compile-reserve-s left")
+    ap.add_argument("--compile-reserve-s", type=float, default=25.0,
+                    help="seconds one cold torch.compile of the reference may take")
+    ap.add_argument("--plan", action="store_true",
+                    help="print what would be measured, in order, and exit (no device needed)")
     args = ap.parse_args(argv)
+    start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scenarios = GPU_SCENARIOS if device.type == "cuda" else CPU_SCENARIOS
+    order = plan(scenarios, device, args.granularity)
+    if args.plan:
+        for phase, scen, name, _ in order:
+            print(f"{phase:8s}{scen} | {name}")
+        return 0
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - optional
+        triton_version = None
+    meta = dict(device=str(device), torch=torch.__version__, triton=triton_version,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                granularity=args.granularity)
+    writer = RowWriter(os.environ.get("OUT"), meta)  # on disk before the first CUDA call
     reasons = available_backends()
-    backends = [b for b in (("torch", "triton", "cuda") if device.type == "cuda" else ("torch", "cpp"))]
-    bw = copy_bandwidth(device)
-    rows, results = [], []
-    for scen, shapes in scenarios.items():
-        elements = sum(math.prod(s) for s in shapes)
-        floor_us = 32 * elements / bw * 1e6
-        impls = {}
-        for b in backends:
-            impls[f"prograd_fast-{b}"] = (lambda b=b: ProGradRunner(b, *make_group(shapes, device), args.granularity))
-            if b == "cuda":  # each launch plan on its own (a refused plan shows as n/a)
-                for plan in ("small", "coop", "two_pass"):
-                    if plan == "small" and elements > 16384:  # kSmallMax
-                        continue
-                    impls[f"prograd_fast-cuda[{plan}]"] = (lambda plan=plan: ProGradRunner(
-                        "cuda", *make_group(shapes, device), args.granularity, plan=plan))
-        if device.type == "cpu":
-            impls["foreach (torch, no sync)"] = lambda: ForeachRunner(*make_group(shapes, device), args.granularity)
-            impls["torch SGD foreach alone"] = (
-                lambda: SGDRunner(*make_group(shapes, device)[:2], fused=False))
-        else:
-            for peer in peers.PEERS:  # paper_style, foreach, compile, torch_sgd
-                impls[peer] = (lambda peer=peer: peers.build(peer, peers.make_problem(
-                    shapes, device, granularity=args.granularity, hyper=HYPER)).step)
-        for name, make in impls.items():
-            backend = name.split("-", 1)[1].split("[")[0] if name.startswith("prograd_fast-") else None
-            if backend and reasons.get(backend):
-                results.append(dict(scenario=scen, impl=name, skipped=reasons[backend]))
-                continue
-            try:
-                runner = make()
-                wall, dev, iters = time_runner(
-                    runner, device, budget_s=0.02 if device.type == "cuda" else 0.1,
-                    quick=args.quick, rounds=5 if device.type == "cuda" else 3)
-            except Exception as exc:  # report, keep going
-                results.append(dict(scenario=scen, impl=name, error=f"{type(exc).__name__}: {exc}"))
-                continue
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            if isinstance(runner, ProGradRunner) and backend == "cuda":
-                plan = runner.opt._backend_cache[0].get("cuda", {}).get("plan")
-                name = f"{name} plan={PLAN_NAMES.get(plan, plan)}" if "[" not in name else name
-            results.append(dict(scenario=scen, impl=name, tensors=len(shapes), elements=elements,
-                                wall_us=wall, device_us=dev, floor_us=floor_us, iters=iters))
-    print(f"\n## ProGrad-SGD step, {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}),"
-          f" fp32, granularity={args.granularity}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s (read+write); floor = 32 B/elem at that rate\n")
-    print("| scenario | implementation | wall us/step | device us/step | floor us | wall/floor |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        if "wall_us" in r:
-            dev = f"{r['device_us']:.1f}" if r["device_us"] is not None else "-"
-            print(f"| {r['scenario']} | {r['impl']} | {r['wall_us']:.1f} | {dev} | {r['floor_us']:.1f} | {r['wall_us'] / r['floor_us']:.2f} |")
-        else:
-            why = r.get("skipped") or r.get("error")
-            print(f"| {r['scenario']} | {r['impl']} | n/a: {why[:80]} | | | |")
+    gpu = dict(device_name=_device_name(device), bandwidth_Bps=copy_bandwidth(device))
+    writer.meta(gpu)
+    meta.update(gpu)
+    bw = gpu["bandwidth_Bps"]
+    print(f"\n## ProGrad-SGD step, {device.type} ({meta['device_name']}), fp32, granularity="
+          f"{args.granularity}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s (read+write); floor = 32 B/elem at "
+          f"that rate (24 B for a single-pass plan)\n", flush=True)
+    writer.header()
+    results = writer.rows
+    def left() -> float:
+        spent = time.perf_counter() - start
+        return args.budget_s - spent if args.budget_s > 0 else math.inf
+
+    try:
+        for i, (phase, scen, name, make) in enumerate(order):
+            need = args.compile_reserve_s if phase == "compile" else 1.0
+            if left() < need:
+                why = (f"time budget: {max(left(), 0):.0f} s left of {args.budget_s:.0f} s, "
+                       f"{need:.0f} s needed")
+                writer.add(dict(scenario=scen, impl=name, skipped=why))
+            else:
+                writer.add(measure(make, name, scen, scenarios[scen], device, reasons,
+                                   args.quick, bw))
+            last_of_scenario = i + 1 == len(order) or order[i + 1][:2] != (phase, scen)
+            if device.type == "cuda" and phase == "fused" and last_of_scenario:
+                target = next((t for t in device_verdicts.TARGETS if t[0] == scen), None)
+                if target:  # the verdict as soon as its rows exist
+                    print(device_verdicts.verdict_line(*target, results, bw, meta["device_name"]),
+                          flush=True)
+    finally:
+        writer.close()
     if device.type == "cpu":
-        print("\npaired (one step of each, alternating; median of per-round ratios: robust to load"
-              " drift on a shared machine):")
-        threads = torch.get_num_threads()
-        # Also with one thread everywhere: torch.dot (MKL) on a busy machine with several
-        # threads can take milliseconds, which flatters the kernel; one thread removes that.
-        for n_threads in sorted({threads, 1}, reverse=True):
-            torch.set_num_threads(n_threads)
-            try:
-                for scen in ("dense 1M", "dense 16M"):
-                    ratios = paired_ratios(scenarios[scen], device, args.granularity,
-                                           rounds=5 if args.quick else 15)
-                    if ratios is None:
-                        continue
-                    results.append(dict(scenario=scen, impl=f"paired ratios, {n_threads} threads",
-                                        **ratios))
-                    print(f"{scen}, {n_threads} thread(s): reference / cpp ="
-                          f" {ratios['reference_over_cpp']:.2f}x, foreach / cpp ="
-                          f" {ratios['foreach_over_cpp']:.2f}x")
-            finally:
-                torch.set_num_threads(threads)
-        print("\nfrom the table:")
-        for scen in scenarios:
-            ref = next((r for r in results if r["scenario"] == scen and r["impl"] == "prograd_fast-torch" and "wall_us" in r), None)
-            fe = next((r for r in results if r["scenario"] == scen and r["impl"].startswith("foreach") and "wall_us" in r), None)
-            cpp = next((r for r in results if r["scenario"] == scen and r["impl"] == "prograd_fast-cpp" and "wall_us" in r), None)
-            if ref and cpp:
-                extra = f", foreach / cpp = {fe['wall_us'] / cpp['wall_us']:.2f}x" if fe else ""
-                print(f"{scen}: reference / cpp = {ref['wall_us'] / cpp['wall_us']:.2f}x{extra}")
+        cpu_ratios(results, scenarios, device, args)
     out = os.environ.get("OUT")
     if out:
         path = Path(out) / "gpu_kernels_bench.json"
-        try:
-            import triton
-            triton_version = triton.__version__
-        except Exception:  # noqa: BLE001 - optional
-            triton_version = None
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        path.write_text(json.dumps(dict(device=str(device), device_name=name,
-                                        torch=torch.__version__, triton=triton_version,
-                                        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                        bandwidth_Bps=bw, granularity=args.granularity,
-                                        results=results), indent=1))
-        print(f"\nwrote {path}")
+        path.write_text(json.dumps(dict(meta, results=results), indent=1))
+        print(f"\nwrote {path} (and each row as measured: {writer.path})")
     return 0
+
+
+def cpu_ratios(results, scenarios, device, args) -> None:
+    """On a CPU: the paired reference / cpp ratios, and the ratios from the table."""
+    print("\npaired (one step of each, alternating; median of per-round ratios: robust to load"
+          " drift on a shared machine):")
+    threads = torch.get_num_threads()
+    # Also with one thread everywhere: torch.dot (MKL) on a busy machine with several
+    # threads can take milliseconds, which flatters the kernel; one thread removes that.
+    for n_threads in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n_threads)
+        try:
+            for scen in ("dense 1M", "dense 16M"):
+                ratios = paired_ratios(scenarios[scen], device, args.granularity,
+                                       rounds=5 if args.quick else 15)
+                if ratios is None:
+                    continue
+                results.append(dict(scenario=scen, impl=f"paired ratios, {n_threads} threads",
+                                    **ratios))
+                print(f"{scen}, {n_threads} thread(s): reference / cpp ="
+                      f" {ratios['reference_over_cpp']:.2f}x, foreach / cpp ="
+                      f" {ratios['foreach_over_cpp']:.2f}x")
+        finally:
+            torch.set_num_threads(threads)
+    print("\nfrom the table:")
+    for scen in scenarios:
+        ref = next((r for r in results if r["scenario"] == scen and r["impl"] == "prograd_fast-torch" and "wall_us" in r), None)
+        fe = next((r for r in results if r["scenario"] == scen and r["impl"].startswith("foreach") and "wall_us" in r), None)
+        cpp = next((r for r in results if r["scenario"] == scen and r["impl"] == "prograd_fast-cpp" and "wall_us" in r), None)
+        if ref and cpp:
+            extra = f", foreach / cpp = {fe['wall_us'] / cpp['wall_us']:.2f}x" if fe else ""
+            print(f"{scen}: reference / cpp = {ref['wall_us'] / cpp['wall_us']:.2f}x{extra}")
 
 
 if __name__ == "__main__":

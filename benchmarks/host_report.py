@@ -49,6 +49,12 @@ def render(data: dict, command: str) -> str:
             ratio = extra["paired_over_torch_fused"]
             notes.append(f"paired cpp / torch fused SGD = {ratio:.2f}x")
             verdict = "PASS" if ratio <= 1.0 else "FAIL"
+        if "paired_alternating_over_stable" in extra:
+            ratio, limit = extra["paired_alternating_over_stable"], extra.get("target_ratio")
+            notes.append(f"paired alternating / stable addresses = {ratio:.2f}x"
+                         + ("" if limit is None else f" (target <= {limit:g}x)"))
+            if limit is not None:
+                verdict = "PASS" if ratio <= limit else "FAIL"
         if extra.get("tensors"):
             notes.append(f"{extra['tensors']} tensor(s), {extra.get('device', 'cpu')}")
         rows.append(f"| {b['name']} | {median:.1f} us | {iqr:.1f} us | "

@@ -8,6 +8,16 @@ changes.  When a compiler, ninja or nvcc is missing or the build fails, :func:`l
 raises :class:`ExtensionUnavailable` and :func:`unavailable_reason` returns a one-line
 reason; the backends turn that into ``available()`` (auto then uses torch).
 ``PROGRAD_FAST_NO_BUILD=1`` disables building (the backends report that as the reason).
+
+Every extension builds in its own directory (``PROGRAD_FAST_BUILD_DIR/<name>``): torch
+releases before 2.14 guard a build directory with a ``lock`` file whose mere existence
+blocks (``FileBaton``), so extensions built in parallel into one directory wait for each
+other's lock and then load a module that was never built, and a build killed mid-way
+leaves a ``lock`` that makes every later load wait forever.  With such a torch, a ``lock``
+older than ``PROGRAD_FAST_BUILD_LOCK_STALE_S`` seconds (default 600, longer than any build)
+is removed with a warning; a younger one is waited for until it is that old.
+``PROGRAD_FAST_PREBUILT=1`` loads only extensions an earlier step built and never compiles
+(the device check sets it after its build step, so no timed step pays for a build).
 """
 
 from __future__ import annotations
@@ -22,9 +32,13 @@ from types import ModuleType
 
 __all__ = [
     "BUILD_DIR_ENV",
+    "LOCK_STALE_ENV",
     "NO_BUILD_ENV",
+    "PREBUILT_ENV",
     "ExtensionUnavailable",
+    "build_directory",
     "build_seconds",
+    "extension_name",
     "csrc_dir",
     "cuda_build_flags",
     "cuda_compile_command",
@@ -34,6 +48,9 @@ __all__ = [
 
 BUILD_DIR_ENV = "PROGRAD_FAST_BUILD_DIR"
 NO_BUILD_ENV = "PROGRAD_FAST_NO_BUILD"
+PREBUILT_ENV = "PROGRAD_FAST_PREBUILT"
+LOCK_STALE_ENV = "PROGRAD_FAST_BUILD_LOCK_STALE_S"
+DEFAULT_LOCK_STALE_S = 600.0
 
 # CPU capability -> (compiler flags, ATen's CPU_CAPABILITY macros).  The capability is part of
 # the extension name, so a cache directory shared between machines never mixes them.
@@ -176,29 +193,96 @@ def _prerequisites(kind: str) -> str | None:
             return "this torch build has no CUDA support"
         if cpp_extension.CUDA_HOME is None or not (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists():
             return "nvcc not found (set CUDA_HOME to a CUDA toolkit)"
+    if os.environ.get(PREBUILT_ENV, "").strip() not in ("", "0"):
+        directory = build_directory(kind)
+        if _built_module(kind, directory) is None:
+            return (f"not built by an earlier step ({PREBUILT_ENV} is set, so nothing is "
+                    f"compiled now; looked in {directory})")
     return None
 
 
-def _build(kind: str) -> ModuleType:
+def extension_name(kind: str) -> str:
+    """The module name torch builds for ``kind``: it names the CPU capability and the CUDA
+    major version, so one cache directory shared between machines never mixes builds."""
+    if kind == "host":
+        return "prograd_fast_host"
+    if kind == "cpu":
+        return f"prograd_fast_cpu_{_cpu_capability().lower()}"
     import torch
 
+    major = torch.version.cuda.split(".")[0] if torch.version.cuda else "x"
+    return f"prograd_fast_cuda_cu{major}"
+
+
+def build_directory(kind: str) -> Path:
+    """Where ``kind`` is built: ``PROGRAD_FAST_BUILD_DIR/<name>``, else torch's default
+    per-extension directory.  Never shared between extensions (see the module docstring)."""
+    name = extension_name(kind)
+    base = os.environ.get(BUILD_DIR_ENV)
+    if base:
+        return Path(base) / name
+    cpp_extension = _quiet_import_cpp_extension()
+    return Path(cpp_extension._get_build_directory(name, verbose=False))
+
+
+def _torch_lock_is_a_file_baton() -> bool:
+    """Whether this torch's JIT build lock is a ``FileBaton`` (its ``lock`` file's existence
+    blocks) rather than an OS lock released when its holder dies (torch >= 2.14)."""
+    return hasattr(_quiet_import_cpp_extension(), "FileBaton")
+
+
+def _lock_stale_seconds() -> float:
+    text = os.environ.get(LOCK_STALE_ENV, "").strip()
+    try:
+        return float(text) if text else DEFAULT_LOCK_STALE_S
+    except ValueError:
+        raise ExtensionUnavailable(
+            f"{LOCK_STALE_ENV} must be a number of seconds, got {text!r}") from None
+
+
+def _clear_stale_lock(directory: Path, stale_after_s: float, poll_s: float = 0.5) -> None:
+    """Wait while another process's ``lock`` in ``directory`` is younger than
+    ``stale_after_s``; remove it, with a warning, once it is older (its builder is dead)."""
+    lock = directory / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_after_s:
+            break
+        time.sleep(min(poll_s, stale_after_s - age + 0.01))
+    try:
+        lock.unlink()
+    except FileNotFoundError:
+        return
+    _log.warning("removed the stale build lock %s (%.0f s old, more than %s=%g s: a build "
+                 "was killed before it finished); building again", lock, age, LOCK_STALE_ENV,
+                 stale_after_s)
+
+
+def _built_module(kind: str, directory: Path) -> Path | None:
+    found = sorted(directory.glob(f"{extension_name(kind)}*.so"))
+    return found[0] if found else None
+
+
+def _build(kind: str) -> ModuleType:
     cpp_extension = _quiet_import_cpp_extension()
     src = csrc_dir()
-    build_dir = os.environ.get(BUILD_DIR_ENV) or None
-    if build_dir:
-        Path(build_dir).mkdir(parents=True, exist_ok=True)
+    name = extension_name(kind)
+    directory = build_directory(kind)
+    directory.mkdir(parents=True, exist_ok=True)
+    if _torch_lock_is_a_file_baton():
+        _clear_stale_lock(directory, _lock_stale_seconds())
+    build_dir = str(directory)
     if kind == "host":  # the optimizer's host path (_host.py): no kernels, builds quickly
-        return cpp_extension.load(name="prograd_fast_host", sources=[str(src / "prograd_host.cpp")],
+        return cpp_extension.load(name=name, sources=[str(src / "prograd_host.cpp")],
                                   extra_cflags=["-O2"], build_directory=build_dir, verbose=False)
     if kind == "cpu":
-        cap = _cpu_capability()
-        name = f"prograd_fast_cpu_{cap.lower()}"
-        cflags = ["-O3", "-fopenmp", *_CPU_FLAGS.get(cap, [])]
+        cflags = ["-O3", "-fopenmp", *_CPU_FLAGS.get(_cpu_capability(), [])]
         return cpp_extension.load(name=name, sources=[str(src / "prograd_cpu.cpp")],
                                   extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                                   build_directory=build_dir, verbose=False)
-    major = torch.version.cuda.split(".")[0] if torch.version.cuda else "x"
-    name = f"prograd_fast_cuda_cu{major}"
     return cpp_extension.load(name=name, sources=[str(src / "prograd_cuda.cu"),
                                                   str(src / "prograd_cuda_bind.cpp")],
                               extra_include_paths=cuda_include_dirs(),
