@@ -138,7 +138,7 @@ def official_schedule(protocol: str, dataset: str, shots: int, method: str,
     return Schedule(epochs=epochs, lam=lam if _projects(method) else 0.0)
 
 
-def get_method_or_error(method: str):
+def _method(method: str):
     """The registered method (:mod:`prograd_fast.methods`); ProtocolError when unknown."""
     try:
         return get_method(method)
@@ -148,7 +148,7 @@ def get_method_or_error(method: str):
 
 def _projects(method: str) -> bool:
     """Whether ProGrad's projection (and so lambda) applies to ``method``."""
-    return get_method_or_error(method).prograd
+    return _method(method).prograd
 
 
 def default_datasets(protocol: str, source: str = SOURCE) -> tuple[str, ...]:
@@ -181,10 +181,10 @@ def method_prompt(method: str, dassl_name: str, setting: str = DEFAULT_SETTING,
         out = {"templates": dassl_name, "template_set": "prograd", "n_ctx": N_CTX,
                "ctx_init": template.replace(" {}.", "").replace("_", " "),
                "ctx_init_mode": "prograd"}
-    elif get_method_or_error(method).trains:  # a registered learner: CoOp's prompt settings
+    else:  # a registered method: CoOp's prompt settings (its learner takes these keys)
         out = {"templates": dassl_name, "template_set": "coop", "n_ctx": N_CTX}
-    else:
-        return {"templates": dassl_name, "n_ctx": N_CTX, "template_set": "coop"}
+        if not _method(method).trains:
+            return out
     o = overrides or PromptOverrides()
     if o.n_ctx is not None:
         out["n_ctx"] = o.n_ctx
