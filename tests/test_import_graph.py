@@ -108,3 +108,11 @@ def test_the_library_never_imports_the_command_line():
     cli = {"prograd_fast.cli", "prograd_fast.cli_eval"}
     users = sorted(m for m, deps in graph.items() if deps & cli and m not in cli)
     assert not users, f"library modules importing the CLI: {users}"
+
+
+def test_the_data_sets_stand_below_the_clip_pipeline():
+    graph = import_graph()
+    above = ("prograd_fast.clip", "prograd_fast.protocols", "prograd_fast.cli")
+    wrong = sorted((m, d) for m, deps in graph.items() if m.startswith("prograd_fast.datasets")
+                   and not m.endswith(".cli") for d in deps if d.startswith(above))
+    assert not wrong, f"data-set modules importing the layers above them: {wrong}"
