@@ -16,21 +16,11 @@ from torch.optim import Optimizer
 from . import _host, _ops
 from ._step import (GENERAL_KEY, gather_group, hooked_step, refill, release, store_buffers,
                     store_general)
-from .backends import BACKENDS, requested_backend, run_step
+from .backends import BACKENDS, ran_fused, run_step
 from .distributed import sharded_group_step
 from .functional import GRANULARITIES, ProGradStats
 
 __all__ = ["ProGradSGD"]
-
-
-def uses_fused_backend(name: str, cache: dict) -> bool:
-    """Whether the group's last step ran on a fused backend (``name`` as the group gives
-    it; ``"auto"`` records its choice in the group's ``cache``): the C host helper is then
-    worth building (see :mod:`prograd_fast._host`)."""
-    name = requested_backend(name)
-    if name == "auto":
-        name = cache.get("auto_backend")
-    return name in _host.FUSED_BACKENDS
 
 
 def _training_state(state: dict, param_keys) -> dict:
@@ -255,7 +245,7 @@ class ProGradSGD(Optimizer):
             finally:
                 release(step)
             if not self._use_host:
-                self._use_host = uses_fused_backend(group["backend"], self._backend_cache[index])
+                self._use_host = ran_fused(group["backend"], self._backend_cache[index])
             if momentum:
                 store_buffers(state, params, before, bufs)
         if any_stepped and not any_general and not self._warned_no_general and any(

@@ -14,7 +14,7 @@ import torch
 
 import prograd_fast as pf
 from prograd_fast import _ext, _host, _step
-from prograd_fast.backends import BACKENDS, GroupStep
+from prograd_fast.backends import GroupStep, get_backend
 from prograd_fast.backends import triton_backend as tb
 from prograd_fast.functional import prograd_sgd
 
@@ -546,7 +546,7 @@ def test_helper_and_python_paths_give_identical_results(backend, monkeypatch):
     if helper is None:
         pytest.skip("the host helper cannot be built here")
     shapes = [(16, 5), (7,), (1,), (33, 3)]
-    monkeypatch.setattr(_host, "FUSED_BACKENDS", frozenset(BACKENDS))
+    monkeypatch.setattr(get_backend("torch"), "fused", True)
     with_helper, state_c = _train(backend, shapes)
     monkeypatch.setattr(_host, "_module", None)
     python, state_py = _train(backend, shapes)
