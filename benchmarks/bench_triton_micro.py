@@ -78,7 +78,7 @@ def bench_host(names, steps=2000):
     """Host overhead of one step with the launches stubbed out (CPU tensors, interpreter)."""
     import os
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    from prograd_fast.backends import select_backend
+    from prograd_fast.backends import run_step
     from prograd_fast.backends.triton_backend import BACKEND
     from prograd_fast.kernels import prograd_sgd as k
     k.launch_fused = k.launch_reduce = k.launch_update = lambda *a, **kw: None
@@ -92,7 +92,7 @@ def bench_host(names, steps=2000):
         t0 = time.perf_counter()
         for _ in range(steps):
             st = group_step(ps, ds, gs, bufs, extra)
-            select_backend("triton", st).step(st)
+            run_step("triton", st)
         t1 = time.perf_counter()
         for _ in range(steps):
             BACKEND.step(group_step(ps, ds, gs, bufs, extra))

@@ -1,13 +1,14 @@
 // The per-tensor reads of ProGradSGD's host path, in C (issue 10, item 7).
 //
-// Every step the optimizer reads, for each parameter, its .grad, its state dict's pending
-// general gradient and momentum buffer, and the address, size, dtype, device and layout of
+// Every step the optimizer reads, for each parameter, its .grad, its pending general
+// gradient (kept by the optimizer, aligned with the group's parameters), its state dict's
+// momentum buffer, and the address, size, dtype, device and layout of
 // all four tensors: in Python that is ~25 passes over the tensor lists (~2 us each for 27
 // tensors on a slow core).  These functions do the same reads in one pass each and return
 // "not here" (NotImplemented / None / False) for anything unusual -- a tensor subclass, a
 // sparse or nested tensor, a missing state entry -- so the Python path, which raises the clear
 // errors, stays the reference.  They never decide whether a step is valid: they only answer
-// "same as last time?" questions and move references between lists and dicts.
+// "same as last time?" questions and move references between lists.
 //
 // Raw METH_FASTCALL functions (a pybind11 call costs more than the work for CoOp's one
 // tensor); only torch.Tensor and torch.nn.Parameter objects are read (THPVariable_CheckExact).
@@ -98,82 +99,73 @@ PyObject* same_objects(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_TRUE;
 }
 
-// stash(params: list, grads: list, sds: list, key: str) -> bool
-// Stores grads[i] under ``key`` in sds[i] (None entries skipped) when every gradient is a
-// plain tensor matching its parameter's sizes, dtype and device, real, not requiring grad,
-// and no gradient is pending yet.  False (nothing stored) otherwise: the Python path then
-// checks, names the problem, detaches or accumulates.
-PyObject* stash(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 4 || !PyUnicode_Check(args[3])) {
-    PyErr_SetString(PyExc_TypeError, "stash(list, list, list, str)");
+// matching(params: list, grads: list) -> bool
+// True when every gradient (None entries skipped) is a plain tensor matching its
+// parameter's sizes, dtype and device, real and not requiring grad: the optimizer then
+// keeps the list as it is.  False otherwise: the Python path then checks, names the
+// problem and detaches.
+PyObject* matching(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "matching(list, list)");
     return nullptr;
   }
   PyObject* params = args[0];
   PyObject* grads = args[1];
-  PyObject* sds = args[2];
-  PyObject* key = args[3];
   if (!PyList_CheckExact(params)) Py_RETURN_FALSE;
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  if (!is_list(grads, n) || !is_list(sds, n)) Py_RETURN_FALSE;
+  if (!is_list(grads, n)) Py_RETURN_FALSE;
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* g = PyList_GET_ITEM(grads, i);
       if (g == Py_None) continue;
       const at::Tensor* gt = plain(g);
       const at::Tensor* pt = plain(PyList_GET_ITEM(params, i));
-      PyObject* sd = PyList_GET_ITEM(sds, i);
-      if (!gt || !pt || !PyDict_CheckExact(sd) || gt->requires_grad() ||
-          c10::isComplexType(pt->scalar_type()) || !same_meta(*gt, *pt)) {
+      if (!gt || !pt || gt->requires_grad() || c10::isComplexType(pt->scalar_type()) ||
+          !same_meta(*gt, *pt)) {
         Py_RETURN_FALSE;
       }
-      PyObject* pending = PyDict_GetItemWithError(sd, key);
-      if (pending != nullptr) Py_RETURN_FALSE;
-      if (PyErr_Occurred()) return nullptr;
     }
   } catch (const std::exception&) {
     Py_RETURN_FALSE;
   }
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* g = PyList_GET_ITEM(grads, i);
-    if (g != Py_None && PyDict_SetItem(PyList_GET_ITEM(sds, i), key, g) < 0) return nullptr;
-  }
   Py_RETURN_TRUE;
 }
 
-// gather(params: list, sds: list, momentum: bool, general_key: str, buffer_key: str)
-//   -> (params, grads, generals, buffers, any_general) | () | NotImplemented
+// gather(params: list, sds: list | None, generals: list | None, momentum: bool,
+//        buffer_key: str) -> (params, grads, generals, buffers, any_general) | () | NotImplemented
 // One group's tensors, as _step.gather in Python: the parameters with a .grad and, aligned,
-// their gradients, pending general gradients (popped from EVERY parameter's state, also
-// those without a gradient) and momentum buffers (None without momentum).  () when no
-// parameter has a gradient.  NotImplemented (nothing popped) for anything the Python path
-// must look at: a tensor subclass (DTensor), a sparse or complex gradient, a state entry
-// that is not a dict.  ``params`` itself is returned when every parameter has a gradient.
+// their gradients, general gradients (``generals``: the group's pending ones, aligned with
+// ``params``, or None for none) and momentum buffers (read from the state dicts ``sds``;
+// None without momentum, when ``sds`` may be None).  () when no parameter has a gradient.
+// NotImplemented for anything the Python path must look at: a tensor subclass (DTensor),
+// a sparse or complex gradient, a state entry that is not a dict, lists that do not align.
+// ``params`` itself is returned when every parameter has a gradient.
 PyObject* gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 5 || !PyUnicode_Check(args[3]) || !PyUnicode_Check(args[4])) {
-    PyErr_SetString(PyExc_TypeError, "gather(list, list, bool, str, str)");
+  if (nargs != 5 || !PyUnicode_Check(args[4])) {
+    PyErr_SetString(PyExc_TypeError, "gather(list, list | None, list | None, bool, str)");
     return nullptr;
   }
   PyObject* params = args[0];
   PyObject* sds = args[1];
-  const int momentum = PyObject_IsTrue(args[2]);
+  PyObject* generals = args[2];
+  const int momentum = PyObject_IsTrue(args[3]);
   if (momentum < 0) return nullptr;
-  PyObject* gkey = args[3];
   PyObject* bkey = args[4];
   if (!PyList_CheckExact(params)) return not_here();  // e.g. a tuple set by hand
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  if (!is_list(sds, n)) return not_here();
+  if (momentum && !is_list(sds, n)) return not_here();
+  if (generals != Py_None && !is_list(generals, n)) return not_here();
 
   std::vector<PyObject*> grads(n, nullptr);  // new references
+  std::vector<PyObject*> bufs(n, Py_None);   // borrowed
   auto drop = [&grads]() {
     for (PyObject* g : grads) Py_XDECREF(g);
   };
   Py_ssize_t kept = 0;
   try {
-    for (Py_ssize_t i = 0; i < n; ++i) {  // first pass: read and check, change nothing
-      PyObject* p = PyList_GET_ITEM(params, i);
-      PyObject* sd = PyList_GET_ITEM(sds, i);
-      const at::Tensor* pt = plain(p);
-      if (!pt || (sd != Py_None && !PyDict_CheckExact(sd))) {
+    for (Py_ssize_t i = 0; i < n; ++i) {  // read and check, change nothing
+      const at::Tensor* pt = plain(PyList_GET_ITEM(params, i));
+      if (!pt) {
         drop();
         return not_here();
       }
@@ -193,22 +185,38 @@ PyObject* gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         }
         ++kept;
       }
+      PyObject* general = generals == Py_None ? Py_None : PyList_GET_ITEM(generals, i);
+      if (general != Py_None && !plain(general)) {
+        drop();
+        return not_here();
+      }
+      if (!momentum) continue;
+      PyObject* sd = PyList_GET_ITEM(sds, i);
       if (sd == Py_None) continue;
-      PyObject* general = PyDict_GetItemWithError(sd, gkey);
-      PyObject* buf = momentum ? PyDict_GetItemWithError(sd, bkey) : nullptr;
-      if (PyErr_Occurred()) {
+      if (!PyDict_CheckExact(sd)) {
+        drop();
+        return not_here();
+      }
+      PyObject* buf = PyDict_GetItemWithError(sd, bkey);
+      if (buf == nullptr && PyErr_Occurred()) {
         drop();
         return nullptr;
       }
-      if ((general && general != Py_None && !plain(general)) ||
-          (buf && buf != Py_None && !plain(buf))) {
-        drop();
-        return not_here();
+      if (buf != nullptr && buf != Py_None) {
+        if (!plain(buf)) {
+          drop();
+          return not_here();
+        }
+        bufs[i] = buf;
       }
     }
   } catch (const std::exception&) {
     drop();
     return not_here();
+  }
+  if (kept == 0) {
+    drop();
+    return PyTuple_New(0);
   }
 
   PyObject* out_p = kept == n ? (Py_INCREF(params), params) : PyList_New(kept);
@@ -222,28 +230,16 @@ PyObject* gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   bool any_general = false;
   Py_ssize_t j = 0;
-  for (Py_ssize_t i = 0; i < n; ++i) {  // second pass: consume the generals, fill the lists
-    PyObject* sd = PyList_GET_ITEM(sds, i);
-    PyObject* general = nullptr;  // new reference
-    PyObject* buf = nullptr;      // borrowed
-    if (sd != Py_None) {
-      general = PyDict_GetItem(sd, gkey);
-      if (general != nullptr) {
-        Py_INCREF(general);
-        if (PyDict_DelItem(sd, gkey) < 0) PyErr_Clear();  // present a moment ago
-      }
-      if (momentum) buf = PyDict_GetItem(sd, bkey);
-    }
+  for (Py_ssize_t i = 0; i < n; ++i) {  // fill the lists
     PyObject* g = grads[i];
     if (g == Py_None) {
-      Py_XDECREF(general);
       Py_DECREF(g);
       continue;
     }
-    if (general == nullptr) general = (Py_INCREF(Py_None), Py_None);
+    PyObject* general = generals == Py_None ? Py_None : PyList_GET_ITEM(generals, i);
     if (general != Py_None) any_general = true;
-    if (buf == nullptr) buf = Py_None;
-    Py_INCREF(buf);
+    Py_INCREF(general);
+    Py_INCREF(bufs[i]);
     if (kept != n) {
       PyObject* p = PyList_GET_ITEM(params, i);
       Py_INCREF(p);
@@ -251,12 +247,8 @@ PyObject* gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
     PyList_SET_ITEM(out_d, j, g);  // steals the reference
     PyList_SET_ITEM(out_g, j, general);
-    PyList_SET_ITEM(out_b, j, buf);
+    PyList_SET_ITEM(out_b, j, bufs[i]);
     ++j;
-  }
-  if (kept == 0) {
-    Py_DECREF(out_p), Py_DECREF(out_d), Py_DECREF(out_g), Py_DECREF(out_b);
-    return PyTuple_New(0);
   }
   PyObject* out = PyTuple_New(5);
   if (out == nullptr) {
@@ -404,10 +396,10 @@ PyMethodDef kMethods[] = {
      METH_FASTCALL, "same_items(dict, keys, values) -> bool"},
     {"same_objects", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_objects)),
      METH_FASTCALL, "same_objects(seq, ref) -> bool"},
-    {"stash", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(stash)), METH_FASTCALL,
-     "stash(params, grads, state_dicts, key) -> bool"},
+    {"matching", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(matching)),
+     METH_FASTCALL, "matching(params, grads) -> bool"},
     {"gather", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(gather)),
-     METH_FASTCALL, "gather(params, state_dicts, momentum, general_key, buffer_key)"},
+     METH_FASTCALL, "gather(params, state_dicts, generals, momentum, buffer_key)"},
     {"fingerprint", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fingerprint)),
      METH_FASTCALL, "fingerprint(params, grads, generals, buffers) -> bytes | None"},
     {"address_rows", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(address_rows)),

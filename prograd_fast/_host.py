@@ -8,7 +8,7 @@ per call.  It only reads, compares and moves references: it never decides that a
 valid (see the C++ file), and every caller keeps its Python path, which does the same and
 raises the clear errors.
 
-When it is built: only once a fused backend (:data:`FUSED_BACKENDS`, which JIT-build or
+When it is built: only once a fused backend (``Backend.fused``: those JIT-build or
 JIT-compile anyway) has run a group -- a ``backend="torch"`` user never waits for a
 compiler.  It is built just in time like the kernel extensions (one small file, cached);
 :func:`module` is ``None`` -- the Python path -- when it cannot be built (no compiler,
@@ -23,11 +23,9 @@ import os
 
 from . import _ext
 
-__all__ = ["FUSED_BACKENDS", "NO_HELPER_ENV", "StateDicts", "module"]
+__all__ = ["NO_HELPER_ENV", "StateDicts", "module"]
 
 NO_HELPER_ENV = "PROGRAD_FAST_NO_HOST_HELPER"
-# Backends whose users get the helper (they compile anyway); "torch" users never build it.
-FUSED_BACKENDS = frozenset({"triton", "cuda", "cpp"})
 
 _UNTRIED = object()
 _module = _UNTRIED  # the compiled module, or None once a load failed (tests set None)

@@ -27,11 +27,11 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from ._step import BUFFER_KEY, GENERAL_KEY, check_grad
+from ._step import BUFFER_KEY, check_grad
 from .functional import ProGradStats, prograd_sgd
 from .backends import BackendUnavailableError, requested_backend
 
-__all__ = ["sgd_step_cpu", "traced_step", "traced_store_general"]
+__all__ = ["sgd_step_cpu", "traced_checked_general", "traced_step"]
 
 
 
@@ -133,9 +133,15 @@ def traced_step(opt, grad_scale: Tensor | None, found_inf: Tensor | None) -> Non
     for index, group in enumerate(opt.param_groups):
         params, grads, generals, bufs = [], [], [], []
         momentum = group["momentum"] != 0
-        for p in group["params"]:
+        pending = opt._general_grads[index]
+        opt._general_grads[index] = None  # consumed
+        if pending is not None and len(pending) != len(group["params"]):
+            raise RuntimeError(f"{len(pending)} general gradients are pending for a group of "
+                               f"{len(group['params'])} parameters: the group changed between "
+                               "store_general_grads() and step()")
+        for i, p in enumerate(group["params"]):
             entry = state[p] if p in state else None
-            general = entry.pop(GENERAL_KEY, None) if entry is not None else None
+            general = pending[i] if pending is not None else None
             if p.grad is None:
                 continue
             check_grad(p, p.grad, "domain")  # made at trace time: layouts are static
@@ -170,17 +176,13 @@ def traced_step(opt, grad_scale: Tensor | None, found_inf: Tensor | None) -> Non
                       "before step() to get ProGrad.", stacklevel=3)
 
 
-def traced_store_general(state, params: list, grads: list) -> None:
-    """:func:`prograd_fast._step.stash_general` as Dynamo can trace it: the same checks
-    (made at trace time: shapes, dtypes and devices are static) and the same accumulation;
-    nothing is stored when any gradient is refused."""
-    pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
-    for p, g in pairs:
+def traced_checked_general(params: list, grads: list) -> list:
+    """:func:`prograd_fast._step.checked_general` as Dynamo can trace it: the same checks
+    (made at trace time: shapes, dtypes and devices are static), detached gradients."""
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
         if not isinstance(g, Tensor):
             raise TypeError(f"general gradients must be tensors or None, got {type(g).__name__}")
         check_grad(p, g, "general")
-    for p, g in pairs:
-        g = g.detach()
-        entry = state[p]
-        pending = entry.get(GENERAL_KEY)
-        entry[GENERAL_KEY] = g if pending is None else pending.add_(g)
+    return [None if g is None else g.detach() for g in grads]

@@ -6,10 +6,12 @@ objects: :func:`gather` collects one group's tensors, :func:`refill` reuses the 
 :class:`GroupStep`, :func:`hooked_step` replaces torch's per-call ``record_function``
 wrapper (about 5 us) by one that profiles, runs hooks and compiles exactly as torch's does
 whenever any of those is active.  With the C host helper (:mod:`prograd_fast._host`) the
-per-tensor reads of :func:`gather` and :func:`stash_general` run in one C pass each, on
+per-tensor reads of :func:`gather` and :func:`checked_general` run in one C pass each, on
 state dicts looked up once (:class:`~prograd_fast._host.StateDicts`); anything unusual
-(tensor subclasses such as DTensor, sparse or complex tensors, a missing state entry, a
-pending gradient to add to) goes to the Python path below, which raises the clear errors.
+(tensor subclasses such as DTensor, sparse or complex tensors, a missing state entry)
+goes to the Python path below, which raises the clear errors.  Pending general gradients
+are not in ``state``: the optimizer keeps them per group, aligned with the group's
+parameters (:meth:`ProGradSGD.store_general_grads`), and hands them to :func:`gather`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from torch.optim import optimizer as _optimizer_module
 from .backends import GroupStep
 from .distributed import any_sharded
 
-GENERAL_KEY = "general_grad"
 BUFFER_KEY = "momentum_buffer"
 _GRAD = operator.attrgetter("grad")
 _LAYOUT = operator.attrgetter("layout")
@@ -35,7 +36,6 @@ _DEVICE = operator.attrgetter("device")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _SIZE = torch.Tensor.size
 _NONE_TYPE = type(None)
-_POP_GENERAL = operator.methodcaller("pop", GENERAL_KEY, None)
 _GET_BUFFER = operator.methodcaller("get", BUFFER_KEY)
 _STRIDED = frozenset([torch.strided])
 _COMPLEX = frozenset([torch.complex32, torch.complex64, torch.complex128])
@@ -89,42 +89,35 @@ def check_grad(p, grad, what: str) -> None:
         raise RuntimeError(f"{what} gradient of dtype {grad.dtype} but its parameter is {p.dtype}")
 
 
-def store_general(state, params: list, grads: list, host=None, dicts=None) -> None:
-    """:func:`stash_general`, in one C pass when the helper ``host`` is given and every
-    gradient is a plain tensor matching its parameter with no pending one to add to."""
-    if host is not None and host.stash(params, grads, dicts.get(host, state, params, None),
-                                       GENERAL_KEY):
-        return
-    stash_general(state, params, grads)
-
-
-def stash_general(state, params: list, grads: list) -> None:
-    """Validate general gradients (aligned with ``params``; None for none) and add them to
-    the pending ones in ``state``.  Batched checks; on a failure the per-tensor check names
-    the problem.  Nothing is stored when any gradient is refused."""
+def checked_general(params: list, grads: list, host=None) -> list:
+    """General gradients (aligned with ``params``; None for none) checked against their
+    parameters and detached, ready to keep: ``grads`` itself when the C helper ``host``
+    finds every one a plain tensor matching its parameter.  Batched checks; on a failure
+    the per-tensor check names the problem (nothing is kept)."""
+    if host is not None and host.matching(params, grads):
+        return grads
     if _NONE_TYPE in map(type, grads):
         pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+        present = [g for _, g in pairs]
         params = [p for p, _ in pairs]
-        grads = [g for _, g in pairs]
+    else:
+        present = grads
     try:
         p_dtypes = list(map(_DTYPE, params))
-        ok = (list(map(_SIZE, grads)) == list(map(_SIZE, params))
-              and list(map(_DTYPE, grads)) == p_dtypes
-              and list(map(_DEVICE, grads)) == list(map(_DEVICE, params))
-              and set(map(_LAYOUT, grads)) <= _STRIDED and _COMPLEX.isdisjoint(p_dtypes))
+        ok = (list(map(_SIZE, present)) == list(map(_SIZE, params))
+              and list(map(_DTYPE, present)) == p_dtypes
+              and list(map(_DEVICE, present)) == list(map(_DEVICE, params))
+              and set(map(_LAYOUT, present)) <= _STRIDED and _COMPLEX.isdisjoint(p_dtypes))
     except (TypeError, AttributeError, RuntimeError):
         ok = False
     if not ok:
-        for p, g in zip(params, grads):
+        for p, g in zip(params, present):
             if not isinstance(g, torch.Tensor):
                 raise TypeError(f"general gradients must be tensors or None, got {type(g).__name__}")
             check_grad(p, g, "general")
-    if any(map(_REQUIRES_GRAD, grads)):
-        grads = [g.detach() for g in grads]
-    for p, g in zip(params, grads):
-        sd = state[p]
-        pending = sd.get(GENERAL_KEY)
-        sd[GENERAL_KEY] = g if pending is None else pending.add_(g)
+    if any(map(_REQUIRES_GRAD, present)):
+        grads = [None if g is None else g.detach() for g in grads]
+    return grads
 
 
 def _check_domain(params: list, grads: list) -> None:
@@ -135,34 +128,41 @@ def _check_domain(params: list, grads: list) -> None:
             check_grad(p, g, "domain")
 
 
-def gather_group(state, params: list, momentum: bool, host=None, dicts=None, tag=None):
+def gather_group(state, params: list, generals: list | None, momentum: bool, host=None,
+                 dicts=None, tag=None):
     """``(picked, sharded)``: :func:`gather`'s answer and whether the group holds DTensors.
-    With the helper ``host``, one C pass over ``dicts``' state dicts (plain tensors only,
-    so never sharded); the Python path otherwise."""
+    With the helper ``host``, one C pass (plain tensors only, so never sharded; the state
+    dicts, from ``dicts``, only read with momentum); the Python path otherwise."""
     if host is not None:
-        picked = host.gather(params, dicts.get(host, state, params, tag), momentum,
-                             GENERAL_KEY, BUFFER_KEY)
+        sds = dicts.get(host, state, params, tag) if momentum else None
+        picked = host.gather(params, sds, generals, momentum, BUFFER_KEY)
         if picked is not NotImplemented:
             return picked or None, False
-    picked = gather(state, params, momentum)
+    picked = gather(state, params, generals, momentum)
     return picked, picked is not None and any_sharded(picked[0])
 
 
-def gather(state, params: list, momentum: bool):
+def gather(state, params: list, generals: list | None, momentum: bool):
     """``(params, grads, generals, bufs, any_general)`` of the group's parameters that have
-    a domain gradient, or None when none has one.  Pending general gradients of every
-    parameter are consumed (never stale); no state entry is created."""
+    a domain gradient, or None when none has one.  ``generals``: the group's pending
+    general gradients (aligned with ``params``, None for none), which the caller has
+    consumed.  No state entry is created."""
     if not params:  # an empty group (torch allows them)
         return None
+    n = len(params)
+    if generals is None:
+        generals = [None] * n
+    elif len(generals) != n:
+        raise RuntimeError(f"{len(generals)} general gradients are pending for a group of {n} "
+                           "parameters: the group changed between store_general_grads() and "
+                           "step()")
     grads = list(map(_GRAD, params))
-    sds = list(map(state.get, params))  # None: a parameter without state
-    if _NONE_TYPE in map(type, sds):
-        generals = [None if sd is None else sd.pop(GENERAL_KEY, None) for sd in sds]
-        bufs = ([None if sd is None else sd.get(BUFFER_KEY) for sd in sds] if momentum
-                else [None] * len(sds))
+    if momentum:
+        sds = list(map(state.get, params))  # None: a parameter without state
+        bufs = ([None if sd is None else sd.get(BUFFER_KEY) for sd in sds]
+                if _NONE_TYPE in map(type, sds) else list(map(_GET_BUFFER, sds)))
     else:
-        generals = list(map(_POP_GENERAL, sds))
-        bufs = list(map(_GET_BUFFER, sds)) if momentum else [None] * len(sds)
+        bufs = [None] * n
     any_general = any(map(operator.is_not, generals, repeat(None)))
     if _NONE_TYPE in map(type, grads):
         keep = [i for i, g in enumerate(grads) if g is not None]
@@ -213,4 +213,4 @@ def store_buffers(state, params: list, before: list, after: list) -> None:
     if any(map(operator.is_not, before, after)):
         for p, old, new in zip(params, before, after):
             if new is not old:
-                state[p]["momentum_buffer"] = new
+                state[p][BUFFER_KEY] = new

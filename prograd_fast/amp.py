@@ -24,15 +24,7 @@ __all__ = ["ProGradGradScaler", "pending_general_grads"]
 
 def pending_general_grads(optimizer) -> list[Tensor]:
     """The general gradients stored in ``optimizer`` and not yet consumed by a step."""
-    from .optim import GENERAL_KEY
-
-    out = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            g = optimizer.state[p].get(GENERAL_KEY) if p in optimizer.state else None
-            if g is not None:
-                out.append(g)
-    return out
+    return [g for g in optimizer._pending_general_grads() if g is not None]
 
 
 class ProGradGradScaler(torch.amp.GradScaler):

@@ -67,32 +67,31 @@ def all_reduce_general_grads(optimizer, process_group=None, average: bool = True
     zeros, the same as in a single-process run on the concatenated batch), so all processes
     issue identical collectives.  A no-op for a single process.
     """
-    from .optim import GENERAL_KEY
-
     world = distributed_world(process_group)
     if world == 1:
         return
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    if any(is_sharded(p) for p in params):
+    params = optimizer._params_in_order()
+    if any(is_sharded(p) for p in params if p.requires_grad):
         raise RuntimeError("all_reduce_general_grads is for replicated (DDP) parameters; FSDP2 "
                            "already reduce-scatters the general gradient into sharded .grad")
-    buckets: dict[tuple, list[Tensor]] = {}
-    for p in params:
-        buckets.setdefault((p.device, p.dtype), []).append(p)
+    generals = optimizer._pending_general_grads(take=True)
+    buckets: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if p.requires_grad:
+            buckets.setdefault((p.device, p.dtype), []).append(i)
     for bucket in buckets.values():
-        grads = []
-        for p in bucket:
-            g = optimizer.state[p].get(GENERAL_KEY)
-            grads.append(g if g is not None else torch.zeros_like(p))
+        grads = [generals[i] if generals[i] is not None else torch.zeros_like(params[i])
+                 for i in bucket]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=process_group)
         if average:
             flat.div_(world)
         offset = 0
-        for p, g in zip(bucket, grads):
-            n = p.numel()
-            optimizer.state[p][GENERAL_KEY] = flat[offset:offset + n].view_as(p)
+        for i in bucket:
+            n = params[i].numel()
+            generals[i] = flat[offset:offset + n].view_as(params[i])
             offset += n
+    optimizer.store_general_grads(generals)
 
 
 def _local(t: Tensor | None) -> Tensor | None:

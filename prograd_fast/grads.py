@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .distributed import all_reduce_general_grads, distributed_world, is_sharded
-from .optim import GENERAL_KEY, ProGradSGD
+from .optim import ProGradSGD
 
 __all__ = ["backward"]
 
@@ -43,16 +43,16 @@ def backward(optimizer: ProGradSGD, task_loss: Tensor, general_loss: Tensor, *,
     if sharded:
         _sharded_general_backward(optimizer, params, general_loss)
     else:
-        general = torch.autograd.grad(general_loss, params, retain_graph=True, allow_unused=True)
+        general = iter(torch.autograd.grad(general_loss, params, retain_graph=True,
+                                           allow_unused=True))
         with torch.no_grad():
-            for p, g in zip(params, general):
-                if g is None:
-                    continue
-                if g.stride() != p.stride():  # e.g. an expanded gradient of a sum: lay out like p
-                    g = torch.empty_like(p).copy_(g)
-                state = optimizer.state[p]
-                pending = state.get(GENERAL_KEY)
-                state[GENERAL_KEY] = g if pending is None else pending.add_(g)
+            aligned = []
+            for p in optimizer._params_in_order():
+                g = next(general) if p.requires_grad else None
+                if g is not None and g.stride() != p.stride():
+                    g = torch.empty_like(p).copy_(g)  # e.g. an expanded gradient of a sum
+                aligned.append(g)
+            optimizer.store_general_grads(aligned)  # added to pending ones
         if all_reduce is None:
             all_reduce = distributed_world(process_group) > 1
         if all_reduce:
@@ -65,15 +65,16 @@ def backward(optimizer: ProGradSGD, task_loss: Tensor, general_loss: Tensor, *,
 
 def _sharded_general_backward(optimizer: ProGradSGD, params: list[Tensor], general_loss: Tensor) -> None:
     """FSDP2: ``.grad`` is swapped for the pending general gradient during a full backward."""
+    everything = optimizer._params_in_order()
+    general = optimizer._pending_general_grads(take=True)
     saved = [p.grad for p in params]
     try:
-        for p in params:
-            p.grad = optimizer.state[p].pop(GENERAL_KEY, None) if p in optimizer.state else None
+        for p, g in zip(everything, general):
+            if p.requires_grad:
+                p.grad = g
         general_loss.backward(retain_graph=True)
-        general = [p.grad for p in params]
+        general = [p.grad if p.requires_grad else g for p, g in zip(everything, general)]
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-    for p, g in zip(params, general):
-        if g is not None:
-            optimizer.state[p][GENERAL_KEY] = g
+    optimizer.store_general_grads(general)

@@ -14,36 +14,27 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _host, _ops
-from ._step import (GENERAL_KEY, gather_group, hooked_step, refill, release, store_buffers,
-                    store_general)
-from .backends import BACKENDS, requested_backend, run_step
+from ._step import checked_general, gather_group, hooked_step, refill, release, store_buffers
+from .backends import BACKENDS, ran_fused, run_step
 from .distributed import sharded_group_step
 from .functional import GRANULARITIES, ProGradStats
 
 __all__ = ["ProGradSGD"]
 
 
-def uses_fused_backend(name: str, cache: dict) -> bool:
-    """Whether the group's last step ran on a fused backend (``name`` as the group gives
-    it; ``"auto"`` records its choice in the group's ``cache``): the C host helper is then
-    worth building (see :mod:`prograd_fast._host`)."""
-    name = requested_backend(name)
-    if name == "auto":
-        name = cache.get("auto_backend")
-    return name in _host.FUSED_BACKENDS
+# Older versions kept pending general gradients in each parameter's state under this key.
+_LEGACY_GENERAL_KEY = "general_grad"
 
 
-def _training_state(state: dict, param_keys) -> dict:
-    """A state dict's ``state`` less what ProGradSGD itself adds: pending general gradients,
-    and parameter entries left empty without them.  Only entries keyed by a parameter (an
-    index in ``param_keys``) holding a dict are looked at; anything else -- a key a user or
-    a ``state_dict`` hook put there -- is kept as it is.  New dicts: the optimizer's own,
-    and the caller's, are not touched."""
+def _without_legacy_generals(state: dict, param_keys) -> dict:
+    """A loaded state dict's ``state`` less general gradients an older version saved (and
+    parameter entries left empty without them).  Only entries keyed by a parameter (an
+    index in ``param_keys``) holding such a key are changed; new dicts, the caller's are
+    not touched."""
     out = {}
     for key, entry in state.items():
-        if key in param_keys and isinstance(entry, dict):
-            if GENERAL_KEY in entry:
-                entry = {name: v for name, v in entry.items() if name != GENERAL_KEY}
+        if key in param_keys and isinstance(entry, dict) and _LEGACY_GENERAL_KEY in entry:
+            entry = {name: v for name, v in entry.items() if name != _LEGACY_GENERAL_KEY}
             if not entry:
                 continue
         out[key] = entry
@@ -111,6 +102,8 @@ class ProGradSGD(Optimizer):
         # Per-group scratch a backend may keep between steps (launch metadata, chosen backend).
         self._backend_cache: list[dict] = [{} for _ in self.param_groups]
         self._warned_no_general = False
+        # Pending general gradients, per group: None, or a list aligned with its "params".
+        self._general_grads: list[list | None] = [None] * len(self.param_groups)
         self._state_dicts = _host.StateDicts()  # each parameter's state dict, looked up once
         self._use_host = False  # True once a fused backend ran a group: see prograd_fast._host
         # GradScaler hands grad_scale / found_inf to step() (see torch.amp.GradScaler.step).
@@ -125,30 +118,24 @@ class ProGradSGD(Optimizer):
             group.setdefault("backend", "auto")
         self.__dict__.setdefault("_stats", [None] * len(self.param_groups))
         self.__dict__.setdefault("_warned_no_general", False)
+        self.__dict__.setdefault("_general_grads", [None] * len(self.param_groups))
         self.__dict__.setdefault("_backend_cache", [{} for _ in self.param_groups])
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
         self.__dict__.setdefault("_state_dicts", _host.StateDicts()).clear()  # a new state
         self.__dict__.setdefault("_use_host", False)
-
-    def state_dict(self) -> dict:
-        """As torch's, but only the training state: pending general gradients (stored, not
-        yet stepped) belong to one iteration and are left out, and so are parameters with
-        nothing to keep (``torch.optim.SGD`` keeps ``state`` empty for them too).  Anything
-        else in ``state`` -- e.g. what a ``state_dict`` pre-hook wrote -- is kept."""
-        state_dict = super().state_dict()
-        state_dict["state"] = _training_state(state_dict["state"], _param_indices(state_dict))
-        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that options the loaded groups lack keep this optimizer's values
         (a ``torch.optim.SGD`` checkpoint, e.g. CoOp's, warm-starts ``ProGradSGD(lam=0.3,
         granularity="tensor")`` without resetting them), each group keeps this optimizer's
         ``backend`` (a property of the machine: a CPU checkpoint's ``"cpp"`` cannot run CUDA
-        tensors) and general gradients saved by older versions are dropped."""
+        tensors) and general gradients saved by older versions are dropped, as are pending
+        ones (they belong to the iteration before the load)."""
         own = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         saved = [set(group) for group in state_dict["param_groups"]]
-        kept = _training_state(state_dict["state"], _param_indices(state_dict))
+        kept = _without_legacy_generals(state_dict["state"], _param_indices(state_dict))
         super().load_state_dict({**state_dict, "state": kept})
+        self._general_grads = [None] * len(self.param_groups)
         for group, options, keys in zip(self.param_groups, own, saved):
             for key, value in options.items():
                 if key not in keys or key == "backend":
@@ -159,14 +146,13 @@ class ProGradSGD(Optimizer):
         if hasattr(self, "_stats"):
             self._stats.append(None)
             self._backend_cache.append({})
+            self._general_grads.append(None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the domain gradients (as torch does) AND drop pending general gradients,
         so a general gradient can never leak into a later iteration."""
         super().zero_grad(set_to_none)
-        for p in self._params_in_order():
-            if p in self.state:
-                self.state[p].pop(GENERAL_KEY, None)
+        self._general_grads = [None] * len(self.param_groups)
 
     # ---------------------------------------------------------------- general gradients
     def _params_in_order(self) -> list[Tensor]:
@@ -174,7 +160,19 @@ class ProGradSGD(Optimizer):
 
     def has_general_grads(self) -> bool:
         """True when general gradients are stored and waiting for the next step."""
-        return any(GENERAL_KEY in self.state[p] for p in self._params_in_order() if p in self.state)
+        return any(g is not None for pending in self._general_grads if pending for g in pending)
+
+    def _pending_general_grads(self, take: bool = False) -> list[Tensor | None]:
+        """The pending general gradients, aligned with the optimizer's parameters (None for
+        none); ``take``: consume them (:func:`prograd_fast.distributed.all_reduce_general_grads`
+        stores back what it reduced).  For this package's modules, which never write them
+        but through :meth:`store_general_grads`."""
+        out = []
+        for group, pending in zip(self.param_groups, self._general_grads):
+            out.extend(pending if pending is not None else [None] * len(group["params"]))
+        if take:
+            self._general_grads = [None] * len(self.param_groups)
+        return out
 
     def store_general_grads(self, grads: list[Tensor | None] | None = None) -> None:
         """Store the general (zero-shot KL) gradients for the next :meth:`step`.
@@ -202,9 +200,31 @@ class ProGradSGD(Optimizer):
                 raise ValueError(f"store_general_grads got {len(grads)} gradients for "
                                  f"{len(params)} parameters")
         if torch.compiler.is_compiling():  # torch.compile: see prograd_fast._ops
-            _ops.traced_store_general(self.state, params, grads)
-            return
-        store_general(self.state, params, grads, self._host_helper(), self._state_dicts)
+            grads = _ops.traced_checked_general(params, grads)
+        else:
+            grads = checked_general(params, grads, self._host_helper())
+        self._add_general(grads)
+
+    def _add_general(self, grads: list) -> None:
+        """Keep checked general gradients (aligned with the parameters), group by group,
+        adding them to pending ones."""
+        pending, start = self._general_grads, 0
+        for index, group in enumerate(self.param_groups):
+            n = len(group["params"])
+            if pending[index] is not None and len(pending[index]) != n:
+                raise RuntimeError(f"parameter group {index} changed since general gradients "
+                                   "were stored; call zero_grad() first")
+        for index, group in enumerate(self.param_groups):
+            n = len(group["params"])
+            mine = grads if n == len(grads) else grads[start:start + n]
+            start += n
+            old = pending[index]
+            if old is None:
+                pending[index] = mine
+                continue
+            for i, g in enumerate(mine):
+                if g is not None:
+                    old[i] = g if old[i] is None else old[i].add_(g)
 
     def _host_helper(self):
         """The C host helper once a fused backend ran (built then), else None.  (Never
@@ -236,9 +256,14 @@ class ProGradSGD(Optimizer):
         any_general = any_stepped = False
         state = self.state
         host, dicts = self._host_helper(), self._state_dicts
+        pending = self._general_grads
         for index, group in enumerate(self.param_groups):
             momentum = group["momentum"] != 0
-            picked, sharded = gather_group(state, group["params"], momentum, host, dicts, index)
+            generals = pending[index]
+            if generals is not None:
+                pending[index] = None  # consumed, whatever happens next
+            picked, sharded = gather_group(state, group["params"], generals, momentum, host,
+                                           dicts, index)
             if picked is None:
                 continue
             params, grads, generals, bufs, has_general = picked
@@ -255,7 +280,7 @@ class ProGradSGD(Optimizer):
             finally:
                 release(step)
             if not self._use_host:
-                self._use_host = uses_fused_backend(group["backend"], self._backend_cache[index])
+                self._use_host = ran_fused(group["backend"], self._backend_cache[index])
             if momentum:
                 store_buffers(state, params, before, bufs)
         if any_stepped and not any_general and not self._warned_no_general and any(

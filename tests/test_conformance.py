@@ -581,3 +581,16 @@ def test_load_state_dict_hooks_may_write_state_and_it_is_kept():
     sd = opt.state_dict()
     assert sd["state"]["ran_pre_hook"] is True and sd["state"]["ran_post_hook"] is True
     train(model, opt, 1)  # the extra entries do not disturb a step
+
+
+def test_pending_general_grads_live_beside_the_state():
+    """Storing general gradients makes no entry in ``optimizer.state``: what torch saves is
+    the training state as it is; the step consumes them."""
+    model = tiny_model()
+    opt = pf.ProGradSGD(model.parameters(), lr=0.1)
+    pf.backward(opt, *losses(model, *batch(3)))
+    opt.store_general_grads([torch.ones_like(p) for p in model.parameters()])
+    assert opt.has_general_grads() and not opt.state
+    assert opt.state_dict()["state"] == {}
+    opt.step()
+    assert not opt.has_general_grads()

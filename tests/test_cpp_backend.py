@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prograd_fast import ProGradSGD, _ext
-from prograd_fast.backends import GroupStep, get_backend, select_backend
+from prograd_fast.backends import GroupStep, get_backend, run_step
 from prograd_fast.functional import prograd_sgd
 from tests.kernel_cases import AWKWARD, DTYPES, EPS, clone_list, make_group, run_case
 
@@ -239,7 +239,8 @@ def test_auto_picks_cpp_on_cpu_and_rejects_other_devices(monkeypatch):
     monkeypatch.delenv("PROGRAD_FAST_BACKEND", raising=False)
     ps, ds, gs = make_group((10,), torch.float32, "cpu")
     step = GroupStep(ps, ds, gs, [None], lr=0.1)
-    assert select_backend("auto", step).name == "cpp"
+    run_step("auto", step)
+    assert step.extra["auto_backend"] == "cpp"
     meta = GroupStep([torch.empty(3, device="meta")], [torch.empty(3, device="meta")], [None],
                      [None], lr=0.1)
     assert "CPU" in get_backend("cpp").unsupported(meta)
@@ -264,6 +265,7 @@ def test_unavailable_backend_auto_uses_torch_and_forced_raises(monkeypatch):
     ps, ds, gs = make_group((10,), torch.float32, "cpu")
     step = GroupStep(ps, ds, gs, [None], lr=0.1)
     assert get_backend("cpp").available() == "no compiler in this test"
-    assert select_backend("auto", step).name == "torch"
+    run_step("auto", step)
+    assert step.extra["auto_backend"] == "torch"
     with pytest.raises(BackendUnavailableError, match="no compiler in this test"):
-        select_backend("cpp", step)
+        run_step("cpp", step)

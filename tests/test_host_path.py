@@ -14,11 +14,11 @@ import torch
 
 import prograd_fast as pf
 from prograd_fast import _ext, _host, _step
-from prograd_fast.backends import BACKENDS, GroupStep
+from prograd_fast.backends import GroupStep, get_backend
 from prograd_fast.backends import triton_backend as tb
 from prograd_fast.functional import prograd_sgd
 
-GK, BK = _step.GENERAL_KEY, _step.BUFFER_KEY
+BK = _step.BUFFER_KEY
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,11 @@ def test_same_objects(host):
     assert not host.same_objects(iter(ps), ref)  # not a list or tuple: not the same
 
 
-def test_stash_stores_the_references(host):
+def test_matching_accepts_plain_matching_gradients(host):
     ps, gs = tensors()
     gs[1] = None
-    sds = [{}, {}, {}]
-    assert host.stash(ps, gs, sds, GK) is True
-    assert sds[0][GK] is gs[0] and GK not in sds[1] and sds[2][GK] is gs[2]
+    assert host.matching(ps, gs) is True
+    assert _step.checked_general(ps, gs, host) is gs  # kept as they are, no copy
 
 
 REFUSED = {
@@ -94,53 +93,34 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_stash_refuses_and_stores_nothing(host, case):
+def test_matching_leaves_the_rest_to_python(host, case):
     """Anything but a plain matching gradient goes to the Python path, which raises the
-    clear error or detaches; nothing is stored before it does."""
+    clear error or detaches."""
     ps, gs = tensors()
     if case == "complex parameter":
         ps[2] = torch.nn.Parameter(torch.randn(ps[2].shape, dtype=torch.complex64))
         gs[2] = torch.randn(ps[2].shape, dtype=torch.complex64)
     else:
         gs[2] = REFUSED[case](ps[2], gs[2])
-    sds = [{}, {}, {}]
-    assert host.stash(ps, gs, sds, GK) is False
-    assert sds == [{}, {}, {}]
+    assert host.matching(ps, gs) is False
+    assert host.matching(ps, gs[:2]) is False  # lists that do not align
+    assert host.matching(tuple(ps), gs) is False  # not a list
 
 
-def test_stash_leaves_accumulation_and_missing_entries_to_python(host):
-    ps, gs = tensors()
-    pending = [{GK: torch.zeros(ps[0].shape)}, {}, {}]
-    assert host.stash(ps, gs, pending, GK) is False
-    assert list(pending[0]) == [GK] and pending[1:] == [{}, {}]
-    assert host.stash(ps, gs, [{}, None, {}], GK) is False  # a parameter without state
-    assert host.stash(ps, gs[:2], [{}, {}, {}], GK) is False  # lists that do not align
-    assert host.stash(tuple(ps), gs, [{}, {}, {}], GK) is False  # not a list
-
-
-def _python_gather(ps, sds, momentum):
+def _python_gather(ps, sds, generals, momentum):
     state = {p: sd for p, sd in zip(ps, sds) if sd is not None}
-    return _step.gather(state, ps, momentum)
+    return _step.gather(state, ps, generals, momentum)
 
 
-def _state_pair(ps, gs, layout):
-    """Two copies of the same state dicts (the same tensors in them)."""
-    bufs = [torch.randn(p.shape) for p in ps]
-    out = []
-    for _ in range(2):
-        sds = []
-        for i, kind in enumerate(layout):
-            if kind is None:
-                sds.append(None)
-                continue
-            sd = {}
-            if "g" in kind:
-                sd[GK] = gs[i]
-            if "b" in kind:
-                sd[BK] = bufs[i]
-            sds.append(sd)
-        out.append(sds)
-    return out
+def _state(ps, gs, layout):
+    """State dicts (buffers where the layout says "b") and the pending general gradients
+    (where it says "g")."""
+    sds, generals = [], []
+    for i, kind in enumerate(layout):
+        generals.append(gs[i] if kind is not None and "g" in kind else None)
+        sds.append(None if kind is None else
+                   ({BK: torch.randn(ps[i].shape)} if "b" in kind else {}))
+    return sds, generals
 
 
 @pytest.mark.parametrize("momentum", [False, True])
@@ -150,15 +130,17 @@ def _state_pair(ps, gs, layout):
     (["gb", "gb", "gb"], (1,)),
     (["g", "gb", ""], (0, 1, 2)),
 ])
-def test_gather_equals_the_python_gather(host, momentum, layout, no_grad):
+@pytest.mark.parametrize("pending", [True, False])
+def test_gather_equals_the_python_gather(host, momentum, layout, no_grad, pending):
     ps, gs = tensors(seed=3)
     for i in no_grad:
         ps[i].grad = None
-    ours, theirs = _state_pair(ps, gs, layout)
-    got = host.gather(ps, ours, momentum, GK, BK)
-    want = _python_gather(ps, theirs, momentum)
-    assert ours == theirs  # the same general gradients consumed (every parameter's)
-    assert all(GK not in sd for sd in ours if sd is not None)
+    sds, generals = _state(ps, gs, layout)
+    generals = generals if pending else None
+    before = [dict(sd) if sd is not None else None for sd in sds]
+    got = host.gather(ps, sds if momentum else None, generals, momentum, BK)
+    want = _python_gather(ps, sds, generals, momentum)
+    assert sds == before  # the state is only read
     if want is None:
         assert got == ()
         return
@@ -169,10 +151,12 @@ def test_gather_equals_the_python_gather(host, momentum, layout, no_grad):
 
 
 @pytest.mark.parametrize("case", ["subclass param", "sparse grad", "complex grad",
-                                  "state not a dict", "odd general", "odd buffer"])
+                                  "state not a dict", "odd general", "odd buffer",
+                                  "generals not aligned"])
 def test_gather_leaves_the_unusual_to_python_untouched(host, case):
     ps, gs = tensors(seed=4)
-    sds = [{GK: g} for g in gs]
+    sds = [{BK: torch.zeros(p.shape)} for p in ps]
+    generals = list(gs)
     if case == "subclass param":
         ps[1] = torch.nn.Parameter(torch.randn(4, 4)).as_subclass(Sub)
         ps[1].grad = torch.randn(4, 4)
@@ -182,21 +166,30 @@ def test_gather_leaves_the_unusual_to_python_untouched(host, case):
         ps[1] = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
         ps[1].grad = torch.randn(3, dtype=torch.complex64)
     elif case == "state not a dict":
-        sds[1] = [("general_grad", gs[1])]
+        sds[1] = [(BK, gs[1])]
     elif case == "odd general":
-        sds[1][GK] = gs[1].as_subclass(Sub)
-    else:
+        generals[1] = gs[1].as_subclass(Sub)
+    elif case == "odd buffer":
         sds[1][BK] = "buffer"
+    else:
+        generals = generals[:2]
     before = [dict(sd) if isinstance(sd, dict) else sd for sd in sds]
-    assert host.gather(ps, sds, True, GK, BK) is NotImplemented
+    assert host.gather(ps, sds, generals, True, BK) is NotImplemented
     assert sds == before
 
 
 def test_gather_leaves_a_tuple_of_parameters_to_python(host):
     ps, gs = tensors(seed=4)
-    sds = [{GK: g} for g in gs]
-    assert host.gather(tuple(ps), sds, True, GK, BK) is NotImplemented
-    assert all(GK in sd for sd in sds)
+    assert host.gather(tuple(ps), [{}, {}, {}], list(gs), True, BK) is NotImplemented
+
+
+def test_a_group_changed_between_storing_and_stepping_is_a_clear_error():
+    ps, gs = tensors(seed=5)
+    opt = pf.ProGradSGD(ps, lr=0.1)
+    opt.store_general_grads(gs)
+    opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.zeros(2)))
+    with pytest.raises(RuntimeError, match="changed between store_general_grads"):
+        opt.step()
 
 
 def _fp(host, ps, ds, gs, bs):
@@ -375,7 +368,7 @@ def test_added_group_and_general_gradients_of_other_steps(host_mode):
         p.grad = x
     opt.store_general_grads(g2[:2] + [None])
     opt.store_general_grads([None, g2[1], g2[2]])  # stored twice: accumulates
-    assert opt.state[a[1]][GK] is g2[1]  # added in place into the first one stored
+    assert opt._pending_general_grads()[1] is g2[1]  # added in place into the first one stored
     torch.testing.assert_close(g2[1], -d2[1])
     opt.step()
     model_a.step(d2[:2], [g2[0], g2[1]])
@@ -402,7 +395,7 @@ def test_bad_general_gradients_raise_and_store_nothing(case, exc, match, host_mo
     opt = pf.ProGradSGD(params, lr=0.1)
     opt.store_general_grads(gs)
     opt.step()  # a fused backend ran (auto: cpp, or torch): the helper is on in "c" mode
-    opt.store_general_grads(gs)  # entries exist now: the helper's path
+    opt.store_general_grads(gs)  # the helper's path now (in "c" mode)
     opt.zero_grad(set_to_none=False)
     bad = list(gs)
     bad[1] = {"shape": gs[1].reshape(-1), "dtype": gs[1].double(),
@@ -419,7 +412,7 @@ def test_general_gradients_that_require_grad_are_detached(host_mode):
     opt.step()
     live = [g.clone().requires_grad_() for g in gs]
     opt.store_general_grads(live)
-    assert all(not opt.state[p][GK].requires_grad for p in params)
+    assert all(not g.requires_grad for g in opt._pending_general_grads())
 
 
 def test_the_helper_path_is_the_one_taken(host, monkeypatch):
@@ -435,7 +428,7 @@ def test_the_helper_path_is_the_one_taken(host, monkeypatch):
         opt.store_general_grads(gs)
         opt.step()
     calls = []
-    for name in ("gather", "stash_general"):
+    for name in ("gather",):
         monkeypatch.setattr(_step, name, lambda *a, _n=name, _f=getattr(_step, name), **k:
                             (calls.append(_n), _f(*a, **k))[1])
     for name in ("_keys", "_full_check"):
@@ -546,7 +539,7 @@ def test_helper_and_python_paths_give_identical_results(backend, monkeypatch):
     if helper is None:
         pytest.skip("the host helper cannot be built here")
     shapes = [(16, 5), (7,), (1,), (33, 3)]
-    monkeypatch.setattr(_host, "FUSED_BACKENDS", frozenset(BACKENDS))
+    monkeypatch.setattr(get_backend("torch"), "fused", True)
     with_helper, state_c = _train(backend, shapes)
     monkeypatch.setattr(_host, "_module", None)
     python, state_py = _train(backend, shapes)

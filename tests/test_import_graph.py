@@ -10,14 +10,6 @@ import prograd_fast
 
 PACKAGE = Path(prograd_fast.__file__).parent
 
-# Cycles known today and owned by work in progress elsewhere; each is named exactly, so a
-# new cycle (or one of these growing) still fails.  Remove an entry once its cycle is gone.
-KNOWN_CYCLES = {
-    # the optimizer's general-gradient key: optim -> _step -> distributed -> optim
-    frozenset({"prograd_fast._ops", "prograd_fast._step", "prograd_fast.distributed",
-               "prograd_fast.optim"}),
-}
-
 
 def _modules(root: Path) -> dict[str, Path]:
     out = {}
@@ -86,9 +78,9 @@ def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
     return found
 
 
-def test_the_package_has_no_import_cycle_but_the_known_ones():
-    new = [sorted(c) for c in cycles(import_graph()) if c not in KNOWN_CYCLES]
-    assert not new, f"import cycles: {new}"
+def test_the_package_has_no_import_cycle():
+    found = [sorted(c) for c in cycles(import_graph())]
+    assert not found, f"import cycles: {found}"
 
 
 def test_the_cycle_finder_finds_a_cycle_through_a_deferred_import(tmp_path):

@@ -260,7 +260,7 @@ def test_every_change_that_matters_rebuilds_or_rebinds(shapes, monkeypatch, host
 
 @pytest.mark.parametrize("shapes", [[(1000,)], [(40,), (9,)]], ids=["one", "two"])
 def test_asking_unsupported_first_changes_nothing(shapes, poisoned, host_mode):
-    """``select_backend`` asks ``unsupported`` before stepping: the question must not make
+    """A caller may ask ``unsupported`` before stepping: the question must not make
     momentum buffers (the step would then take them for old ones and read garbage)."""
     ps, ds, gs = group(shapes, seed=11)
     extra, bufs = {}, [None] * len(ps)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prograd_fast.backends import GroupStep
+from prograd_fast.backends import Backend, GroupStep
 from prograd_fast.backends._common import CaptureError
 from prograd_fast.backends import triton_backend as tb
 from prograd_fast.functional import prograd_sgd
@@ -147,7 +147,7 @@ def test_the_cuda_backend_refuses_a_captured_first_step(monkeypatch):
 
 
 # ------------------------------------------------ "auto" falls back from a failing backend
-class FailingBackend:
+class FailingBackend(Backend):
     """A fused backend that is available but fails when it runs (after making a momentum
     buffer, as a real one does before its launch)."""
 
@@ -155,12 +155,6 @@ class FailingBackend:
 
     def __init__(self, exc):
         self.exc, self.calls = exc, 0
-
-    def available(self):
-        return None
-
-    def unsupported(self, step):
-        return None
 
     def try_step(self, step):
         self.calls += 1
@@ -539,13 +533,50 @@ def test_auto_on_a_gpu_says_once_that_a_fused_backend_cannot_be_built(failing, m
     torch.testing.assert_close(got_p, want_p, rtol=0, atol=0)
 
 
-def test_select_backend_skips_a_backend_that_failed(failing):
+def test_auto_never_retries_a_backend_that_failed(failing):
+    """A backend recorded as failed in this process is skipped by "auto" (not even tried)."""
     from prograd_fast import backends
 
     pytest.importorskip("triton")
-    failing(_compile_error())
-    p = torch.zeros(3)
-    step = GroupStep([p], [p], [None], [None], lr=0.1)
-    assert backends.select_backend("auto", step).name == "cpp"  # not known to fail yet
+    fake = failing(_compile_error())
     backends._failed["cpp"] = "CompilationError: unsupported on sm_75"
-    assert backends.select_backend("auto", step).name == "torch"
+    p = torch.zeros(3)
+    step = GroupStep([p], [torch.ones(3)], [None], [None], lr=0.1)
+    backends.run_step("auto", step)
+    assert fake.calls == 0 and step.extra["auto_backend"] == "torch"
+    torch.testing.assert_close(p, torch.full((3,), -0.1))
+
+
+class DocstringBackend(Backend):
+    """A backend written to ``Backend``'s docstring alone: a name and ``step``."""
+
+    name = "cpp"
+    fused = False
+
+    def __init__(self):
+        self.steps = 0
+
+    def step(self, step):
+        from prograd_fast.functional import prograd_sgd
+
+        self.steps += 1
+        return prograd_sgd(step.params, step.grads, step.general_grads, step.momentum_buffers,
+                           **step.hyper())
+
+
+@pytest.mark.parametrize("name", ["cpp", "auto"])
+def test_a_backend_written_to_the_docstring_runs_through_the_optimizer(name, monkeypatch):
+    """Named, and as "auto"'s first CPU choice: it runs every step, with the reference's
+    result (momentum buffers it makes land in the optimizer's state)."""
+    from prograd_fast import backends
+
+    mine = DocstringBackend()
+    monkeypatch.delenv("PROGRAD_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_failed", {})
+    monkeypatch.setitem(backends._loaded, "cpp", mine)
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("cpp", "torch"))
+    got_p, got_buf = _twin_runs(name)
+    want_p, want_buf = _twin_runs("torch")
+    assert mine.steps == 3
+    torch.testing.assert_close(got_p, want_p, rtol=0, atol=0)
+    torch.testing.assert_close(got_buf, want_buf, rtol=0, atol=0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import prograd_fast as pf
-from prograd_fast.backends import BackendUnavailableError, GroupStep, select_backend
+from prograd_fast.backends import BackendUnavailableError, GroupStep, run_step
 from prograd_fast.backends import triton_backend as tb
 from prograd_fast.functional import prograd_sgd
 
@@ -411,8 +411,8 @@ def test_unsupported_reasons():
     nc[1] = ds[1].t().contiguous().t()
     assert "non-contiguous" in BACKEND.unsupported(GroupStep(ps, nc, gs, [None] * 5, lr=0.1))
     with pytest.raises(BackendUnavailableError, match="float64"):
-        select_backend("triton", GroupStep(p64, [d.double() for d in ds], [None] * 5,
-                                           [None] * 5, lr=0.1))
+        run_step("triton", GroupStep(p64, [d.double() for d in ds], [None] * 5,
+                                     [None] * 5, lr=0.1))
     # AMP tensors and a tensor lr are checked every step, not only when addresses change
     extra = {}
     assert BACKEND.unsupported(GroupStep(ps, ds, gs, [None] * 5, lr=0.1, extra=extra)) is None

@@ -1,10 +1,13 @@
-"""Backend registry and the one place where a group's step is dispatched.
+"""Backend registry and the one place where a group's step is dispatched (:func:`run_step`).
 
-A backend is a module-level object with ``name``, ``available() -> str | None`` (``None``
-when usable, else why not), ``unsupported(step) -> str | None`` (why this particular group
-cannot run on it) and ``step(step: GroupStep) -> ProGradStats``.  ``"auto"`` picks the first
-backend in ``AUTO_ORDER[device type]`` that is available and supports the group; a backend
-named explicitly (argument or ``PROGRAD_FAST_BACKEND``) that cannot run raises
+A backend is an instance of a :class:`Backend` subclass (``BACKEND`` in its own module of
+this package, listed in ``_MODULES``, ``BACKENDS`` and ``AUTO_ORDER``): it sets ``name`` and
+``fused`` and implements ``step(step: GroupStep) -> ProGradStats``, and may override
+``available()``, ``unsupported(step)`` and ``try_step(step)`` (see :class:`Backend`).
+:func:`run_step` calls ``available()`` and then ``try_step(step)`` only.  ``"auto"`` runs
+the first backend in ``AUTO_ORDER[device type]`` that is available and supports the group
+(the one that ran the group last time is tried first); a backend named explicitly
+(argument or ``PROGRAD_FAST_BACKEND``) that cannot run raises
 :class:`BackendUnavailableError` -- never a silent fallback.
 
 A fused backend that fails on this machine when it runs (its extension does not build, a
@@ -29,16 +32,18 @@ import torch
 from torch import Tensor
 
 from ..functional import ProGradStats
-from ._common import CaptureError
+from ._common import Backend, CaptureError
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "Backend",
     "BackendUnavailableError",
     "GroupStep",
     "available_backends",
     "get_backend",
-    "select_backend",
+    "ran_fused",
+    "run_step",
 ]
 
 ENV_VAR = "PROGRAD_FAST_BACKEND"
@@ -138,28 +143,6 @@ def requested_backend(name: str = "auto") -> str:
     return name
 
 
-def select_backend(name: str, step: GroupStep):
-    """The backend object that will run ``step`` (see module docstring for the rules)."""
-    name = requested_backend(name)
-    if name != "auto":
-        backend = get_backend(name)
-        reason = backend.available() or backend.unsupported(step)
-        if reason:
-            raise BackendUnavailableError(f"backend {name!r} cannot run this step: {reason}")
-        return backend
-    device_type = step.params[0].device.type
-    for candidate in AUTO_ORDER.get(device_type, ("torch",)):
-        if candidate in _failed:  # failed when it ran here (see run_step)
-            continue
-        try:
-            backend = get_backend(candidate)
-        except Exception:
-            continue
-        if backend.available() is None and backend.unsupported(step) is None:
-            return backend
-    raise BackendUnavailableError("no backend can run this step")  # torch always can
-
-
 # Backends that failed when run under "auto" in this process: name -> the cause.
 _failed: dict[str, str] = {}
 # CUDA errors that leave the context unusable (never a reason to try another backend) ...
@@ -216,19 +199,10 @@ def _give_up(name: str, cause: str, step: GroupStep, buffers: list | None = None
                   f"the error instead)", RuntimeWarning, stacklevel=4)
 
 
-def _try(backend, step: GroupStep) -> ProGradStats | str:
-    """Run ``step`` on ``backend`` if it can, else return why not (nothing launched)."""
-    try_step = getattr(backend, "try_step", None)
-    if try_step is not None:
-        return try_step(step)
-    reason = backend.unsupported(step)
-    return reason if reason else backend.step(step)
-
-
 def run_step(name: str, step: GroupStep) -> ProGradStats:
-    """Dispatch one group's step (the rules of :func:`select_backend`), validating each
-    group once per step: backends with ``try_step`` check and launch in one call, and
-    ``"auto"`` tries the backend that ran the group last time first."""
+    """Run one group's step on the backend ``name`` (``"auto"`` or one of :data:`BACKENDS`;
+    the rules are in the module docstring).  Each backend checks the group and launches
+    in one ``try_step`` call; ``"auto"`` records its choice in ``step.extra``."""
     backend = _loaded.get(name)  # an explicit name, already imported: the common case
     if backend is None:
         name = requested_backend(name)
@@ -238,7 +212,7 @@ def run_step(name: str, step: GroupStep) -> ProGradStats:
     reason = backend.available()
     if reason is None:
         try:
-            out = _try(backend, step)
+            out = backend.try_step(step)
         except Exception as exc:
             if name == "torch" or not is_backend_failure(exc):
                 raise
@@ -284,14 +258,25 @@ def _run_auto(step: GroupStep) -> ProGradStats:
 
 
 def _try_fused(name: str, backend, step: GroupStep) -> ProGradStats | str | None:
-    """:func:`_try`, or None when the backend failed here (warned once, see _give_up)."""
+    """``backend.try_step(step)``, or None when the backend failed here (warned once, see
+    _give_up)."""
     if name == "torch":
-        return _try(backend, step)
+        return backend.try_step(step)
     buffers = list(step.momentum_buffers)
     try:
-        return _try(backend, step)
+        return backend.try_step(step)
     except Exception as exc:
         if not is_backend_failure(exc):
             raise
         _give_up(name, _cause(exc), step, buffers)
         return None
+
+
+def ran_fused(name: str, cache: dict) -> bool:
+    """Whether the group's last step ran on a fused backend (``name`` as the group gives
+    it; ``"auto"`` records its choice in the group's ``cache``)."""
+    name = requested_backend(name)
+    if name == "auto":
+        name = cache.get("auto_backend")
+    backend = _loaded.get(name)
+    return backend is not None and backend.fused

@@ -12,13 +12,41 @@ import torch
 from ..functional import GRANULARITIES, ProGradStats
 
 
-class ExtensionBackend:
-    """What the C++ (``cpp``) and CUDA (``cuda``) backends share: the cached per-group check
-    of the tensors (the C++ side re-checks devices, dtypes and shapes itself) and
-    ``try_step``.  Subclasses set ``name`` and ``device_type`` and implement ``available``
-    and ``step``."""
+class Backend:
+    """The base of every backend: what :func:`prograd_fast.backends.run_step` calls.
+
+    A subclass sets ``name`` and implements ``step(step: GroupStep) -> ProGradStats`` (the
+    group's update, in place; new momentum buffers written into ``step.momentum_buffers``);
+    it may override ``available()`` (``None`` when usable on this machine, else why not),
+    ``unsupported(step)`` (why this group cannot run on it, else ``None``; nothing launched)
+    and ``try_step(step)`` (the stats, or the reason as a string -- one call that checks and
+    launches, for a backend whose check and launch share work).  ``fused``: it runs
+    compiled kernels, whose users also get the optimizer's C host helper
+    (:mod:`prograd_fast._host`; the reference ``"torch"`` backend sets it False)."""
 
     name = ""
+    fused = True
+
+    def available(self) -> str | None:
+        return None
+
+    def unsupported(self, step) -> str | None:
+        return None
+
+    def step(self, step) -> ProGradStats:
+        raise NotImplementedError(f"backend {self.name!r} does not implement step()")
+
+    def try_step(self, step) -> ProGradStats | str:
+        """``step`` when the group can run here, else the reason (nothing launched)."""
+        reason = self.unsupported(step)
+        return reason if reason else self.step(step)
+
+
+class ExtensionBackend(Backend):
+    """What the C++ (``cpp``) and CUDA (``cuda``) backends share: the cached per-group check
+    of the tensors (the C++ side re-checks devices, dtypes and shapes itself).  Subclasses
+    set ``name`` and ``device_type`` and implement ``available`` and ``step``."""
+
     device_type = ""
 
     def unsupported(self, step) -> str | None:
@@ -26,11 +54,6 @@ class ExtensionBackend:
 
     def _check(self, step) -> str | None:
         return group_tensor_problem(step, self.device_type, self.name)
-
-    def try_step(self, step):
-        """``step`` when the group can run here, else the reason (nothing launched)."""
-        reason = self.unsupported(step)
-        return reason if reason else self.step(step)
 
 
 def cached_problem(step, tag: str, check: Callable) -> str | None:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 from ..functional import ProGradStats, prograd_sgd
-from ._common import refuse_first_step_under_capture
+from ._common import Backend, refuse_first_step_under_capture
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
-
-    def available(self) -> str | None:
-        return None
-
-    def unsupported(self, step) -> str | None:
-        return None
+    fused = False
 
     def try_step(self, step) -> ProGradStats:
-        return self.step(step)
+        return self.step(step)  # every group can run here
 
     def step(self, step) -> ProGradStats:
         if step.params:

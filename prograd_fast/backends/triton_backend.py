@@ -131,7 +131,7 @@ class _Plan:
         return (_Plan, ())
 
 
-class TritonBackend:
+class TritonBackend(_common.Backend):
     name = "triton"
 
     def __init__(self) -> None:

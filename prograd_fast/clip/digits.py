@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["DIGIT_NAMES", "TINY_CLIP_CONFIG", "cache_dir", "digits_data", "shift",
-           "pretrain_tiny_clip", "load_tiny_clip", "DigitsTask", "digits_task"]
+           "pretrain_tiny_clip", "load_tiny_clip", "DigitsTask"]
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTIONS = ["a handwritten {}.", "a handwritten {}", "the digit {}.", "a drawing of a {}.",
@@ -212,9 +212,6 @@ class DigitsTask:
         self.train = (_to_images(x[perm[:half]]), y[perm[:half]])
         self.test = (_to_images(x[perm[half:]]), y[perm[half:]])
 
-
-def digits_task(kind: str = "occlude") -> DigitsTask:
-    return DigitsTask(kind)
 
 
 def digits_split(shift_kind: str = "occlude"):
