@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import json
-import pickle
+from dataclasses import replace
 import sys
 from pathlib import Path
 from typing import Sequence
 
 __all__ = ["main", "build_parser", "CLIError"]
 
+from .checks import (AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, CLIError,  # noqa: E402,F401
+                     range_error)
+from .checks import check_device as _check_device, one_line as _one_line  # noqa: E402
+from .checks import model_from_args as _load_model  # noqa: E402
 from .cli_help import PRETRAINED_HELP, HelpFormatter, plot_note  # noqa: E402  (no torch: fast --help)
 
 
@@ -41,10 +44,6 @@ half-range over seeds, harmonic mean) beside zero-shot CLIP. Writes
 <output-dir>/base_to_new.json and base_to_new.png (the plot needs matplotlib)."""
 
 
-class CLIError(Exception):
-    """A bad command-line input: ``main`` reports it as one line on stderr, exit status 2."""
-
-
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="few-shot prompt tuning (zero-shot / CoOp / ProGrad)",
                        formatter_class=HelpFormatter,
@@ -66,7 +65,8 @@ def _add_train(sub) -> None:
                         "(the embedded tiny CLIP; default: digits with --data digits, else "
                         "required)")
     p.add_argument("--pretrained", default="none", help=PRETRAINED_HELP)
-    p.add_argument("--method", choices=["zeroshot", "coop", "prograd"], default="prograd",
+    from .methods import METHODS
+    p.add_argument("--method", choices=list(METHODS), default="prograd",
                    help="zeroshot: hand-crafted template, no training; coop: plain CoOp; "
                         "prograd: CoOp with ProGrad's prompt-aligned gradient")
     p.add_argument("--shots", type=int, default=16, help="training images per class (<=0: all)")
@@ -171,76 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(args, device):
-    """``(clip_model, tokenizer, image_size, mean, std)``; a bad ``--model`` /
-    ``--pretrained`` raises :class:`CLIError`."""
-    import open_clip
-
-    name = args.model or ("digits" if args.data == "digits" else None)
-    if name is None:
-        raise CLIError("--model is required with --data other than 'digits' (e.g. ViT-B-16 "
-                       "--pretrained openai)")
-    schema = ":" in name  # open_clip's "hf-hub:org/repo" / "local-dir:path" names
-    if name != "digits" and not name.endswith(".json") and not schema \
-            and name not in open_clip.list_models():
-        raise CLIError(f"unknown --model {name!r}: use an open_clip model name (see "
-                       f"open_clip.list_models()), a JSON model config file or 'digits'")
-    try:
-        return _build_model(name, args, device)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
-        what = f"--model {name!r}" + (f" with --pretrained {args.pretrained!r}" if args.pretrained else "")
-        raise CLIError(f"cannot load {what}: {_one_line(exc)}") from exc
-
-
-def _build_model(name, args, device):
-    import open_clip
-    import torch
-
-    from .clip import default_tokenizer, load_open_clip
-    from .clip import digits as D
-    from .clip.data import OPENAI_MEAN, OPENAI_STD
-
-    if name == "digits":
-        model, _ = D.load_tiny_clip()
-        cfg = D.TINY_CLIP_CONFIG
-        return (model.to(device), default_tokenizer(cfg["text_cfg"]["context_length"]),
-                cfg["vision_cfg"]["image_size"], D.MEAN, D.STD)
-    if name.endswith(".json"):
-        cfg = json.loads(Path(name).read_text())
-        cfg = cfg.get("model_cfg", cfg)
-        cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
-        model = cls(**cfg)
-        if args.pretrained:
-            state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state))
-        ctx_len = cfg.get("text_cfg", {}).get("context_length", 77)
-        size = cfg.get("vision_cfg", {}).get("image_size", 224)
-        return model.to(device).eval(), default_tokenizer(ctx_len), size, OPENAI_MEAN, OPENAI_STD
-    model = load_open_clip(name, args.pretrained or None, device=device)
-    pre = getattr(model.visual, "preprocess_cfg", {}) or {}
-    size = pre.get("size", getattr(model.visual, "image_size", 224))
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    mean = pre.get("mean", getattr(model.visual, "image_mean", None) or OPENAI_MEAN)
-    std = pre.get("std", getattr(model.visual, "image_std", None) or OPENAI_STD)
-    return model.eval(), open_clip.get_tokenizer(name), int(size), tuple(mean), tuple(std)
-
-
 def _digits_split(args):
-    import torch
-    from torch.utils.data import TensorDataset
+    from .clip.digits import digits_split
 
-    from .clip import digits as D
-    from .clip.data import Item, Split, subsample_classes
-
-    task = D.DigitsTask(args.shift)
-    split = Split([Item(i, int(y)) for i, y in enumerate(task.train[1])], [],
-                  [Item(i, int(y)) for i, y in enumerate(task.test[1])], list(D.DIGIT_NAMES))
-
-    def to_ds(items, source):
-        idx = torch.tensor([it.path for it in items], dtype=torch.long)
-        return TensorDataset(source[0][idx], torch.tensor([it.label for it in items]))
-
-    return split, subsample_classes, (lambda items, train: to_ds(items, task.train if train else task.test))
+    return digits_split(args.shift)
 
 
 def _prefix_note(model) -> str:
@@ -250,28 +184,6 @@ def _prefix_note(model) -> str:
         return f"shared prefix off: {model.shared_prefix_off}"
     return (f"first {model.prompt_learner.shared_prefix_length} shared by all classes, encoded once, "
             f"{shared.layout} suffixes")
-
-
-# Ranges of numeric options, as (holds, what it needs) for range_error.
-AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
-AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
-POSITIVE = (lambda v: v > 0, "> 0")
-UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
-
-
-def range_error(checks) -> str | None:
-    """``"FLAG must be NEED, got VALUE"`` for the first ``(flag, value, (holds, need))`` whose
-    value (None: not given) fails ``holds`` (NaN fails every range); None when all hold.
-    ``train`` and ``protocol`` refuse their options with it before any work."""
-    for flag, value, (holds, need) in checks:
-        if value is not None and not holds(value):
-            return f"{flag} must be {need}, got {value}"
-    return None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _check_train_args(args) -> None:
@@ -309,17 +221,6 @@ def _check_train_args(args) -> None:
         reason = available_backends().get(args.backend, "unknown backend")
         if reason is not None:
             raise CLIError(f"--backend {args.backend!r} cannot run here: {reason}")
-
-
-def _check_device(name: str) -> None:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise CLIError(f"--device {name!r}: {_one_line(exc)}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name!r}: no CUDA device is available")
 
 
 def cmd_train(args) -> int:

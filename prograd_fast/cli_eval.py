@@ -49,26 +49,28 @@ def add_eval_parser(sub) -> None:
 def cmd_eval(args) -> int:
     import torch
 
-    from . import cli
+    from .checks import (AT_LEAST_0, AT_LEAST_1, CLIError, check_device, model_from_args,
+                         one_line, range_error)
     from .clip import parallel
+    from .clip.digits import digits_split
     from .clip.data import ImageDataset, coop_transforms, load_dataset, subsample_classes
     from .clip.saved import load_saved_prompt, prompted_from_saved
     from .clip.trainer import PRECISIONS, evaluate
 
-    bad = cli.range_error((("--batch-size", args.batch_size, cli.AT_LEAST_1),
-                           ("--num-workers", args.num_workers, cli.AT_LEAST_0)))
+    bad = range_error((("--batch-size", args.batch_size, AT_LEAST_1),
+                       ("--num-workers", args.num_workers, AT_LEAST_0)))
     if bad:
-        raise cli.CLIError(bad)
+        raise CLIError(bad)
     try:
         saved = load_saved_prompt(args.run)
     except ValueError as exc:
-        raise cli.CLIError(cli._one_line(exc)) from None
+        raise CLIError(one_line(exc)) from None
     p = saved.prompt
     if not p and saved.method != "zeroshot":
-        raise cli.CLIError(f"{saved.source} records no prompt settings (saved by an older "
+        raise CLIError(f"{saved.source} records no prompt settings (saved by an older "
                            f"version); retrain it to evaluate it")
     if args.device is not None:
-        cli._check_device(args.device)
+        check_device(args.device)
     device = parallel.init_from_env(args.device)
     if args.dataset is not None or (args.data is None and p.get("dataset")):
         dataset = args.dataset or p["dataset"]  # a data set by name (given, or the run's)
@@ -80,7 +82,7 @@ def cmd_eval(args) -> int:
         same_data = not p.get("dataset") and data == p.get("data")
     named = dataset is not None
     if args.root and not named:
-        raise cli.CLIError("--root needs --dataset NAME (--data reads one folder or split file)")
+        raise CLIError("--root needs --dataset NAME (--data reads one folder or split file)")
     classes = args.classes or (p.get("subsample", "all") if same_data else "all")
     pretrained = args.pretrained if args.pretrained is not None else p.get("pretrained")
     if (pretrained or "").lower() == "none":
@@ -88,38 +90,38 @@ def cmd_eval(args) -> int:
     margs = SimpleNamespace(model=args.model or p.get("model"), pretrained=pretrained,
                             data=data or "named", shift=args.shift or p.get("shift") or "occlude")
     torch.manual_seed(saved.config.get("seed", 1))  # random weights (--pretrained none) as train drew them
-    clip_model, tokenizer, size, mean, std = cli._load_model(margs, device)
+    clip_model, tokenizer, size, mean, std = model_from_args(margs, device)
     if named:
         from .datasets import DatasetError, load_split
 
         if not root:
-            raise cli.CLIError("--dataset needs --root (the data root)")
+            raise CLIError("--dataset needs --root (the data root)")
         try:
             spec, full = load_split(dataset, root)
         except DatasetError as exc:
-            raise cli.CLIError(str(exc)) from None
+            raise CLIError(str(exc)) from None
         label, default_templates = spec.name, spec.dassl
     elif data == "digits":
-        full, _, make_digits = cli._digits_split(margs)
+        full, _, make_digits = digits_split(margs.shift)
         label, default_templates = "digits", "digits"
     else:
         if not Path(data).exists():
-            raise cli.CLIError(f"--data {data!r} does not exist")
+            raise CLIError(f"--data {data!r} does not exist")
         try:
             full = load_dataset(data)
         except (OSError, ValueError, KeyError) as exc:
-            raise cli.CLIError(f"cannot read --data {data!r}: {cli._one_line(exc)}") from exc
+            raise CLIError(f"cannot read --data {data!r}: {one_line(exc)}") from exc
         label, default_templates = Path(data).stem, None
     split = subsample_classes(full, classes)
     items = split.test if args.split == "test" else split.val
     if not items:
-        raise cli.CLIError(f"{label} has no {args.split} images for the {classes} classes")
+        raise CLIError(f"{label} has no {args.split} images for the {classes} classes")
     templates = args.templates or (p.get("templates") if same_data else default_templates)
     try:
         model = prompted_from_saved(saved, clip_model, split.classnames, tokenizer=tokenizer,
                                     templates=templates)
     except (ValueError, TypeError) as exc:
-        raise cli.CLIError(cli._one_line(exc)) from None
+        raise CLIError(one_line(exc)) from None
     if data == "digits" and not named:
         dataset = make_digits(items, False)
     else:

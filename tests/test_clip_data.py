@@ -91,3 +91,13 @@ def test_dataset_and_transforms(tmp_path):
     assert x.shape == (3, 16, 16) and y.item() == split.train[0].label
     x2, _ = ImageDataset(split.train, coop_transforms(16, augment=False))[0]
     assert x2.shape == (3, 16, 16) and torch.isfinite(x2).all()
+
+
+def test_a_split_file_is_read_by_the_one_coop_split_reader(tmp_path):
+    """``--data split.json`` and ``--dataset NAME`` read CoOp's split file with the same reader:
+    a malformed row is named the same way (not a bare int() error)."""
+    bad = tmp_path / "split_zhou_Toy.json"
+    bad.write_text(json.dumps({"train": [["a.png", "zero", "cat"]], "val": [], "test": []}))
+    with pytest.raises(ValueError, match=r"train\[0\] is \['a.png', 'zero', 'cat'\], expected "
+                                          r"\[impath, label, classname\]"):
+        load_coop_split(bad)

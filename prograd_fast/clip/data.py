@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import math
-import random
-from collections import defaultdict
-from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+# the data items and their few-shot / base-new selections live in prograd_fast.datasets.items
+# (re-exported here: these names were first defined in this module)
+from ..datasets.items import Item, Split, few_shot, few_shot_shortfall, subsample_classes
+
 __all__ = ["Item", "Split", "load_image_folder", "load_coop_split", "load_dataset",
            "few_shot", "few_shot_shortfall", "subsample_classes", "ImageDataset", "coop_transforms"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class Item:
-    """One labelled image: a file path (or any object the dataset's loader understands)."""
-
-    path: object
-    label: int
-
-
-@dataclass
-class Split:
-    """Train / val / test items and the class names (label ``i`` is ``classnames[i]``)."""
-
-    train: list[Item]
-    val: list[Item]
-    test: list[Item]
-    classnames: list[str]
 
 
 def _folder_items(root: Path, classnames: list[str]) -> list[Item]:
@@ -78,43 +60,26 @@ def load_image_folder(root: str | Path) -> Split:
 def load_coop_split(split_json: str | Path, image_dir: str | Path | None = None) -> Split:
     """CoOp's split file (``{"train"|"val"|"test": [[impath, label, classname], ...]}``, paths
     relative to ``image_dir``, by default the JSON's folder or its ``images/`` sibling)."""
+    from ..datasets.readers import read_split_json
+
     split_json = Path(split_json)
-    data = json.loads(split_json.read_text())
     given = image_dir is not None
     if image_dir is None:
         image_dir = split_json.parent / "images"
         if not image_dir.is_dir():
             image_dir = split_json.parent
-    image_dir = Path(image_dir)
-    names: dict[int, str] = {}
-    parts = {}
-    for key in ("train", "val", "test"):
-        rows = data.get(key, [])
-        items = []
-        for row in rows:
-            if len(row) != 3:
-                raise ValueError(f"{split_json}: {key} rows must be [impath, label, classname]")
-            path, label, name = row
-            label = int(label)
-            if names.setdefault(label, name) != name:
-                raise ValueError(f"{split_json}: label {label} is both {names[label]!r} and {name!r}")
-            items.append(Item(str(image_dir / path), label))
-        parts[key] = items
-    if not parts["train"]:
-        raise ValueError(f"{split_json} has no train items")
-    if sorted(names) != list(range(len(names))):
-        raise ValueError(f"{split_json}: labels must be 0..{len(names) - 1}")
-    first = parts["train"][0].path
+    split = read_split_json(str(split_json), str(image_dir), require_all=False)
+    first = split.train[0].path
     if not Path(first).exists():  # say where the images were looked for
-        rel = data["train"][0][0]
+        rel = os.path.relpath(first, str(image_dir))
         looked = (str(image_dir) if given else
                   f"{split_json.parent / 'images'} and {split_json.parent}")
         raise FileNotFoundError(
             f"{split_json}: its first image {rel!r} is not in {looked}"
             + (" (the image root given)" if given else
                "; --image-root DIR names the folder the split's image paths start from"))
-    val = parts["val"] or parts["test"]
-    return Split(parts["train"], val, parts["test"] or val, [names[i] for i in range(len(names))])
+    val = split.val or split.test
+    return Split(split.train, val, split.test or val, split.classnames)
 
 
 def load_dataset(root: str | Path, image_dir: str | Path | None = None) -> Split:
@@ -133,64 +98,6 @@ def load_dataset(root: str | Path, image_dir: str | Path | None = None) -> Split
         return load_coop_split(splits[0], image_dir)
     raise FileNotFoundError(f"{root}: not an ImageFolder root (train/<class>/...) nor a CoOp "
                             f"split JSON (found {len(splits)} split_*.json)")
-
-
-def few_shot(items: Sequence[Item], shots: int, seed: int) -> list[Item]:
-    """``shots`` items per class drawn without replacement from ``seed``, exactly as Dassl's
-    ``generate_fewshot_dataset`` draws them after ``set_random_seed(seed)``: one
-    ``random.Random(seed)`` stream, classes in order of first appearance in ``items``,
-    ``rng.sample(class_items, shots)`` for every class with at least ``shots`` items (the
-    whole class, in order, otherwise).  ``shots <= 0`` keeps everything.  The same items in
-    the same order give Dassl's selection on the same Python."""
-    if shots <= 0:
-        return list(items)
-    by_label: dict[int, list[Item]] = defaultdict(list)
-    for it in items:
-        by_label[it.label].append(it)
-    rng = random.Random(seed)
-    out = []
-    for group in by_label.values():
-        out.extend(rng.sample(group, shots) if len(group) >= shots else group)
-    return out
-
-
-def few_shot_shortfall(split: Split, shots: int) -> str | None:
-    """A one-line warning when some class of ``split.train`` has fewer than ``shots`` items
-    (:func:`few_shot` then takes all it has, as Dassl does), else None."""
-    if shots <= 0:
-        return None
-    counts = [0] * len(split.classnames)
-    for it in split.train:
-        counts[it.label] += 1
-    short = [i for i, n in enumerate(counts) if n < shots]
-    if not short:
-        return None
-    low = min(short, key=lambda i: counts[i])
-    return (f"--shots {shots}: {len(short)} of {len(counts)} classes have fewer training images "
-            f"(fewest: {split.classnames[low]!r} with {counts[low]}); they train on all they "
-            f"have, as Dassl's few-shot sampler does")
-
-
-def subsample_classes(split: Split, which: str) -> Split:
-    """CoOp's base-to-new protocol: ``"base"`` is the first half of the labels (rounded
-    up), ``"new"`` the rest, relabelled from 0; ``"all"`` keeps everything."""
-    if which == "all":
-        return split
-    n = len(split.classnames)
-    m = math.ceil(n / 2)
-    if which == "base":
-        keep = list(range(m))
-    elif which == "new":
-        keep = list(range(m, n))
-    else:
-        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {which!r}")
-    remap = {old: new for new, old in enumerate(keep)}
-
-    def sub(items):
-        return [Item(it.path, remap[it.label]) for it in items if it.label in remap]
-
-    return Split(sub(split.train), sub(split.val), sub(split.test),
-                 [split.classnames[i] for i in keep])
 
 
 class ImageDataset(Dataset):

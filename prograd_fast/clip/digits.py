@@ -211,3 +211,23 @@ class DigitsTask:
         self.kind = kind
         self.train = (_to_images(x[perm[:half]]), y[perm[:half]])
         self.test = (_to_images(x[perm[half:]]), y[perm[half:]])
+
+
+
+def digits_split(shift_kind: str = "occlude"):
+    """The digits as a :class:`~prograd_fast.datasets.items.Split` of indices (train, no
+    val, test), the base/new subsampler and ``make(items, train)`` -> a ``TensorDataset`` of
+    the shifted images: what ``prograd-fast train`` and ``eval`` read for ``--data digits``."""
+    from torch.utils.data import TensorDataset
+
+    from ..datasets.items import Item, Split, subsample_classes
+
+    task = DigitsTask(shift_kind)
+    split = Split([Item(i, int(y)) for i, y in enumerate(task.train[1])], [],
+                  [Item(i, int(y)) for i, y in enumerate(task.test[1])], list(DIGIT_NAMES))
+
+    def to_ds(items, source):
+        idx = torch.tensor([it.path for it in items], dtype=torch.long)
+        return TensorDataset(source[0][idx], torch.tensor([it.label for it in items]))
+
+    return split, subsample_classes, (lambda items, train: to_ds(items, task.train if train else task.test))

@@ -30,19 +30,31 @@ class PromptedCLIP(nn.Module):
     ``"packed"`` / ``"padded"`` also choose how the class suffixes are laid out;
     ``shared_prefix`` is that encoder (``None`` when off) and ``shared_prefix_off`` says why
     it is off.  ``share_prefix=False`` runs every prompt through the (truncated) tower.
+
+    ``learner`` is the prompt learner (:class:`~prograd_fast.clip.learner.Learner`): a built
+    one, or what builds it, ``learner(tower, classnames, tokenizer, **prompt_kwargs)``;
+    None builds CoOp's :class:`PromptLearner` from ``prompt_kwargs``.  It owns the trained
+    parameters (``prompt_learner``).
     """
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str],
                  tokenizer: Callable | None = None, templates: str | Sequence[str] | None = None,
                  template_set: str = "coop", share_prefix: bool | str = True,
-                 **prompt_kwargs) -> None:
+                 learner: nn.Module | Callable | None = None, **prompt_kwargs) -> None:
         super().__init__()
         self.tower = TextTower.from_model(clip_model)
         self.clip = clip_model
         for p in self.clip.parameters():
             p.requires_grad_(False)
         self.clip.eval()
-        self.prompt_learner = PromptLearner(self.tower, classnames, tokenizer, **prompt_kwargs)
+        if isinstance(learner, nn.Module):  # given, built on these class names
+            if prompt_kwargs:
+                raise TypeError(f"prompt settings {sorted(prompt_kwargs)} go to the learner's "
+                                f"constructor, not beside a built learner")
+            self.prompt_learner = learner
+        else:
+            self.prompt_learner = (learner or PromptLearner)(self.tower, classnames, tokenizer,
+                                                             **prompt_kwargs)
         self.teacher = ZeroShotTeacher(self.tower, classnames, templates, tokenizer,
                                        template_set=template_set)
         self.classnames = list(self.prompt_learner.classnames)

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .learner import Learner
 from .tower import TextTower
 
 __all__ = ["CTX_INIT_MODES", "PromptLearner", "default_tokenizer", "template_context"]
@@ -109,7 +110,7 @@ def _token_order(position: str, n_ctx: int, name_lens: list[int], length: int) -
     return torch.tensor(rows, dtype=torch.long)
 
 
-class PromptLearner(nn.Module):
+class PromptLearner(Learner):
     """``n_ctx`` learned context vectors placed around each class name, as CoOp does.
 
     Prompt ``i`` is ``[SOT] ctx_1 .. ctx_n CLASSNAME_i . [EOT]`` (``class_token_position``
@@ -243,6 +244,31 @@ class PromptLearner(nn.Module):
             return 0
         shared = self.n_ctx if self.class_token_position == "end" else self.n_ctx // 2
         return 1 + shared if shared else 0
+
+    @property
+    def shared_prefix_off(self) -> str:
+        if self.class_specific:
+            return "class-specific context: every prompt has its own context, nothing is shared"
+        if self.class_token_position == "front":
+            return "class token in front: only [SOS] comes before the class name"
+        return "class token in the middle of a 1-token context: only [SOS] is shared"
+
+    def moved_to(self, tower: TextTower, classnames: Sequence[str],
+                 tokenizer: Callable | None = None, ctx_init: str | None = None) -> "PromptLearner":
+        """The learned (generic) context on other class names, with this learner's settings.
+        A ``ctx_init_mode="prograd"`` prompt keeps its fixed init tokens: ``ctx_init`` (default:
+        this one's) are the words official ProGrad builds the tested prompt from."""
+        if self.class_specific:
+            raise ValueError("a class-specific context cannot be transferred to new classes")
+        prograd = self.ctx_init_mode == "prograd"
+        init = (ctx_init if ctx_init is not None else self.ctx_init) if prograd else None
+        other = PromptLearner(tower, classnames, tokenizer, n_ctx=self.n_ctx, ctx_init=init,
+                              class_token_position=self.class_token_position,
+                              dtype=self.ctx.dtype, truncate=self.truncate,
+                              ctx_init_mode=self.ctx_init_mode)
+        with torch.no_grad():
+            other.ctx.copy_(self.ctx)
+        return other
 
     def prefix_and_suffixes(self) -> tuple[Tensor, Tensor]:
         """The prompts of :meth:`forward` split after ``shared_prefix_length`` (P) tokens:

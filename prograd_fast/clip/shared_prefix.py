@@ -391,14 +391,8 @@ def shared_prefix_encoder(tower: TextTower, prompt_learner: nn.Module, layout: s
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     prefix = prompt_learner.shared_prefix_length
-    if prefix == 0:
-        if prompt_learner.class_specific:
-            why = "class-specific context: every prompt has its own context, nothing is shared"
-        elif prompt_learner.class_token_position == "front":
-            why = "class token in front: only [SOS] comes before the class name"
-        else:
-            why = "class token in the middle of a 1-token context: only [SOS] is shared"
-        return None, why
+    if prefix == 0:  # the learner says why nothing is shared
+        return None, getattr(prompt_learner, "shared_prefix_off", "no prompt prefix is shared")
     try:
         return (SharedPrefixEncoder(tower, prefix, prompt_learner.eot, prompt_learner.length, layout),
                 None)

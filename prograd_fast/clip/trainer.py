@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..amp import ProGradGradScaler
 from ..atomic import atomic_torch_save, atomic_write, atomic_write_json
+from ..methods import METHODS, get_method
 from . import parallel
 from .model import PromptedCLIP
 from .train import build_optimizer, coop_lr_lambda, train_step
@@ -21,7 +22,6 @@ from .train import build_optimizer, coop_lr_lambda, train_step
 __all__ = ["TrainConfig", "Trainer", "evaluate", "correct_counts", "transfer_context", "METHODS",
            "PRECISIONS", "epoch_line"]
 
-METHODS = ("zeroshot", "coop", "prograd")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -57,7 +57,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 0 or self.batch_size < 1:
@@ -101,23 +101,15 @@ def correct_counts(model: PromptedCLIP, loader: Sequence, device: torch.device |
 
 def transfer_context(model: PromptedCLIP, classnames: Sequence[str], templates=None,
                      tokenizer=None, ctx_init: str | None = None) -> PromptedCLIP:
-    """The same CLIP with the learned (generic) context on other class names: base-to-new,
-    cross-data-set.  A ``ctx_init_mode="prograd"`` prompt keeps its fixed init tokens
-    (official ProGrad builds the evaluated prompt from the target data set's template:
-    pass that template's words as ``ctx_init``)."""
-    pl = model.prompt_learner
-    if pl.class_specific:
-        raise ValueError("a class-specific context cannot be transferred to new classes")
-    style = pl.ctx_init_mode
-    init = (ctx_init if ctx_init is not None else pl.ctx_init) if style == "prograd" else None
-    other = PromptedCLIP(model.clip, classnames, tokenizer=tokenizer,
-                         templates=templates if templates is not None else model.teacher.templates,
-                         n_ctx=pl.n_ctx, class_token_position=pl.class_token_position,
-                         dtype=pl.ctx.dtype, truncate=pl.truncate, ctx_init=init,
-                         ctx_init_mode=style, share_prefix=model.share_prefix)
-    with torch.no_grad():
-        other.prompt_learner.ctx.copy_(pl.ctx)
-    return other
+    """The same CLIP with the learned (generic) prompt on other class names: base-to-new,
+    cross-data-set (the learner's ``moved_to``).  A ``ctx_init_mode="prograd"`` prompt keeps
+    its fixed init tokens (official ProGrad builds the evaluated prompt from the target data
+    set's template: pass that template's words as ``ctx_init``)."""
+    other = model.prompt_learner.moved_to(model.tower, classnames, tokenizer=tokenizer,
+                                          ctx_init=ctx_init)
+    return PromptedCLIP(model.clip, classnames, tokenizer=tokenizer,
+                        templates=templates if templates is not None else model.teacher.templates,
+                        share_prefix=model.share_prefix, learner=other)
 
 
 class Trainer:
@@ -158,7 +150,8 @@ class Trainer:
             val_set = Subset(val_set, range(self.rank, len(val_set), self.world))
         self.val_loader = (DataLoader(val_set, batch_size=max(config.batch_size, 100),
                                       num_workers=config.num_workers) if val_set is not None else None)
-        lam = config.lam if config.method == "prograd" else 0.0
+        self.method = get_method(config.method)
+        lam = config.lam if self.method.prograd else 0.0
         self.optimizer = build_optimizer(model, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay, lam=lam,
                                          granularity=config.granularity, backend=config.backend)
@@ -176,7 +169,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        return {"ctx": self.model.prompt_learner.ctx.detach().cpu(),
+        learner = self.model.prompt_learner
+        ctx = getattr(learner, "ctx", None)  # CoOp's context, as checkpoints first held it
+        return {**({"ctx": ctx.detach().cpu()} if isinstance(ctx, torch.Tensor) else {}),
+                "learner": {k: v.detach().cpu() for k, v in learner.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -185,13 +181,18 @@ class Trainer:
                 "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict) -> None:
-        ctx = self.model.prompt_learner.ctx
-        if tuple(state["ctx"].shape) != tuple(ctx.shape):  # copy_ would broadcast
+        learner = self.model.prompt_learner
+        ctx = getattr(learner, "ctx", None)
+        if "ctx" in state and isinstance(ctx, torch.Tensor) \
+                and tuple(state["ctx"].shape) != tuple(ctx.shape):  # copy_ would broadcast
             raise ValueError(f"the checkpoint holds a context of shape {tuple(state['ctx'].shape)}, "
                              f"this model's is {tuple(ctx.shape)} (n_ctx, class-specific context "
                              f"and classes must match the run that saved it)")
-        with torch.no_grad():
-            ctx.copy_(state["ctx"])
+        if "learner" in state:
+            learner.load_state_dict(state["learner"])
+        else:  # a checkpoint of an earlier version: the context only
+            with torch.no_grad():
+                ctx.copy_(state["ctx"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
@@ -277,7 +278,7 @@ class Trainer:
                 bar.set_postfix(ce=f"{ce:.3f}", kl=f"{kl:.3f}", conflict=f"{cf:.2f}")
         parallel.all_reduce_sum(sums)  # the global batches' mean losses, as one process logs them
         ce, kl, cf = (sums / (max(n, 1) * self.world)).tolist()
-        return {"ce": ce, "kl": kl, "conflict_rate": cf if cfg.method == "prograd" else None,
+        return {"ce": ce, "kl": kl, "conflict_rate": cf if self.method.prograd else None,
                 "images": sum(len(b) for b, w in zip(loader.batch_sampler, weights) if w > 0),
                 "processes": self.world}  # images: this process's share of the epoch
 
@@ -288,11 +289,11 @@ class Trainer:
         done = 0
         if resume:
             self.maybe_resume()
-        if cfg.method == "zeroshot" or cfg.epochs == 0:
+        if not self.method.trains or cfg.epochs == 0:
             if not self.history:
                 self.history.append({"epoch": 0, "lr": 0.0, "ce": None, "kl": None,
                                      "conflict_rate": None,
-                                     "acc": self.evaluate(zeroshot=cfg.method == "zeroshot")})
+                                     "acc": self.evaluate(zeroshot=not self.method.trains)})
                 self._write()
             return self.history
         while self.epoch < cfg.epochs and (stop_after is None or done < stop_after):

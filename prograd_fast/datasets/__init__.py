@@ -1,6 +1,6 @@
 """CoOp's data sets by name, read from the layouts of CoOp's DATASETS.md.
 
-``load_split("oxford_pets", root)`` gives the full :class:`~prograd_fast.clip.data.Split`;
+``load_split("oxford_pets", root)`` gives the full :class:`~prograd_fast.datasets.items.Split`;
 ``few_shot_train(spec, folder, split, shots, seed)`` the few-shot training items (CoOp's
 cached pickle, else Dassl's draw).  See docs/protocols.md.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..clip.data import Split
+from .items import Split
 from .fewshot import few_shot_train, fewshot_pickle_path, read_fewshot_pickle
 from .readers import dataset_folder, read_dataset
 from .registry import (DATASETS, FEWSHOT_DATASETS, IMAGENET_SHIFTS, DatasetError, DatasetSpec,

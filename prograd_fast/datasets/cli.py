@@ -17,8 +17,8 @@ def add_dataset_args(p) -> None:
 def load_named(args):
     """``(spec, full split, few-shot training items)`` for ``--dataset``, else ``None``.  The
     items are CoOp's cached ``split_fewshot`` pickle when present, else Dassl's draw; a bad
-    data set raises :class:`prograd_fast.cli.CLIError` (one line naming the file)."""
-    from ..cli import CLIError
+    data set raises :class:`prograd_fast.checks.CLIError` (one line naming the file)."""
+    from ..checks import CLIError
 
     if getattr(args, "dataset", None) is None:
         if getattr(args, "root", None):

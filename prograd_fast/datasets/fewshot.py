@@ -26,7 +26,7 @@ import os
 import pickle
 from pathlib import Path
 
-from ..clip.data import Item, Split, few_shot
+from .items import Item, Split, few_shot
 from .registry import DatasetError, DatasetSpec
 
 __all__ = ["fewshot_pickle_path", "read_fewshot_pickle", "few_shot_train"]

@@ -26,7 +26,7 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
-from ..clip.data import Item, Split
+from .items import Item, Split
 from .registry import DatasetError, DatasetSpec
 
 __all__ = ["read_dataset", "read_split_json", "read_classnames", "dataset_folder"]
@@ -83,8 +83,9 @@ def _read_text(path: str, what: str) -> str:
 
 
 # ---------------------------------------------------------------- split JSON
-def read_split_json(path: str, image_dir: str) -> Split:
-    """CoOp's split file; rows ``[impath, label, classname]`` joined onto ``image_dir``."""
+def read_split_json(path: str, image_dir: str, require_all: bool = True) -> Split:
+    """CoOp's split file; rows ``[impath, label, classname]`` joined onto ``image_dir``.
+    ``require_all=False`` reads a missing ``"val"`` / ``"test"`` list as empty."""
     text = _read_text(path, "split file")
     try:
         data = json.loads(text)
@@ -92,6 +93,8 @@ def read_split_json(path: str, image_dir: str) -> Split:
         raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected "
                            f'CoOp\'s split {{"train": [[impath, label, classname], ...], '
                            f'"val": [...], "test": [...]}}') from None
+    if isinstance(data, dict) and not require_all:
+        data = {"val": [], "test": [], **data}
     if not isinstance(data, dict) or any(not isinstance(data.get(k), list)
                                          for k in ("train", "val", "test")):
         raise DatasetError(f'{path}: expected a JSON object with lists "train", "val" and "test" '

@@ -78,7 +78,8 @@ def add_protocol_parser(sub) -> None:
 
 
 def cmd_protocol(args) -> int:
-    from ..cli import CLIError
+    from ..checks import CLIError
+    from ..clip.load import ModelLoadError
     from ..datasets import DatasetError
     from .config import PromptOverrides, ProtocolError
     from .grid import GridOptions, GridRunner
@@ -99,7 +100,7 @@ def cmd_protocol(args) -> int:
     try:
         runner = GridRunner(opts)
         results = runner.run()
-    except (DatasetError, ProtocolError) as e:
+    except (DatasetError, ProtocolError, ModelLoadError) as e:
         raise CLIError(str(e)) from None
     from ..clip import parallel
 

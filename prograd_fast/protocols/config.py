@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..datasets.registry import FEWSHOT_DATASETS, IMAGENET_SHIFTS
+from ..methods import METHODS, get_method
 
 __all__ = ["ProtocolError", "PROTOCOLS", "METHODS", "DEFAULT_SHOTS", "SOURCE", "Schedule",
            "official_schedule", "default_datasets", "method_prompt", "N_CTX", "SETTINGS",
@@ -53,7 +54,6 @@ class ProtocolError(ValueError):
     """A grid that cannot be run as asked (unknown protocol or method, bad shots)."""
 
 
-METHODS = ("zeroshot", "coop", "prograd")
 DEFAULT_SHOTS = {"fewshot": (1, 2, 4, 8, 16), "base2new": (4,), "xd": (4,), "dg": (4,)}
 SOURCE = "imagenet"  # the training set of xd and dg
 N_CTX = 16
@@ -127,7 +127,7 @@ def official_schedule(protocol: str, dataset: str, shots: int, method: str,
             epochs = 100  # KgCoOp's vit_b16_ep100_ctxv1, ImageNet included
         else:
             epochs = 50 if dataset == "imagenet" else 200  # CoOp/vit_b16{_ep50,}_ctxv1
-        return Schedule(epochs=epochs, lam=1.0 if method == "prograd" else 0.0)
+        return Schedule(epochs=epochs, lam=1.0 if _projects(method) else 0.0)
     if dataset == "imagenet":
         epochs = 50
     elif protocol == "fewshot":
@@ -135,7 +135,20 @@ def official_schedule(protocol: str, dataset: str, shots: int, method: str,
     else:
         epochs = 100
     lam = 0.8 if (protocol == "fewshot" and shots >= 8 and dataset in LAMBDA_08) else 1.0
-    return Schedule(epochs=epochs, lam=lam if method == "prograd" else 0.0)
+    return Schedule(epochs=epochs, lam=lam if _projects(method) else 0.0)
+
+
+def _method(method: str):
+    """The registered method (:mod:`prograd_fast.methods`); ProtocolError when unknown."""
+    try:
+        return get_method(method)
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
+
+
+def _projects(method: str) -> bool:
+    """Whether ProGrad's projection (and so lambda) applies to ``method``."""
+    return _method(method).prograd
 
 
 def default_datasets(protocol: str, source: str = SOURCE) -> tuple[str, ...]:
@@ -151,7 +164,8 @@ def default_datasets(protocol: str, source: str = SOURCE) -> tuple[str, ...]:
 def method_prompt(method: str, dassl_name: str, setting: str = DEFAULT_SETTING,
                   overrides: PromptOverrides | None = None) -> dict:
     """Prompt and teacher settings of a method on a data set in a setting, with the
-    ablation ``overrides`` of the trained methods (keys of ``PromptedCLIP``)."""
+    ablation ``overrides`` of the trained methods (keys of ``PromptedCLIP``).  A method
+    registered beside the built-in ones gets CoOp's (its learner takes these keys)."""
     from ..clip.teacher import get_templates
 
     _check_setting(setting)
@@ -167,8 +181,10 @@ def method_prompt(method: str, dassl_name: str, setting: str = DEFAULT_SETTING,
         out = {"templates": dassl_name, "template_set": "prograd", "n_ctx": N_CTX,
                "ctx_init": template.replace(" {}.", "").replace("_", " "),
                "ctx_init_mode": "prograd"}
-    else:
-        raise ProtocolError(f"unknown method {method!r}: use one of {METHODS}")
+    else:  # a registered method: CoOp's prompt settings (its learner takes these keys)
+        out = {"templates": dassl_name, "template_set": "coop", "n_ctx": N_CTX}
+        if not _method(method).trains:
+            return out
     o = overrides or PromptOverrides()
     if o.n_ctx is not None:
         out["n_ctx"] = o.n_ctx

@@ -27,7 +27,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -35,10 +34,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..atomic import atomic_write_json
 from ..clip import PromptedCLIP, parallel
-from ..clip.data import ImageDataset, Split, coop_transforms, few_shot_shortfall, subsample_classes
+from ..clip.data import ImageDataset, coop_transforms
+from ..clip.load import load_model
 from ..clip.trainer import PRECISIONS, TrainConfig, Trainer, correct_counts, transfer_context
 from ..datasets import dataset_folder, few_shot_train, get_spec, read_dataset
+from ..datasets.items import Split, class_subset, few_shot_shortfall, subsample_classes
 from ..datasets.registry import DatasetError
+from ..methods import get_method
 from .config import (DEFAULT_SETTING, METHODS, PROTOCOLS, SETTING_MODELS, SOURCE,
                      PromptOverrides, ProtocolError, Schedule, default_datasets, default_shots,
                      method_prompt, official_schedule)
@@ -65,7 +67,7 @@ class Run:
 
     @property
     def trained(self) -> bool:
-        return self.method != "zeroshot"
+        return get_method(self.method).trains
 
     def title(self) -> str:
         what = f"{self.dataset}/{self.classes} {self.method}"
@@ -80,7 +82,7 @@ class GridOptions:
     root: str
     datasets: Sequence[str] | None = None
     seeds: Sequence[int] = (1, 2, 3)
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = field(default_factory=lambda: tuple(METHODS))
     shots: Sequence[int] | None = None
     source: str = SOURCE
     model: str | None = None  # None: the setting's backbone
@@ -128,7 +130,7 @@ def plan(protocol: str, datasets: Sequence[str] | None, methods: Sequence[str],
 
     def add(dataset, classes, tests):
         for m in methods:
-            if m == "zeroshot":
+            if not get_method(m).trains:
                 runs.append(Run(dataset, classes, m, 0, 0, tests))
                 continue
             runs.extend(Run(dataset, classes, m, k, s, tests) for k in shots for s in seeds)
@@ -151,7 +153,7 @@ def plan(protocol: str, datasets: Sequence[str] | None, methods: Sequence[str],
 
 def _check_options(opts: GridOptions) -> None:
     """Refuse bad overrides before any work (the trainer would stop mid-grid with a traceback)."""
-    from ..cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, range_error
+    from ..checks import AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, range_error
 
     bad = range_error((("--epochs", opts.epochs, AT_LEAST_0),
                        ("--batch-size", opts.batch_size, AT_LEAST_1),
@@ -177,8 +179,6 @@ class GridRunner:
     """Loads the model once, then runs (or skips, or resumes) every run of the grid."""
 
     def __init__(self, opts: GridOptions, log=print) -> None:
-        from ..cli import _load_model
-
         _check_options(opts)
         self.opts = opts
         self.device = parallel.init_from_env(opts.device)
@@ -195,8 +195,8 @@ class GridRunner:
             if run.trained:
                 self._few_shot(run)
         torch.manual_seed(0)  # random weights (--pretrained none, tests) are the same every call
-        self.clip, self.tokenizer, size, mean, std = _load_model(
-            SimpleNamespace(model=opts.model, pretrained=opts.pretrained, data=None), self.device)
+        self.clip, self.tokenizer, size, mean, std = load_model(opts.model, opts.pretrained,
+                                                                self.device)
         self.test_tf = coop_transforms(size, mean, std, augment=False)
         self.train_tf = coop_transforms(size, mean, std, augment=True)
         self.autocast = PRECISIONS[opts.precision]
@@ -278,7 +278,7 @@ class GridRunner:
         o = self.opts
         over = {k: v for k, v in (("epochs", o.epochs), ("batch_size", o.batch_size), ("lr", o.lr))
                 if v is not None}
-        if o.lam is not None and run.method == "prograd":
+        if o.lam is not None and get_method(run.method).prograd:
             over["lam"] = o.lam
         return Schedule(**{**s.as_dict(), **over})
 
@@ -339,6 +339,7 @@ class GridRunner:
         torch.manual_seed(run.seed)  # the random context (CoOp) depends on the seed only
         try:  # an ablation's prompt that cannot be built (too long, too short for its words)
             model = PromptedCLIP(self.clip, split.classnames, tokenizer=self.tokenizer,
+                                 learner=get_method(run.method).learner,
                                  **self.prompt(run.method, spec.dassl))
         except ValueError as exc:
             raise ProtocolError(f"{run.title()}: {exc}") from None
@@ -351,7 +352,7 @@ class GridRunner:
         cfg = TrainConfig(method=run.method, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
                           momentum=s.momentum, weight_decay=s.weight_decay,
                           warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
-                          lam=s.lam if run.method == "prograd" else 0.0,
+                          lam=s.lam if get_method(run.method).prograd else 0.0,
                           temperature=s.temperature, precision=self.opts.precision,
                           seed=run.seed, num_workers=self.opts.num_workers, drop_last=True,
                           output_dir=str(out), progress=self.opts.progress, inputs=inputs,
@@ -380,8 +381,7 @@ class GridRunner:
         spec, full, _ = self._split(name)
         feats, labels = self._test_features(name)
         n = len(full.classnames)
-        keep = {"all": range(n), "base": range((n + 1) // 2), "new": range((n + 1) // 2, n)}[classes]
-        keep = torch.tensor(list(keep))
+        keep = torch.tensor(class_subset(n, classes))
         mask = torch.isin(labels, keep)
         remap = torch.full((n,), -1, dtype=torch.long)
         remap[keep] = torch.arange(len(keep))

@@ -20,10 +20,11 @@ from typing import Sequence
 
 from ..atomic import atomic_write, atomic_write_json, atomic_write_text
 from ..datasets import get_spec
+from ..methods import METHODS
 
 __all__ = ["build_table", "write_outputs", "METHOD_TITLES"]
 
-METHOD_TITLES = {"zeroshot": "Zero-shot CLIP", "coop": "CoOp", "prograd": "ProGrad"}
+METHOD_TITLES = {name: m.title for name, m in METHODS.items()}  # the built-in methods
 
 
 def _stats(values: Sequence[float]) -> dict:

@@ -1,0 +1,55 @@
+"""What :class:`~prograd_fast.clip.PromptedCLIP` needs of a prompt learner.
+
+A prompt learner owns the learned parameters (the optimiser trains exactly its parameters
+that require grad, the trainer checkpoints its ``state_dict``) and builds the prompts the
+frozen CLIP encodes.  CoOp's :class:`~prograd_fast.clip.PromptLearner` is one; a new method
+subclasses :class:`Learner` (one file), registers itself with
+:func:`prograd_fast.methods.register_method` and is then trained by the trainer, the
+protocol grid and the CLI without changes to them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import Tensor, nn
+
+__all__ = ["Learner"]
+
+
+class Learner(nn.Module):
+    """Base class of prompt learners.
+
+    ``classnames`` (list of str) is set by the subclass; label ``i`` is ``classnames[i]``.
+    :meth:`forward` returns the text prompts as ``(embeddings (C, L, width), eot (C,))``
+    for :class:`~prograd_fast.clip.TextTower` (the positions of the end-of-text tokens).
+    The shared-prefix encoder applies where :attr:`shared_prefix_length` is > 0 (then
+    :meth:`prefix_and_suffixes` must split the prompts there); the default says it does
+    not apply.  :meth:`moved_to` gives the same learned prompt on other class names
+    (base-to-new, cross-data-set tests); the default refuses.
+    """
+
+    classnames: list[str]
+    class_specific: bool = False
+    class_token_position: str = "end"
+
+    def forward(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def shared_prefix_length(self) -> int:
+        """Leading prompt tokens common to every class (0: none, the encoder is off)."""
+        return 0
+
+    @property
+    def shared_prefix_off(self) -> str:
+        """Why the shared prefix does not apply, when :attr:`shared_prefix_length` is 0."""
+        return f"{type(self).__name__} shares no prompt prefix"
+
+    def prefix_and_suffixes(self) -> tuple[Tensor, Tensor]:
+        raise ValueError("no prefix is shared by all class prompts")
+
+    def moved_to(self, tower, classnames: Sequence[str], tokenizer: Callable | None = None,
+                 **settings) -> "Learner":
+        """A learner with this one's learned state on ``classnames``."""
+        raise ValueError(f"{type(self).__name__} cannot be moved to other class names")

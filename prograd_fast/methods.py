@@ -1,0 +1,55 @@
+"""The prompt-tuning methods, listed once: the trainer, the protocol grid, the CLI and the
+tables all read this registry.
+
+Torch-free (the CLI's ``--help`` reads it).  A new method is one :func:`register_method`
+call: a name, whether it trains, whether ProGrad's projection applies, and optionally the
+prompt learner it trains (see :class:`prograd_fast.clip.learner.Learner`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = ["Method", "METHODS", "register_method", "get_method"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method.  ``trains``: False for zero-shot CLIP (the teacher's prompt, no training).
+    ``prograd``: the optimiser removes the gradient's conflict with the zero-shot prediction
+    (``lam`` applies, the conflict rate is logged); False is plain CoOp-style training.
+    ``learner``: what :class:`~prograd_fast.clip.PromptedCLIP` builds its prompt learner
+    with, ``learner(tower, classnames, tokenizer, **prompt_settings)``; None: CoOp's
+    :class:`~prograd_fast.clip.PromptLearner`.  ``title``: its name in tables."""
+
+    name: str
+    title: str
+    trains: bool = True
+    prograd: bool = False
+    learner: Callable | None = None
+
+
+#: name -> :class:`Method`, in table order (iterating gives the names).
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` (its name must be new); returns it."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}: use one of {', '.join(METHODS)}") from None
+
+
+register_method(Method("zeroshot", "Zero-shot CLIP", trains=False))
+register_method(Method("coop", "CoOp"))
+register_method(Method("prograd", "ProGrad", prograd=True))
