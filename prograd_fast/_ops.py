@@ -20,7 +20,6 @@ filled by the kernel as its own first step would.
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -168,12 +167,7 @@ def traced_step(opt, grad_scale: Tensor | None, found_inf: Tensor | None) -> Non
             for p, old, new in zip(params, before, bufs):
                 if new is not old:
                     state[p][BUFFER_KEY] = new
-    if any_stepped and not any_general and not opt._warned_no_general and any(
-            g["lam"] > 0 for g in opt.param_groups):
-        opt._warned_no_general = True
-        warnings.warn("ProGradSGD.step() ran without general gradients: this was a plain "
-                      "SGD step. Call store_general_grads() or prograd_fast.backward() "
-                      "before step() to get ProGrad.", stacklevel=3)
+    opt._warn_once_if_plain_sgd(any_stepped, any_general, stacklevel=4)
 
 
 def traced_checked_general(params: list, grads: list) -> list:

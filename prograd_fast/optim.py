@@ -283,10 +283,16 @@ class ProGradSGD(Optimizer):
                 self._use_host = ran_fused(group["backend"], self._backend_cache[index])
             if momentum:
                 store_buffers(state, params, before, bufs)
+        self._warn_once_if_plain_sgd(any_stepped, any_general, stacklevel=4)
+        return loss
+
+    def _warn_once_if_plain_sgd(self, any_stepped: bool, any_general: bool,
+                                stacklevel: int) -> None:
+        """Warn once when a step with ``lam > 0`` got no general gradient at all: a plain
+        SGD step, most likely a forgotten ``store_general_grads``."""
         if any_stepped and not any_general and not self._warned_no_general and any(
                 g["lam"] > 0 for g in self.param_groups):
             self._warned_no_general = True
             warnings.warn("ProGradSGD.step() ran without general gradients: this was a plain "
                           "SGD step. Call store_general_grads() or prograd_fast.backward() "
-                          "before step() to get ProGrad.", stacklevel=3)
-        return loss
+                          "before step() to get ProGrad.", stacklevel=stacklevel)

@@ -253,24 +253,30 @@ def test_no_allocation_after_the_first_steps(backend):
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
 
 
-@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="triton backend unavailable")
-def test_triton_launches_the_compiled_kernels_directly(monkeypatch):
+def _count_jit_calls(monkeypatch) -> list:
+    """The Triton kernels that went through the JIT's binder (``JITFunction.run``) from now on."""
     from prograd_fast.kernels import prograd_sgd as k
 
+    calls = []
+    jit_class = type(k.KERNELS["fused"])
+    original = jit_class.run
+
+    def counted(self, *a, **kw):
+        calls.append(self)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(jit_class, "run", counted)
+    return calls
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="triton backend unavailable")
+def test_triton_launches_the_compiled_kernels_directly(monkeypatch):
     model = Net().to(DEV)
     opt = pf.ProGradSGD(model.parameters(), backend="triton", **HYPER)
     data = batches(6, seed=5)
     for x, y, zs in data[:3]:
         train_step(model, opt, x, y, zs)
-    jit_calls = []
-    jit_class = type(k.KERNELS["fused"])
-    original = jit_class.run
-
-    def counted(self, *a, **kw):
-        jit_calls.append(self)
-        return original(self, *a, **kw)
-
-    monkeypatch.setattr(jit_class, "run", counted)
+    jit_calls = _count_jit_calls(monkeypatch)
     for x, y, zs in data[3:]:
         train_step(model, opt, x, y, zs)
     torch.cuda.synchronize()
@@ -337,23 +343,13 @@ def test_a_launch_hook_sees_the_compiled_kernels_and_changes_nothing(hidden, mon
     """A profiler's launch hook (Proton): the steps equal torch's, the hook sees every
     launch, and nothing goes back through Triton's JIT (which would recompile with the
     packed addresses as i64 integers)."""
-    from prograd_fast.kernels import prograd_sgd as k
-
     (fused, ref), (opt_f, opt_r) = twins("triton", hidden)
     opt_r.param_groups[0]["backend"] = "torch"
     data = batches(6, seed=8)
     for x, y, zs in data[:2]:
         for model, opt in ((fused, opt_f), (ref, opt_r)):
             train_step(model, opt, x, y, zs)
-    jit_calls, seen = [], []
-    jit_class = type(k.KERNELS["fused"])
-    original = jit_class.run
-
-    def counted(self, *a, **kw):
-        jit_calls.append(self)
-        return original(self, *a, **kw)
-
-    monkeypatch.setattr(jit_class, "run", counted)
+    jit_calls, seen = _count_jit_calls(monkeypatch), []
     undo = _add_launch_hook(lambda metadata: seen.append(metadata.get()["name"]))
     try:
         for x, y, zs in data[2:]:
