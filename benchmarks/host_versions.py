@@ -8,7 +8,8 @@ Each version runs in its own process (a copy of its ``prograd_fast/`` with ``ker
 ``store_general_grads`` + ``step`` with the Triton backend and every launch stubbed, CPU
 process time, median of 7 blocks of 3000 steps, per scenario.  The versions alternate
 ``--rounds`` times so that a shared machine's load falls on all of them alike; the table
-gives every round and the ratio of the medians to the first version.
+gives every round and the ratio of the medians to the first version.  Each version builds
+its own C host helper once, in a build folder of its own.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def stage(tree: Path, into: Path) -> Path:
 
 
 def run_version(staged: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(staged))
+    # one extension build folder per version: the versions' host helpers share a name, so a
+    # shared folder would rebuild the helper at every alternation
+    env = dict(os.environ, PYTHONPATH=str(staged),
+               PROGRAD_FAST_BUILD_DIR=str(staged.parent / f"{staged.name}-build"))
     # cwd: the staged tree, so that ``python -c``'s sys.path[0] is not a checkout
     shapes = json.dumps({name: shapes for name, (shapes, _) in SCENARIOS.items()})
     done = subprocess.run([sys.executable, "-c", CHILD, str(staged), shapes], env=env, cwd=staged,
