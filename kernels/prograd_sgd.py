@@ -528,11 +528,11 @@ class Launcher:
                     self.args[i] = value.data_ptr()
 
 
-def chunk_size(total: int, target_programs: int = 1024) -> int:
-    """Elements per chunk (a multiple of ``BLOCK``, at most 64K): enough programs to fill
+def chunk_size(total: int, target_programs: int = 1024, block: int = BLOCK) -> int:
+    """Elements per chunk (a multiple of ``block``, at most 64K): enough programs to fill
     an H200 (132 SMs) a few times over, few enough that the finalize stays short."""
     per = max(1, total // max(1, target_programs))
-    size = BLOCK
+    size = block
     while size < per and size < 65536:
         size *= 2
     return size

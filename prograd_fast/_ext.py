@@ -37,7 +37,6 @@ __all__ = [
     "PREBUILT_ENV",
     "ExtensionUnavailable",
     "build_directory",
-    "build_seconds",
     "extension_name",
     "csrc_dir",
     "cuda_build_flags",
@@ -69,7 +68,6 @@ _log = logging.getLogger("prograd_fast")
 _lock = threading.Lock()
 _modules: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
-_seconds: dict[str, float] = {}
 
 
 def csrc_dir() -> Path:
@@ -77,11 +75,6 @@ def csrc_dir() -> Path:
     import prograd_fast.csrc as csrc
 
     return Path(csrc.__file__).resolve().parent
-
-
-def build_seconds() -> dict[str, float]:
-    """Seconds spent in ``load`` per extension in this process (a cache hit is fast)."""
-    return dict(_seconds)
 
 
 def _cpu_capability() -> str:
@@ -306,7 +299,6 @@ def load(kind: str) -> ModuleType:
         reason = _prerequisites(kind)
         if reason is None:
             _log.info("loading the prograd_fast %s extension (compiled on first use, then cached)", kind)
-            start = time.perf_counter()
             try:
                 _modules[kind] = _build(kind)
             except Exception as exc:
@@ -314,7 +306,6 @@ def load(kind: str) -> ModuleType:
                 if len(text) > 1200:  # the command lines come first, the error last
                     text = text[:300] + " ... " + text[-900:]
                 reason = f"building the {kind} extension failed: {text}"
-            _seconds[kind] = time.perf_counter() - start
         if reason is not None:
             _errors[kind] = reason
             raise ExtensionUnavailable(reason)

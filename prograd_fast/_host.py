@@ -23,7 +23,7 @@ import os
 
 from . import _ext
 
-__all__ = ["NO_HELPER_ENV", "StateDicts", "module"]
+__all__ = ["NO_HELPER_ENV", "StateDicts", "forget", "module"]
 
 NO_HELPER_ENV = "PROGRAD_FAST_NO_HOST_HELPER"
 
@@ -51,6 +51,13 @@ def module():
     """The compiled host helper, or ``None`` (built, or found cached, on the first call)."""
     found = _module
     return _load() if found is _UNTRIED else found
+
+
+def forget() -> None:
+    """Decide again on the next :func:`module` call (after ``PROGRAD_FAST_NO_HOST_HELPER``
+    changed, e.g. in tests); a module already loaded is found again without a build."""
+    global _module
+    _module = _UNTRIED
 
 
 class StateDicts:

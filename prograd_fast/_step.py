@@ -130,16 +130,17 @@ def _check_domain(params: list, grads: list) -> None:
 
 def gather_group(state, params: list, generals: list | None, momentum: bool, host=None,
                  dicts=None, tag=None):
-    """``(picked, sharded)``: :func:`gather`'s answer and whether the group holds DTensors.
-    With the helper ``host``, one C pass (plain tensors only, so never sharded; the state
-    dicts, from ``dicts``, only read with momentum); the Python path otherwise."""
+    """``(picked, sharded, by_helper)``: :func:`gather`'s answer, whether the group holds
+    DTensors and whether the helper gathered it.  With the helper ``host``, one C pass
+    (plain tensors only, so never sharded; the state dicts, from ``dicts``, only read with
+    momentum); the Python path otherwise."""
     if host is not None:
         sds = dicts.get(host, state, params, tag) if momentum else None
         picked = host.gather(params, sds, generals, momentum, BUFFER_KEY)
         if picked is not NotImplemented:
-            return picked or None, False
+            return picked or None, False, True
     picked = gather(state, params, generals, momentum)
-    return picked, picked is not None and any_sharded(picked[0])
+    return picked, picked is not None and any_sharded(picked[0]), False
 
 
 def gather(state, params: list, generals: list | None, momentum: bool):

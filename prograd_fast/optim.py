@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from . import _host, _ops
 from ._step import checked_general, gather_group, hooked_step, refill, release, store_buffers
-from .backends import BACKENDS, ran_fused, run_step
+from .backends import BACKENDS, cache_stats, ran_fused, run_step
 from .distributed import sharded_group_step
 from .functional import GRANULARITIES, ProGradStats
 
@@ -106,6 +106,7 @@ class ProGradSGD(Optimizer):
         self._general_grads: list[list | None] = [None] * len(self.param_groups)
         self._state_dicts = _host.StateDicts()  # each parameter's state dict, looked up once
         self._use_host = False  # True once a fused backend ran a group: see prograd_fast._host
+        self._host_steps = [0, 0]  # group steps gathered by the Python path, by the helper
         # GradScaler hands grad_scale / found_inf to step() (see torch.amp.GradScaler.step).
         self._step_supports_amp_scaling = True
 
@@ -123,6 +124,7 @@ class ProGradSGD(Optimizer):
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
         self.__dict__.setdefault("_state_dicts", _host.StateDicts()).clear()  # a new state
         self.__dict__.setdefault("_use_host", False)
+        self.__dict__.setdefault("_host_steps", [0, 0])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that options the loaded groups lack keep this optimizer's values
@@ -240,6 +242,20 @@ class ProGradSGD(Optimizer):
         (``clone()`` to keep a step's values)."""
         return [s.as_dict() if s is not None else None for s in self._stats]
 
+    def cache_stats(self) -> dict[str, int]:
+        """What the step's caches have done so far, as plain counters summed over groups
+        (see :func:`prograd_fast.backends.cache_stats`: plans built, re-binds, address-only
+        re-binds, table uploads, full checks, launches per step), plus
+        ``host_helper_steps`` and ``python_host_steps``: group steps whose tensors the C
+        host helper gathered, and those the Python path gathered (:mod:`prograd_fast._host`).
+        For tests and profiling; a steady step adds to the host-path counts only."""
+        out = dict.fromkeys(cache_stats({}), 0)
+        for cache in self._backend_cache:
+            for name, value in cache_stats(cache).items():
+                out[name] = out.get(name, 0) + value
+        out["python_host_steps"], out["host_helper_steps"] = self._host_steps
+        return out
+
     # ---------------------------------------------------------------- the step
     @hooked_step
     def step(self, closure: Callable[[], float] | None = None):
@@ -256,16 +272,18 @@ class ProGradSGD(Optimizer):
         any_general = any_stepped = False
         state = self.state
         host, dicts = self._host_helper(), self._state_dicts
+        host_steps = self._host_steps
         pending = self._general_grads
         for index, group in enumerate(self.param_groups):
             momentum = group["momentum"] != 0
             generals = pending[index]
             if generals is not None:
                 pending[index] = None  # consumed, whatever happens next
-            picked, sharded = gather_group(state, group["params"], generals, momentum, host,
-                                           dicts, index)
+            picked, sharded, by_helper = gather_group(state, group["params"], generals,
+                                                      momentum, host, dicts, index)
             if picked is None:
                 continue
+            host_steps[by_helper] += 1
             params, grads, generals, bufs, has_general = picked
             any_stepped = True
             any_general |= has_general

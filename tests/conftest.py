@@ -25,16 +25,18 @@ def pytest_configure(config):
 @pytest.fixture(params=["c", "python"])
 def host_mode(request, monkeypatch):
     """Run a test with the optimizer's C host helper (prograd_fast._host) and with the
-    Python host path alone (what runs where the helper cannot be built).  With ``"c"`` the
-    torch backend counts as fused too, so an optimizer takes the helper after its first
-    step whatever its backend."""
+    Python host path alone, as ``PROGRAD_FAST_NO_HOST_HELPER=1`` gives it (what runs where
+    the helper cannot be built).  The helper serves optimizers whose groups ran a fused
+    backend: tests check which path ran with ``ProGradSGD.cache_stats()``."""
     from prograd_fast import _host
-    from prograd_fast.backends import get_backend
 
+    _host.forget()
     if request.param == "c":
+        monkeypatch.delenv(_host.NO_HELPER_ENV, raising=False)
         if _host.module() is None:
             pytest.skip("the host helper cannot be built here")
-        monkeypatch.setattr(get_backend("torch"), "fused", True)
     else:
-        monkeypatch.setattr(_host, "_module", None)
-    return request.param
+        monkeypatch.setenv(_host.NO_HELPER_ENV, "1")
+        assert _host.module() is None
+    yield request.param
+    _host.forget()  # the next test decides from its own environment

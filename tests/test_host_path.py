@@ -1,20 +1,27 @@
-"""The optimizer's host path (issue 10, item 7): the C host helper (csrc/prograd_host.cpp,
-prograd_fast._host) against the Python path it shortcuts, and every change the caches it
-feeds must notice -- state entries replaced, added or removed, load_state_dict, parameters
-replaced, added or frozen, pending general gradients -- checked against an independent
-model of the optimizer (explicit lists through the functional reference), with the helper
-and without it."""
+"""The optimizer's host path: the C host helper (csrc/prograd_host.cpp, prograd_fast._host)
+against the Python path it shortcuts, and every change the caches it feeds must notice --
+state entries replaced, added or removed, load_state_dict, parameters replaced, added or
+frozen, pending general gradients -- checked against an independent model of the optimizer
+(explicit lists through the functional reference), with the helper and without it
+(``PROGRAD_FAST_NO_HOST_HELPER=1``).  Which path ran, and what the launch cache redid, is
+read through ``ProGradSGD.cache_stats()``."""
 
 from __future__ import annotations
 
 import copy
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
 
 import pytest
 import torch
 
 import prograd_fast as pf
 from prograd_fast import _ext, _host, _step
-from prograd_fast.backends import GroupStep, get_backend
+from prograd_fast.backends import GroupStep
 from prograd_fast.backends import triton_backend as tb
 from prograd_fast.functional import prograd_sgd
 
@@ -281,9 +288,19 @@ def _skip_unavailable(backend):
 SHAPES = [(5, 3), (17,), (1,)]  # awkward sizes: odd, prime, one element
 
 
+def _fused_backend() -> str:
+    """A fused backend that runs here (its groups get the helper from their second step)."""
+    for name in ("cpp", "triton"):
+        if pf.available_backends()[name] is None:
+            return name
+    pytest.skip("no fused backend runs here")
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_state_and_parameter_changes_are_seen(backend, host_mode):
     _skip_unavailable(backend)
+    if backend == "torch" and host_mode == "c":
+        pytest.skip("the torch backend never takes the helper: the python case covers it")
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
     opt = pf.ProGradSGD(params, backend=backend, **HYPER)
@@ -309,7 +326,9 @@ def test_state_and_parameter_changes_are_seen(backend, host_mode):
 
     for s in range(3):
         step(f"plain step {s}")
-    assert (opt._host_helper() is not None) == (host_mode == "c")  # the path under test
+    counts = opt.cache_stats()  # the path under test (the first step is always Python's)
+    assert counts["host_helper_steps"] == (2 if host_mode == "c" else 0)
+    assert counts["python_host_steps"] == (1 if host_mode == "c" else 3)
     p0, p1, p2 = params
     step("gradients written in place", in_place=True)
     opt.state[p0] = {BK: rand(p0.shape)}  # an entry replaced
@@ -345,13 +364,14 @@ def test_state_and_parameter_changes_are_seen(backend, host_mode):
     step("state cleared")
     for s in range(2):
         step(f"settled {s}")
+    assert opt.cache_stats()["python_host_steps"] == (1 if host_mode == "c" else 16)
 
 
 def test_added_group_and_general_gradients_of_other_steps(host_mode):
     gen = torch.Generator().manual_seed(1)
     a = [torch.nn.Parameter(torch.randn(6, generator=gen)) for _ in range(2)]
     b = [torch.nn.Parameter(torch.randn(4, generator=gen))]
-    opt = pf.ProGradSGD(a, backend="torch", **HYPER)
+    opt = pf.ProGradSGD(a, backend=_fused_backend(), **HYPER)
     model_a = Model(a, **HYPER)
     d = [torch.randn(6, generator=gen) for _ in a]
     g = [-x for x in d]
@@ -368,8 +388,7 @@ def test_added_group_and_general_gradients_of_other_steps(host_mode):
         p.grad = x
     opt.store_general_grads(g2[:2] + [None])
     opt.store_general_grads([None, g2[1], g2[2]])  # stored twice: accumulates
-    assert opt._pending_general_grads()[1] is g2[1]  # added in place into the first one stored
-    torch.testing.assert_close(g2[1], -d2[1])
+    torch.testing.assert_close(g2[1], -d2[1])  # added in place into the first one stored
     opt.step()
     model_a.step(d2[:2], [g2[0], g2[1]])
     model_b.step(d2[2:], [g2[2]])
@@ -382,6 +401,7 @@ def test_added_group_and_general_gradients_of_other_steps(host_mode):
     model_b.step(d2[2:], [None])
     _close(a, model_a, "plain SGD step 0")
     _close(b, model_b, "plain SGD step 1")
+    assert opt.cache_stats()["host_helper_steps"] == (4 if host_mode == "c" else 0)
 
 
 @pytest.mark.parametrize("case,exc,match", [
@@ -406,49 +426,60 @@ def test_bad_general_gradients_raise_and_store_nothing(case, exc, match, host_mo
 
 
 def test_general_gradients_that_require_grad_are_detached(host_mode):
+    """Stored general gradients that are part of an autograd graph (``create_graph``) are
+    kept detached: the optimizer does not keep the graph, and what it holds, alive."""
     params, gs = tensors(seed=7)
     opt = pf.ProGradSGD(params, lr=0.1)
     opt.store_general_grads(gs)
-    opt.step()
-    live = [g.clone().requires_grad_() for g in gs]
-    opt.store_general_grads(live)
-    assert all(not g.requires_grad for g in opt._pending_general_grads())
+    opt.step()  # a fused backend ran (auto: cpp, or torch): the helper is on in "c" mode
+    leaves = [g.clone().requires_grad_() for g in gs]
+    alive = [weakref.ref(x) for x in leaves]
+    opt.store_general_grads([x * 2 for x in leaves])
+    del leaves
+    gc.collect()
+    assert [r() for r in alive] == [None] * len(alive)
+    assert opt.has_general_grads()
 
 
-def test_the_helper_path_is_the_one_taken(host, monkeypatch):
-    """With the helper, an unchanged step runs no Python gather, no Python keys and no full
-    check (else the targets are not met); nor does a step where only an address changed
-    (its rows are re-bound); any other change runs the full check."""
+def _changes(opt, before):
+    now = opt.cache_stats()
+    return {k: v - before[k] for k, v in now.items() if v != before[k]}
+
+
+def test_the_helper_path_is_the_one_taken(host_mode):
+    """With the helper, an unchanged step is gathered in C and redoes nothing (no full
+    check, no re-bind: else the targets are not met); a step where only an address changed
+    is re-bound without the full check; any other change runs the full check.  Without
+    the helper, the Python path gathers every step and an address change is checked in
+    full before the re-bind."""
     if tb.BACKEND.available() is not None:
         pytest.skip(f"triton: {tb.BACKEND.available()}")
-    assert _host.module() is host
+    c = host_mode == "c"
     params, gs = tensors(seed=8)
     opt = pf.ProGradSGD(params, lr=0.1, momentum=0.9, backend="triton")
     for _ in range(3):
         opt.store_general_grads(gs)
         opt.step()
-    calls = []
-    for name in ("gather",):
-        monkeypatch.setattr(_step, name, lambda *a, _n=name, _f=getattr(_step, name), **k:
-                            (calls.append(_n), _f(*a, **k))[1])
-    for name in ("_keys", "_full_check"):
-        raw = tb.TritonBackend.__dict__[name]
-        kind = type(raw) if isinstance(raw, (classmethod, staticmethod)) else None
-        func = raw.__func__ if kind else raw
-        spy = (lambda *a, _n=name, _f=func, **k: (calls.append(_n), _f(*a, **k))[1])
-        monkeypatch.setattr(tb.TritonBackend, name, kind(spy) if kind else spy)
+    before = opt.cache_stats()
     opt.store_general_grads(gs)
     opt.step()
-    assert calls == []
-    params[1].grad = params[1].grad.clone()  # only a new address: re-bound, no full check
+    assert _changes(opt, before) == {"host_helper_steps" if c else "python_host_steps": 1}
+    before = opt.cache_stats()
+    params[1].grad = params[1].grad.clone()  # only a new address
     opt.store_general_grads(gs)
     opt.step()
-    assert calls == []
+    if c:  # re-bound, no full check
+        assert _changes(opt, before) == {"host_helper_steps": 1, "address_rebinds": 1}
+    else:  # checked in full, then re-bound (the table rewritten)
+        assert _changes(opt, before) == {"python_host_steps": 1, "full_checks": 1,
+                                         "rebinds": 1, "table_uploads": 1}
+    before = opt.cache_stats()
     params[1].grad = params[1].grad.t().contiguous().t()  # not contiguous: checked in full
     opt.store_general_grads(gs)
     with pytest.raises(pf.BackendUnavailableError, match="non-contiguous"):
         opt.step()
-    assert "_full_check" in calls and "gather" not in calls
+    assert _changes(opt, before) == {"host_helper_steps" if c else "python_host_steps": 1,
+                                     "full_checks": 1}
 
 
 def test_triton_refuses_a_dtype_change_at_the_same_address(host_mode):
@@ -527,22 +558,27 @@ def _train(backend, shapes, seed=0):
     opt.add_param_group({"params": [extra]})
     for _ in range(2):
         step(opt, clones + [extra])
+    helper = opt.cache_stats()["host_helper_steps"]
+    assert (helper > 0) == (_host.module() is not None)  # the path asked for ran
     return params + clones + [extra], opt.state_dict()
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_helper_and_python_paths_give_identical_results(backend, monkeypatch):
-    """The same run with the helper (the torch backend counted as fused, so it is used
-    there too) and with it forced off: bit-identical parameters and state."""
+    """The same run with the helper and with it opted out: bit-identical parameters and
+    state."""
     _skip_unavailable(backend)
-    helper = _host.module()
-    if helper is None:
+    _host.forget()
+    if _host.module() is None:
         pytest.skip("the host helper cannot be built here")
     shapes = [(16, 5), (7,), (1,), (33, 3)]
-    monkeypatch.setattr(get_backend("torch"), "fused", True)
     with_helper, state_c = _train(backend, shapes)
-    monkeypatch.setattr(_host, "_module", None)
-    python, state_py = _train(backend, shapes)
+    monkeypatch.setenv(_host.NO_HELPER_ENV, "1")
+    _host.forget()
+    try:
+        python, state_py = _train(backend, shapes)
+    finally:
+        _host.forget()
     for a, b in zip(with_helper, python):
         assert torch.equal(a, b)
     assert state_c["param_groups"] == state_py["param_groups"]
@@ -554,64 +590,86 @@ def test_helper_and_python_paths_give_identical_results(backend, monkeypatch):
 
 
 # ------------------------------------------------------------------ when it is built
-def test_the_torch_backend_never_builds_the_helper(monkeypatch):
-    """A backend="torch" user (and auto where it picks torch) never waits for a compiler."""
-    asked = []
-    monkeypatch.setattr(_host, "_module", _host._UNTRIED)
-    monkeypatch.setattr(_host, "_load", lambda: asked.append(1))
-    params, gs = tensors(seed=9)
-    opt = pf.ProGradSGD(params, lr=0.1, momentum=0.9, backend="torch")
-    for _ in range(3):
-        opt.store_general_grads(gs)
-        opt.step()
-    assert asked == [] and opt._host_helper() is None
-    opt = pf.ProGradSGD(tensors(seed=9)[0], lr=0.1)
-    monkeypatch.setitem(opt._backend_cache[0], "auto_backend", "torch")  # auto chose torch
-    monkeypatch.setattr(pf.optim, "run_step", lambda name, step: None)
-    opt.store_general_grads(gs)
+_FRESH_PROCESS = """
+import logging, sys
+import torch
+import prograd_fast as pf
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+backend = sys.argv[1]
+ps = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+opt = pf.ProGradSGD(ps, lr=0.1, momentum=0.9, backend=backend)
+for _ in range(3):
+    for p in ps:
+        p.grad = torch.randn(4, 3)
+    opt.store_general_grads([-p.grad for p in ps])
     opt.step()
-    assert asked == []
+counts = opt.cache_stats()
+print("STEPS", counts["python_host_steps"], counts["host_helper_steps"])
+"""
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_a_fused_backend_builds_the_helper_after_its_first_step(backend, monkeypatch):
-    _skip_unavailable(backend)
-    helper = _host.module()
-    if helper is None:
-        pytest.skip("the host helper cannot be built here")
-    monkeypatch.setattr(_host, "_module", _host._UNTRIED)
-    loads, real = [], _ext.load
-    monkeypatch.setattr(_ext, "load", lambda kind: loads.append(kind) or real(kind))
-    params, gs = tensors(seed=10)
-    opt = pf.ProGradSGD(params, lr=0.1, backend=backend)
-    opt.store_general_grads(gs)
-    assert "host" not in loads  # nothing before a fused backend ran
-    opt.step()
-    assert opt._use_host
-    opt.store_general_grads(gs)
-    assert loads.count("host") == 1 and opt._host_helper() is helper
+def _fresh_process(tmp_path, backend, **env):
+    """Three steps in a new Python process with an empty extension cache (nothing built
+    before): its output (the host path's log, the step counts) and the files built."""
+    build = tmp_path / "build"
+    build.mkdir()
+    environ = {**os.environ, "PROGRAD_FAST_BUILD_DIR": str(build), "TRITON_INTERPRET": "1",
+               **env}
+    if _host.NO_HELPER_ENV not in env:
+        environ.pop(_host.NO_HELPER_ENV, None)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_FRESH_PROCESS), backend],
+                         capture_output=True, text=True, env=environ, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout, sorted(p.name for p in build.rglob("*") if "host" in p.name)
+
+
+def test_the_torch_backend_never_builds_the_helper(tmp_path):
+    """A backend="torch" user never waits for a compiler: the helper is not built."""
+    stdout, built = _fresh_process(tmp_path, "torch")
+    assert built == []
+    assert "STEPS 3 0" in stdout
 
 
 @pytest.mark.parametrize("env", [_host.NO_HELPER_ENV, _ext.NO_BUILD_ENV])
-def test_opting_out_or_no_build_means_the_python_path(env, monkeypatch, caplog):
-    monkeypatch.setenv(env, "1")
-    monkeypatch.setattr(_host, "_module", _host._UNTRIED)
-    monkeypatch.setattr(_ext, "_errors", {})
-    monkeypatch.setattr(_ext, "_modules", {})  # as in a new process
-    with caplog.at_level("INFO", logger="prograd_fast"):
-        assert _host.module() is None
-    assert "Python host path" in caplog.text
-    assert _host.module() is None  # decided once
+def test_opting_out_or_no_build_means_the_python_path(env, tmp_path):
+    """Opted out, or no build allowed: a fused backend's optimizer runs the Python host
+    path, says so once in the log, and builds nothing."""
+    if tb.BACKEND.available() is not None:
+        pytest.skip(f"triton: {tb.BACKEND.available()}")
+    stdout, built = _fresh_process(tmp_path, "triton", **{env: "1"})
+    assert built == []
+    assert stdout.count("Python host path") == 1
+    assert "STEPS 3 0" in stdout
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_fused_backend_takes_the_helper_after_its_first_step(backend, host):
+    """The helper serves an optimizer once a fused backend ran one of its groups: the first
+    step is gathered by the Python path, the next ones by the helper."""
+    _skip_unavailable(backend)
+    _host.forget()
+    assert _host.module() is host
+    params, gs = tensors(seed=10)
+    opt = pf.ProGradSGD(params, lr=0.1, backend=backend)
+    counts = []
+    for _ in range(3):
+        opt.store_general_grads(gs)
+        opt.step()
+        c = opt.cache_stats()
+        counts.append((c["python_host_steps"], c["host_helper_steps"]))
+    assert counts == [(1, 0), (1, 1), (1, 2)]
 
 
 def test_an_empty_group_is_skipped_on_both_paths(host_mode):
     params, gs = tensors(seed=12)
-    opt = pf.ProGradSGD(params, lr=0.1, backend="torch")
+    opt = pf.ProGradSGD(params, lr=0.1, backend=_fused_backend())
     opt.add_param_group({"params": []})
     for _ in range(3):
         opt.store_general_grads(gs)
         opt.step()
     assert opt.stats()[1] is None
+    counts = opt.cache_stats()  # one group step per step: the empty group is not counted
+    assert counts["python_host_steps"] + counts["host_helper_steps"] == 3
 
 
 @pytest.mark.parametrize("shapes", [[(16, 5)], [(16, 5), (7,)]], ids=["one", "two"])

@@ -1,8 +1,11 @@
-"""The GPU step path, checked on the CPU (issue 10): the Triton kernels in the interpreter
-(monotonic ticket, single-program gate, per-tensor alignment), the launch cache (every
-invalidation trigger), capture-safe uploads and stream bookkeeping with the CUDA calls
-stubbed, the prepared launcher, and the CUDA backend's Python side with its extension
-stubbed.  What needs a GPU is in tests/test_gpu_step_path.py."""
+"""The GPU step path, checked on the CPU: the Triton kernels in the interpreter (monotonic
+ticket, single-program gate, per-tensor alignment), against the reference and a float64
+model; the launch cache (every change it must notice, read through
+``prograd_fast.backends.cache_stats``); capture-safe uploads and stream bookkeeping with
+the CUDA calls stubbed; the prepared launcher; the CUDA backend's Python side with its
+extension stubbed.  Sizes (``SMALL_MAX``, ``BLOCK``) are passed to a backend of its own
+(``TritonBackend(small_max=..., block=...)``).  What needs a GPU is in
+tests/test_gpu_step_path.py."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from prograd_fast.backends import GroupStep
+from prograd_fast.backends import GroupStep, cache_stats
 from prograd_fast.backends import _common
 from prograd_fast.backends import triton_backend as tb
 from prograd_fast.functional import prograd_sgd
@@ -20,7 +23,8 @@ from prograd_fast.functional import prograd_sgd
 BACKEND = tb.BACKEND
 if BACKEND.available() is not None:
     pytest.skip(f"triton backend unavailable: {BACKEND.available()}", allow_module_level=True)
-K = BACKEND._k
+from prograd_fast.kernels import prograd_sgd as K  # noqa: E402 (triton imports)
+
 if not K.INTERPRET:
     pytest.skip("these tests run the Triton kernels in the interpreter (CPU tensors)",
                 allow_module_level=True)
@@ -75,12 +79,12 @@ def check(ps, want, dtype=torch.float32, what=""):
                                    atol=RTOL[dtype] * scale, err_msg=f"{what} tensor {i}")
 
 
-def run(ps, ds, gs, bufs, extra, **hyper):
+def run(ps, ds, gs, bufs, extra, backend=BACKEND, **hyper):
     """One triton step checked against the reference and the float64 model."""
     ref_p = [p.clone() for p in ps]
     ref_b = [None if b is None else b.clone() for b in bufs]
     want = f64_params(ps, ds, gs, bufs, **hyper)
-    stats = BACKEND.step(GroupStep(ps, ds, gs, bufs, extra=extra, **hyper))
+    stats = backend.step(GroupStep(ps, ds, gs, bufs, extra=extra, **hyper))
     prograd_sgd(ref_p, ds, gs, ref_b, **hyper)
     dtype = ps[0].dtype
     check(ps, want, dtype, "float64")
@@ -89,55 +93,73 @@ def run(ps, ds, gs, bufs, extra, **hyper):
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
-    """New momentum buffers start as NaN: the kernels must write every element."""
-    monkeypatch.setattr(tb, "_new_buffer", lambda p: torch.full_like(p, float("nan")))
+def poisoned():
+    """New memory (momentum buffers made by a step) starts as NaN -- torch's fill of
+    uninitialised memory under deterministic mode: the kernels must write every element."""
+    was, fill = torch.are_deterministic_algorithms_enabled(), \
+        torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
-# ------------------------------------------------------------ item 6: monotonic ticket
-def test_ticket_is_monotonic_and_compared_modulo_the_program_count(monkeypatch):
-    monkeypatch.setattr(K, "SMALL_MAX", 0)  # reduce + update launches
-    monkeypatch.setattr(K, "BLOCK", 16)
+def test_poisoned_memory_is_nan(poisoned):
+    assert torch.isnan(torch.empty_like(torch.zeros(3))).all()  # the fixture works here
+
+
+TWO_LAUNCHES = tb.TritonBackend(small_max=0, block=16)  # reduce + update, many blocks
+
+
+# ------------------------------------------------------------ the monotonic ticket
+def test_ticket_is_monotonic_and_compared_modulo_the_program_count():
     ps, ds, gs = group([(7, 13), (300,), (1,)], seed=1)
     extra, bufs = {}, [None] * 3
     n_parts = None
     for step in range(3):
-        run(ps, ds, gs, bufs, extra, lr=0.1, momentum=0.9, granularity="tensor")
-        n_parts = extra["triton_plan"].layout["n_parts"]
-        assert n_parts > 1
-        # never reset: each launch adds exactly n_parts
+        run(ps, ds, gs, bufs, extra, backend=TWO_LAUNCHES, lr=0.1, momentum=0.9,
+            granularity="tensor")
+        assert cache_stats(extra)["launches_per_step"] == 2
+        # never reset: each launch adds exactly the program count (more than one here)
+        if n_parts is None:
+            n_parts = int(extra["triton_bufs"]["counter"])
+            assert n_parts > 3  # several chunks per tensor (16-element blocks)
         assert int(extra["triton_bufs"]["counter"]) == (step + 1) * n_parts
     # a counter far along (a long run) still finalizes in the last program of each launch
     extra["triton_bufs"]["counter"].fill_(1000 * n_parts)
     extra["triton_bufs"]["stats_f"].fill_(float("nan"))
-    stats = run(ps, ds, gs, bufs, extra, lr=0.1, momentum=0.9, granularity="tensor")
+    stats = run(ps, ds, gs, bufs, extra, backend=TWO_LAUNCHES, lr=0.1, momentum=0.9,
+                granularity="tensor")
     assert bool(torch.isfinite(stats.coef).all()) and bool(stats.conflict.all())
     assert int(extra["triton_bufs"]["counter"]) == 1001 * n_parts
 
 
-# ---------------------------------------------------- item 8: single-program gate
+# ---------------------------------------------------- one program only for few chunks
 @pytest.mark.parametrize("granularity", ["global", "tensor"])
 def test_many_small_tensors_do_not_run_in_one_program(granularity, poisoned):
     shapes = [(5,)] * 200  # 1000 elements: under SMALL_MAX, but 200 chunks
     ps, ds, gs = group(shapes, seed=2, none_general=(3, 150))
     extra, bufs = {}, [None] * len(ps)
     run(ps, ds, gs, bufs, extra, lr=0.1, momentum=0.9, granularity=granularity)
-    assert len(extra["triton_plan"].launchers) == 2  # reduce + update over a chunk grid
+    assert cache_stats(extra)["launches_per_step"] == 2  # reduce + update over a chunk grid
     run(ps, ds, gs, bufs, extra, lr=0.1, momentum=0.9, granularity=granularity)
 
 
 def test_a_few_small_tensors_still_run_in_one_program():
-    ps, ds, gs = group([(16, 512)] + [(7,)] * (K.FUSED_MAX_CHUNKS - 1), seed=3)
+    backend = tb.TritonBackend(small_max=8206, fused_max_chunks=3)
+    ps, ds, gs = group([(16, 512)] + [(7,)] * 2, seed=3)  # 3 chunks, 8206 elements
     extra = {}
-    run(ps, ds, gs, [None] * len(ps), extra, lr=0.1)
-    assert len(extra["triton_plan"].launchers) == 1
-    ps, ds, gs = group([(7,)] * (K.FUSED_MAX_CHUNKS + 1), seed=3)
-    extra = {}
-    run(ps, ds, gs, [None] * len(ps), extra, lr=0.1)
-    assert len(extra["triton_plan"].launchers) == 2
+    run(ps, ds, gs, [None] * len(ps), extra, backend=backend, lr=0.1)
+    assert cache_stats(extra)["launches_per_step"] == 1
+    for shapes in ([(7,)] * 4, [(16, 512), (7,), (8,)]):  # a chunk, an element too many
+        ps, ds, gs = group(shapes, seed=3)
+        extra = {}
+        run(ps, ds, gs, [None] * len(ps), extra, backend=backend, lr=0.1)
+        assert cache_stats(extra)["launches_per_step"] == 2, shapes
 
 
-# ---------------------------------------------------- item 9: alignment per tensor
+# ---------------------------------------------------- alignment decided per tensor
 def _views(sizes, offsets, dtype, seed):
     """Contiguous tensors starting ``offset`` elements into their own fresh (64-byte
     aligned) buffer: offset 1 of a 4-byte element is 4-byte aligned only."""
@@ -151,8 +173,8 @@ def _views(sizes, offsets, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("granularity", ["global", "tensor"])
-def test_alignment_is_decided_per_tensor(dtype, granularity, monkeypatch, poisoned):
-    monkeypatch.setattr(K, "BLOCK", 16)  # several full blocks plus a tail per tensor
+def test_alignment_is_decided_per_tensor(dtype, granularity, poisoned):
+    backend = tb.TritonBackend(block=16)  # several full blocks plus a tail per tensor
     sizes = [1, 97, 64, 33, 4096 + 5, 256]
     offsets = [0, 1, 3, 0, 1, 0]  # misaligned tensors in between aligned ones
     ps = [t.clone() for t in _views(sizes, [0] * 6, dtype, 0)]  # fresh: 16-byte aligned
@@ -161,9 +183,9 @@ def test_alignment_is_decided_per_tensor(dtype, granularity, monkeypatch, poison
     gs[3] = _views([33], [1], dtype, 2)[0]  # only the general gradient is misaligned
     extra, bufs = {}, [None] * 6
     for _ in range(2):
-        run(ps, ds, gs, bufs, extra, lr=0.1, momentum=0.9, weight_decay=1e-2,
-            granularity=granularity)
-    meta = extra["triton_plan"].meta
+        run(ps, ds, gs, bufs, extra, backend=backend, lr=0.1, momentum=0.9,
+            weight_decay=1e-2, granularity=granularity)
+    meta = extra["triton_plan"].meta  # the kernels' offset table: an aligned bit per tensor
     bits = meta[: 6 * K.ROW].view(6, K.ROW)[:, 7]
     aligned = (bits & K.BIT_ALIGNED) != 0
     want = [all(t.data_ptr() % 16 == 0 for t in (ps[i], ds[i], gs[i], bufs[i]))
@@ -172,34 +194,18 @@ def test_alignment_is_decided_per_tensor(dtype, granularity, monkeypatch, poison
     assert want == [True, False, False, False, False, True]  # the mix this test is about
 
 
-# -------------------------------------------- item 7: the launch cache and its triggers
+# -------------------------------------------- the launch cache notices every change
 class Builds:
-    def __init__(self, monkeypatch):
-        self.builds = self.binds = 0
-        build, bind = tb.TritonBackend._build, tb.TritonBackend._bind
+    """Plans built and re-bound (after the full check or address-only) since the last
+    ``take``, from the group cache's public counters."""
 
-        def counted_build(backend, *a, **kw):
-            self.builds += 1
-            return build(backend, *a, **kw)
-
-        def counted_bind(backend, *a, **kw):
-            self.binds += 1
-            return bind(backend, *a, **kw)
-
-        rebase = tb.TritonBackend._rebase
-
-        def counted_rebase(backend, *a, **kw):  # an address-only re-bind counts as one
-            done = rebase(backend, *a, **kw)
-            self.binds += bool(done)
-            return done
-
-        monkeypatch.setattr(tb.TritonBackend, "_build", counted_build)
-        monkeypatch.setattr(tb.TritonBackend, "_bind", counted_bind)
-        monkeypatch.setattr(tb.TritonBackend, "_rebase", counted_rebase)
+    def __init__(self, extra):
+        self.extra, self.last = extra, (0, 0)
 
     def take(self):
-        out = (self.builds, self.binds)
-        self.builds = self.binds = 0
+        c = cache_stats(self.extra)
+        now = (c["plans_built"], c["rebinds"] + c["address_rebinds"])
+        out, self.last = (now[0] - self.last[0], now[1] - self.last[1]), now
         return out
 
 
@@ -207,14 +213,14 @@ HYPER = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
 @pytest.mark.parametrize("shapes", [[(4, 8)], [(4, 8), (33,), (5,)]], ids=["one", "three"])
-def test_every_change_that_matters_rebuilds_or_rebinds(shapes, monkeypatch, host_mode):
+def test_every_change_that_matters_rebuilds_or_rebinds(shapes, host_mode):
     """Same tensors: nothing is redone.  Each change below must be noticed, and the step's
     result must still equal the reference and the float64 model (with the host helper's
     fingerprint and with the Python keys)."""
-    counts = Builds(monkeypatch)
     ps, ds, gs = group(shapes, seed=5)
     n = len(ps)
     extra, bufs = {}, [None] * n
+    counts = Builds(extra)
     run(ps, ds, gs, bufs, extra, **HYPER)          # builds (and makes buffers)
     run(ps, ds, gs, bufs, extra, **HYPER)          # buffers now exist: re-bound
     counts.take()
@@ -309,7 +315,7 @@ def test_a_size_change_is_noticed(host_mode):
     ps[1].data = ps[1].data[:5].clone()  # same object, fewer elements
     ds[1], gs[1] = ds[1][:5].clone(), gs[1][:5].clone()
     run(ps, ds, gs, [None, None], extra, lr=0.1)
-    assert extra["triton_plan"].layout["n_parts"] >= 1
+    assert cache_stats(extra)["plans_built"] == 2  # a new layout: a new plan
 
 
 def test_copies_of_the_cache_start_empty():
@@ -321,12 +327,15 @@ def test_copies_of_the_cache_start_empty():
     ps, ds, gs = group([(4, 8)], seed=8)
     extra = {}
     run(ps, ds, gs, [None], extra, lr=0.1)
+    run(ps, ds, gs, [None], extra, lr=0.1)
+    assert cache_stats(extra)["plans_built"] == 1
     for clone in (copy.deepcopy(extra), pickle.loads(pickle.dumps(extra))):
-        assert clone["triton_plan"].key is not extra["triton_plan"].key
-        assert clone["triton_plan"].launchers == ()
+        assert cache_stats(clone)["launches_per_step"] == 0  # no plan travelled
+        run(ps, ds, gs, [None], clone, lr=0.1)  # the same tensors: the copy builds its own
+        assert cache_stats(clone)["plans_built"] == 2
 
 
-# --------------------------------------------------- the prepared launcher (item 7)
+# --------------------------------------------------- the prepared launcher
 class FakeCompiled:
     def __init__(self):
         self.function, self.packed_metadata, self.calls = 42, ("meta",), []
@@ -396,12 +405,12 @@ def test_launcher_compiles_once_then_launches_the_compiled_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("small_max,kernels", [(10**9, ("fused",)), (0, ("reduce", "update"))])
-def test_the_kernels_take_exactly_the_arguments_the_backend_packs(small_max, kernels,
-                                                                   monkeypatch):
-    monkeypatch.setattr(K, "SMALL_MAX", small_max)
+def test_the_kernels_take_exactly_the_arguments_the_backend_packs(small_max, kernels):
     ps, ds, gs = group([(4, 8), (3,)], seed=9)
     extra = {}
-    BACKEND.step(GroupStep(ps, ds, gs, [None, None], lr=0.1, momentum=0.9, extra=extra))
+    tb.TritonBackend(small_max=small_max).step(
+        GroupStep(ps, ds, gs, [None, None], lr=0.1, momentum=0.9, extra=extra))
+    assert cache_stats(extra)["launches_per_step"] == len(kernels)
     launchers = extra["triton_plan"].launchers
     assert tuple(launcher.kernel for launcher in launchers) == \
         tuple(K.KERNELS[name] for name in kernels)
@@ -409,7 +418,7 @@ def test_the_kernels_take_exactly_the_arguments_the_backend_packs(small_max, ker
         assert launcher.names == tuple(launcher.kernel.arg_names)
 
 
-# ------------------------------------- item 1: uploads under capture (CUDA calls stubbed)
+# ------------------------------------- uploads under capture (CUDA calls stubbed)
 class FakeCuda:
     """Stand-ins for pinned and device allocations (CPU tensors that remember what they
     are), and a switch for "the current stream is capturing"."""
@@ -481,7 +490,9 @@ def test_a_plan_rebuilt_while_capturing_keeps_what_the_graph_uses(monkeypatch):
     eager_table = extra["triton_plan"].meta
     flags["capturing"] = True
     ds2 = [d.clone() for d in ds]  # "backward inside the capture": new addresses
+    uploads = cache_stats(extra)["table_uploads"]
     run(ps, ds2, gs, bufs, extra, lr=0.1, momentum=0.9)
+    assert cache_stats(extra)["table_uploads"] == uploads + 1
     plan = extra["triton_plan"]
     assert plan.meta is not eager_table
     kept = {id(t) for t in extra["graph_keep"]}
@@ -503,7 +514,7 @@ def test_a_cpu_tensor_lr_is_refused_while_capturing(monkeypatch):
         BACKEND._launch(plan, step)
 
 
-# ------------------------------------------------------ item 4: streams (stubbed)
+# ------------------------------------------------------ streams (stubbed)
 def test_buffers_are_recorded_on_each_new_stream_once(monkeypatch):
     streams = iter([1, 1, 2, 2, 1, 3])
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: next(streams))
@@ -538,7 +549,7 @@ def test_buffers_are_recorded_on_each_new_stream_once(monkeypatch):
     assert recorded == [("stats", "S3"), ("table", "S3")]
 
 
-# ------------------------------------- item 2: the CUDA backend's Python side (stubbed)
+# ------------------------------------- the CUDA backend's Python side (stubbed)
 class FakeCudaModule:
     CHUNK = 8
 
@@ -556,15 +567,7 @@ def test_cuda_backend_makes_its_buffers_once_per_layout(monkeypatch):
     from prograd_fast.backends import cuda_backend as cb
 
     module = FakeCudaModule()
-    monkeypatch.setattr(_ext, "load", lambda kind: module)
-    uploads = []
-    real_upload = cb.upload
-
-    def counted(values, *a, **kw):
-        uploads.append(list(values))
-        return real_upload(values, *a, **kw)
-
-    monkeypatch.setattr(cb, "upload", counted)
+    monkeypatch.setattr(_ext, "load", lambda kind: module)  # the extension, stubbed
     meta = torch.device("meta")
     ps = [torch.empty(20, device=meta), torch.empty(3, device=meta)]
     extra = {}
@@ -574,9 +577,11 @@ def test_cuda_backend_makes_its_buffers_once_per_layout(monkeypatch):
         step = GroupStep(ps, [torch.empty_like(p) for p in ps], [None, None], [None, None],
                          lr=torch.tensor(0.1), momentum=0.9, granularity="tensor", extra=extra)
         stats.append(backend.step(step))
-    assert uploads == [cb.slot_starts([20, 3], 8)] == [[0, 3, 4]]
-    assert all(s is stats[0] for s in stats)  # the same views, written in place
+    assert cache_stats(extra)["table_uploads"] == 1  # the slot starts, once per layout
     first, last = module.calls[0], module.calls[-1]
+    # one start per tensor plus the total (the values: test_cuda_slot_starts_match_...)
+    assert first[16].shape == (len(cb.slot_starts([20, 3], 8)),) == (3,)
+    assert all(s is stats[0] for s in stats)  # the same views, written in place
     assert first[16] is last[16] and first[17] is last[17] and first[18] is last[18]
     assert first[17].numel() == 5 * 2 and first[18].numel() == 3
     # a CPU tensor lr is read on the host (no device copy per step)...
@@ -594,7 +599,7 @@ def test_cuda_slot_starts_match_the_kernel_chunking():
     assert slot_starts([0, 1, 32768, 32769, 5], 32768) == [0, 0, 1, 2, 4, 5]
 
 
-# --------------------------------------------- item 7: the optimizer's step wrapper
+# --------------------------------------------- the optimizer's step wrapper
 def _tiny_opt(backend="torch"):
     import prograd_fast as pf
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..functional import ProGradStats
-from ._common import Backend, CaptureError
+from ._common import COUNTERS, Backend, CaptureError
 
 __all__ = [
     "BACKENDS",
@@ -41,6 +41,7 @@ __all__ = [
     "BackendUnavailableError",
     "GroupStep",
     "available_backends",
+    "cache_stats",
     "get_backend",
     "ran_fused",
     "run_step",
@@ -93,6 +94,20 @@ class GroupStep:
             lam=self.lam, granularity=self.granularity,
             grad_scale=self.grad_scale, found_inf=self.found_inf,
         )
+
+
+def cache_stats(cache: dict) -> dict[str, int]:
+    """What one group's backend cache (``GroupStep.extra``) has done so far, as plain
+    counters: ``plans_built``, ``rebinds`` (a plan pointed at new tensors after the full
+    check), ``address_rebinds`` (only addresses changed: re-bound without the full check),
+    ``table_uploads`` (offset tables / slot starts copied to the device), ``full_checks``;
+    and ``launches_per_step`` of the group's current Triton plan (0: none).  A steady step
+    adds nothing.  :meth:`prograd_fast.ProGradSGD.cache_stats` sums them over groups."""
+    out = dict.fromkeys(COUNTERS, 0)
+    out.update(cache.get("counts", ()))
+    plan = cache.get("triton_plan")
+    out["launches_per_step"] = len(plan.launchers) if plan is not None else 0
+    return out
 
 
 _loaded: dict = {}

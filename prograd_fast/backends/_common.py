@@ -56,6 +56,21 @@ class ExtensionBackend(Backend):
         return group_tensor_problem(step, self.device_type, self.name)
 
 
+# What a group's cache counts (read with prograd_fast.backends.cache_stats): plans built,
+# plans re-bound to new tensors after the full check, address-only re-binds (no full
+# check), offset tables or slot starts uploaded, full validations run.  Counted only off
+# the steady path (a step that changes nothing counts nothing).
+COUNTERS = ("plans_built", "rebinds", "address_rebinds", "table_uploads", "full_checks")
+
+
+def count(extra: dict, name: str) -> None:
+    """Add one to the group cache's counter ``name`` (one of :data:`COUNTERS`)."""
+    counts = extra.get("counts")
+    if counts is None:
+        counts = extra["counts"] = dict.fromkeys(COUNTERS, 0)
+    counts[name] += 1
+
+
 def cached_problem(step, tag: str, check: Callable) -> str | None:
     """``check(step)`` (why the group cannot run, or None), cached per group: the same tensor
     objects as last step give the same answer (the kernels re-check devices, dtypes and

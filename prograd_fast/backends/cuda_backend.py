@@ -22,8 +22,9 @@ import os
 
 import torch
 
-from ._common import (CaptureError, ExtensionBackend, capturing, kernel_args, keep_for_graphs,
-                      note_stream, refuse_first_step_under_capture, stats_buffers, upload)
+from ._common import (CaptureError, ExtensionBackend, capturing, count, kernel_args,
+                      keep_for_graphs, note_stream, refuse_first_step_under_capture,
+                      stats_buffers, upload)
 from .. import _ext
 from ..functional import ProGradStats
 
@@ -61,6 +62,7 @@ def _group_buffers(cache: dict, step, module, device) -> dict:
     S = 1 if glob else len(step.params)
     acc = torch.float64 if torch.float64 in dtypes else torch.float32
     stats_f, stats_b, stats = stats_buffers(S, acc, device, glob)
+    count(step.extra, "table_uploads")
     cache.update(
         layout=layout, stats_f=stats_f, stats_b=stats_b, stats=stats,
         slots=upload(slot_starts(layout[0], int(module.CHUNK)), torch.int32, device, cache,

@@ -57,7 +57,7 @@ from torch import Tensor
 from .. import _host
 from ..functional import GRANULARITIES, ProGradStats
 from . import _common
-from ._common import (CaptureError, capturing, keep_for_graphs, note_stream,
+from ._common import (CaptureError, capturing, count, keep_for_graphs, note_stream,
                       refuse_first_step_under_capture, stats_buffers, upload)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -132,11 +132,24 @@ class _Plan:
 
 
 class TritonBackend(_common.Backend):
+    """``small_max``, ``fused_max_chunks`` and ``block`` override the kernel module's
+    ``SMALL_MAX`` (largest group run by one program), ``FUSED_MAX_CHUNKS`` (most chunks
+    that program walks) and ``BLOCK`` (elements per vector step, a power of two): small
+    sizes make every launch path reachable with small tensors (tests)."""
+
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, *, small_max: int | None = None, fused_max_chunks: int | None = None,
+                 block: int | None = None) -> None:
+        if block is not None and (block < 1 or block & (block - 1)):
+            raise ValueError(f"block must be a power of two, got {block}")
         self._available: str | None | bool = False  # False: not computed yet
         self._k = None
+        self._sizes = (small_max, fused_max_chunks, block)
+
+    def _size(self, index: int, default: int) -> int:
+        value = self._sizes[index]
+        return default if value is None else value
 
     # ------------------------------------------------------------------ availability
     def available(self) -> str | None:
@@ -284,6 +297,7 @@ class TritonBackend(_common.Backend):
         # device): check everything again.
         if fp is not None or not (plan is not None and plan.addrs == addrs
                                   and plan.key == struct and struct is not _NO_KEY):
+            count(step.extra, "full_checks")
             reason = self._full_check(step)
             if reason is not None:
                 return None, reason
@@ -293,6 +307,8 @@ class TritonBackend(_common.Backend):
                 return None, None
             if plan is None or plan.key != struct or not self._bind(plan, step, addrs):
                 plan = self._build(step, struct, addrs)
+            else:
+                count(step.extra, "rebinds")
         # Valid for these tensors as they are now, unless bound to new momentum buffers
         # (see _bind: then nothing matches, as with ``addrs``).
         plan.fp, plan.options = (None if plan.addrs is _NO_KEY else fp), struct[-1]
@@ -321,10 +337,11 @@ class TritonBackend(_common.Backend):
     def _layout(self, numels: tuple) -> dict:
         """Chunking of the group (sizes only) and whether one program does the whole step."""
         k = self._k
+        small_max = self._size(0, k.SMALL_MAX)
         total = sum(numels)
         fused_chunks = sum(1 for n in numels if n)  # one SMALL_MAX chunk per non-empty tensor
-        fused = total <= k.SMALL_MAX and fused_chunks <= k.FUSED_MAX_CHUNKS
-        chunk = k.SMALL_MAX if fused else k.chunk_size(total)
+        fused = total <= small_max and fused_chunks <= self._size(1, k.FUSED_MAX_CHUNKS)
+        chunk = small_max if fused else k.chunk_size(total, block=self._size(2, k.BLOCK))
         counts = [(n + chunk - 1) // chunk for n in numels]
         firsts, acc = [], 0
         for c in counts:
@@ -404,6 +421,7 @@ class TritonBackend(_common.Backend):
             # it or another stream used it last; else a new one is uploaded.
             reuse = (plan.meta is not None and plan.meta.numel() == len(rows)
                      and plan.meta_stream == stream and not now_capturing)
+            count(step.extra, "table_uploads")
             plan.meta = upload(rows, torch.int64, device, step.extra, "triton_table",
                                into=plan.meta if reuse else None)
             plan.meta_stream = None if now_capturing else stream
@@ -451,7 +469,7 @@ class TritonBackend(_common.Backend):
                       first0=0, CHUNK=layout["chunk"], stats_f=bufs["stats_f"],
                       stats_b=bufs["stats_b"], T=T, grad_scale=None, GLOBAL=glob, TABLE=table,
                       AMP_SCALE=step.grad_scale is not None, ROW=k.ROW,
-                      VEC=16 // p0.element_size(), BLOCK=k.BLOCK)
+                      VEC=16 // p0.element_size(), BLOCK=self._size(2, k.BLOCK))
         lr = step.lr
         lr_ptr = isinstance(lr, Tensor) and lr.device == device
         plan.lr_ptr = lr_ptr
@@ -481,6 +499,7 @@ class TritonBackend(_common.Backend):
             raise RuntimeError("triton backend: a tensor address is not a whole number of "
                                "elements away from the first parameter's")
         extra["triton_plan"] = plan
+        count(extra, "plans_built")
         return plan
 
     # ------------------------------------------------------------------ the step
@@ -587,6 +606,7 @@ class TritonBackend(_common.Backend):
         plan.owned = plan.owned[:4] + ([plan.meta] if len(params) > 1 else []) \
             + (list(step.momentum_buffers) if momentum else [])
         plan.fp, plan.addrs = fp, _NO_KEY  # the Python keys no longer describe the binding
+        count(step.extra, "address_rebinds")
         return True
 
     @classmethod
