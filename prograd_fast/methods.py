@@ -8,10 +8,11 @@ prompt learner it trains (see :class:`prograd_fast.clip.learner.Learner`).
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Method", "METHODS", "register_method", "get_method"]
+__all__ = ["Method", "METHODS", "register_method", "get_method", "LazyLearner"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,21 @@ class Method:
     trains: bool = True
     prograd: bool = False
     learner: Callable | None = None
+
+
+class LazyLearner:
+    """A learner class named ``"module:Class"``, imported when first called: the registry
+    stays torch-free and imports nothing of the package."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, *args, **kwargs):
+        module, name = self.path.split(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"LazyLearner({self.path!r})"
 
 
 #: name -> :class:`Method`, in table order (iterating gives the names).
@@ -53,3 +69,6 @@ def get_method(name: str) -> Method:
 register_method(Method("zeroshot", "Zero-shot CLIP", trains=False))
 register_method(Method("coop", "CoOp"))
 register_method(Method("prograd", "ProGrad", prograd=True))
+_KGCOOP = LazyLearner("prograd_fast.clip.kgcoop:KgCoOpLearner")
+register_method(Method("kgcoop", "KgCoOp", learner=_KGCOOP))
+register_method(Method("kgcoop+prograd", "KgCoOp + ProGrad", prograd=True, learner=_KGCOOP))
