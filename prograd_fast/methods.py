@@ -12,7 +12,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Method", "METHODS", "register_method", "get_method", "LazyLearner"]
+__all__ = ["Method", "METHODS", "register_method", "get_method", "LazyLearner",
+           "default_grid_methods"]
 
 
 @dataclass(frozen=True)
@@ -22,13 +23,16 @@ class Method:
     (``lam`` applies, the conflict rate is logged); False is plain CoOp-style training.
     ``learner``: what :class:`~prograd_fast.clip.PromptedCLIP` builds its prompt learner
     with, ``learner(tower, classnames, tokenizer, **prompt_settings)``; None: CoOp's
-    :class:`~prograd_fast.clip.PromptLearner`.  ``title``: its name in tables."""
+    :class:`~prograd_fast.clip.PromptLearner`.  ``title``: its name in tables.
+    ``in_default_grid``: run by ``prograd-fast protocol`` when ``--methods`` is not given
+    (:func:`default_grid_methods`; the ProGrad paper's table: zero-shot CLIP, CoOp, ProGrad)."""
 
     name: str
     title: str
     trains: bool = True
     prograd: bool = False
     learner: Callable | None = None
+    in_default_grid: bool = True
 
 
 class LazyLearner:
@@ -58,6 +62,11 @@ def register_method(method: Method) -> Method:
     return method
 
 
+def default_grid_methods() -> list[str]:
+    """The methods a protocol grid runs unless told which."""
+    return [name for name, m in METHODS.items() if m.in_default_grid]
+
+
 def get_method(name: str) -> Method:
     """The registered method ``name``; ValueError naming the known ones otherwise."""
     try:
@@ -70,5 +79,6 @@ register_method(Method("zeroshot", "Zero-shot CLIP", trains=False))
 register_method(Method("coop", "CoOp"))
 register_method(Method("prograd", "ProGrad", prograd=True))
 _KGCOOP = LazyLearner("prograd_fast.clip.kgcoop:KgCoOpLearner")
-register_method(Method("kgcoop", "KgCoOp", learner=_KGCOOP))
-register_method(Method("kgcoop+prograd", "KgCoOp + ProGrad", prograd=True, learner=_KGCOOP))
+register_method(Method("kgcoop", "KgCoOp", learner=_KGCOOP, in_default_grid=False))
+register_method(Method("kgcoop+prograd", "KgCoOp + ProGrad", prograd=True, learner=_KGCOOP,
+                       in_default_grid=False))
