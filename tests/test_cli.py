@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -244,6 +245,11 @@ def test_train_method_kgcoop_builds_its_learner(tree_and_cfg, monkeypatch, capsy
     assert learner.n_ctx == 4 and learner.ctx_init == "a photo of a"  # KgCoOp's own prompt
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert (rows[0]["conflict_rate"] == "") == (method == "kgcoop")
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 0  # tested again as the CoOp prompt it is
+    acc = json.loads((out / "result.json").read_text())["acc"]
+    printed = re.findall(r"accuracy ([0-9.]+)%", capsys.readouterr().out)
+    assert float(printed[-1]) == pytest.approx(acc, abs=0.01)
     assert cli.main(["train", "--data", str(data), "--model", str(cfg), "--method", method,
                      "--kg-weight", "-1"]) != 0
     assert "--kg-weight must be >= 0, got -1.0" in capsys.readouterr().err
