@@ -122,7 +122,7 @@ def test_logits_loss_and_context_gradient_equal_the_official_learner(pair, share
     mine, _ = model(images)
     assert rel(mine, logits) <= 1e-5
     text = model.text_features()
-    assert abs(float(model.extra_loss(text)) - float(kg)) <= 1e-5 * abs(float(kg))
+    assert rel(model.extra_loss(text), kg) <= 1e-5
     loss.backward()
     opt = build_optimizer(model, lr=LR, lam=0.0)
     train_step(model, opt, images, labels, step=False)
@@ -237,3 +237,17 @@ def test_kgcoop_runs_the_protocol_grid_with_its_settings(tmp_path):
         state = torch.load(runner.run_dir(run) / "checkpoint.pt", weights_only=False)
         assert state["learner"]["ctx"].shape[0] == 4
         assert (state["history"][-1]["conflict_rate"] is None) == (run.method == "kgcoop")
+
+
+def test_grid_ablations_of_the_context_hold_for_kgcoop():
+    from prograd_fast.protocols.config import PromptOverrides, method_prompt
+
+    longer = method_prompt("kgcoop", DATASET, "cocoop", PromptOverrides(n_ctx=8))
+    assert longer["n_ctx"] == 8 and longer["ctx_init"] is None  # not the learner's 4 words
+    random = method_prompt("kgcoop+prograd", DATASET, "prograd", PromptOverrides(ctx_init="none"))
+    assert random["ctx_init"] is None and random["kg_templates"] == DATASET
+    torch.manual_seed(0)
+    model = PromptedCLIP(tiny_clip(), CLASSNAMES, learner=KgCoOpLearner,
+                         **{k: v for k, v in longer.items() if k != "templates"},
+                         templates="default")
+    assert model.prompt_learner.n_ctx == 8 and model.prompt_learner.ctx_init is None
