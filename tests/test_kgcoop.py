@@ -10,6 +10,7 @@ import copy
 import importlib
 import json
 import sys
+from collections import OrderedDict
 from types import SimpleNamespace as NS
 
 import pytest
@@ -54,6 +55,7 @@ def official(tmp_path_factory):
         out = NS(kgcoop=importlib.import_module("trainers.kgcoop"),
                  model=importlib.import_module("clip.model"),
                  optim=importlib.import_module("dassl.optim"),
+                 engine=importlib.import_module("dassl.engine.trainer"),
                  defaults=importlib.import_module("dassl.config").get_cfg_default())
     finally:
         sys.path[:] = saved
@@ -134,27 +136,28 @@ def test_logits_loss_and_context_gradient_equal_the_official_learner(pair, share
 
 
 def official_steps(official, ref, images, labels, lam, steps=5):
-    """``steps`` updates of the official trainer (Dassl's SGD on the prompt learner) with
-    ProGrad's rule applied to the two gradients when ``lam`` > 0; returns the conflicts."""
+    """``steps`` updates of the official trainer: Dassl's SGD on the prompt learner, stepped
+    by the Dassl fork's ``model_backward_and_update`` (KgCoOp's update) or, when ``lam`` > 0,
+    its ``prograd_backward_and_update`` (official ProGrad's rule) on CE + W * KG and the KL;
+    returns how many steps had conflicting gradients."""
     cfg = official.defaults.OPTIM.clone()
     cfg.defrost()
     cfg.NAME, cfg.LR = "sgd", LR  # the KgCoOp configs
     optim = official.optim.build_optimizer(ref.prompt_learner, cfg)
     ctx, conflicts = ref.prompt_learner.ctx, 0
+    trainer = official.engine.SimpleTrainer.__new__(official.engine.SimpleTrainer)
+    # the trained tensors only: the fork's rule reads every registered parameter's gradient
+    trainer._models = OrderedDict(prompt_learner=nn.ParameterList([ctx]))
+    trainer._optims = OrderedDict(prompt_learner=optim)
     for _ in range(steps):
-        optim.zero_grad()
         _, loss, kl, _ = official_losses(ref, images, labels)
         if lam > 0:
-            g_kl, = torch.autograd.grad(kl, ctx, retain_graph=True)
-            loss.backward()
-            unit = g_kl / g_kl.norm()
-            g = ctx.grad
-            if torch.dot(g.flatten(), unit.flatten()) < 0:  # ProGrad: remove the conflict
-                conflicts += 1
-                ctx.grad = g - lam * torch.dot(g.flatten(), unit.flatten()) * unit
+            g_d, = torch.autograd.grad(loss, ctx, retain_graph=True)
+            g_g, = torch.autograd.grad(kl, ctx, retain_graph=True)
+            conflicts += int(torch.dot(g_d.flatten(), g_g.flatten()) < 0)
+            trainer.prograd_backward_and_update(loss, kl, lambda_=lam)
         else:
-            loss.backward()
-        optim.step()
+            trainer.model_backward_and_update(loss)
     return conflicts
 
 
