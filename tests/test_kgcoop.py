@@ -44,12 +44,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """The official ``trainers/kgcoop.py``, its ``clip`` and Dassl's optimiser builder,
-    imported from the unpacked tree (their top-level names are removed again after)."""
+    imported from the unpacked tree (their top-level names are put back as they were after)."""
     vendor = vendor_dir()
     if not (vendor / KGCOOP).is_file():
         pytest.skip(f"{KGCOOP} not found in {vendor}")
     root = unpack(KGCOOP, tmp_path_factory.getbasetemp() / "kgcoop")
     saved = list(sys.path)
+    ours = ("clip", "dassl", "trainers")  # top-level names the official trees define
+    before = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] in ours}
     sys.path[:0] = [str(root / "KgCoOp"), str(root / "Dassl.ProGrad.pytorch")]
     try:
         out = NS(kgcoop=importlib.import_module("trainers.kgcoop"),
@@ -59,8 +61,9 @@ def official(tmp_path_factory):
                  defaults=importlib.import_module("dassl.config").get_cfg_default())
     finally:
         sys.path[:] = saved
-        for name in [m for m in sys.modules if m.split(".")[0] in ("clip", "dassl", "trainers")]:
+        for name in [m for m in sys.modules if m.split(".")[0] in ours]:
             del sys.modules[name]
+        sys.modules.update(before)  # whatever another test had imported under these names
     return out
 
 
