@@ -102,6 +102,9 @@ def _add_train(sub) -> None:
     p.add_argument("--ctx-init", default=None,
                    help="initial context words, e.g. 'a photo of a' (they set the context "
                         "length); default: random N(0, 0.02) context")
+    p.add_argument("--kg-weight", type=float, default=8.0,
+                   help="kgcoop: weight W of KgCoOp's knowledge-guided loss (default: the "
+                        "official 8.0)")
     p.add_argument("--class-specific", "--csc", action="store_true",
                    help="one context per class (CoOp's CSC) instead of one shared context")
     p.add_argument("--class-token-position", choices=["end", "middle", "front"], default="end",
@@ -207,7 +210,8 @@ def _check_train_args(args) -> None:
                        ("--momentum", args.momentum, AT_LEAST_0),
                        ("--weight-decay", args.weight_decay, AT_LEAST_0),
                        ("--warmup-lr", args.warmup_lr, AT_LEAST_0),
-                       ("--warmup-epochs", args.warmup_epochs, AT_LEAST_0)))
+                       ("--warmup-epochs", args.warmup_epochs, AT_LEAST_0),
+                       ("--kg-weight", args.kg_weight, AT_LEAST_0)))
     if bad:
         raise CLIError(bad)
     if args.eval_split == "val" and args.data == "digits" and args.dataset is None:
@@ -235,6 +239,8 @@ def cmd_train(args) -> int:
     from .atomic import atomic_write_json
     from .clip import parallel
     from .datasets.cli import load_named
+    from .methods import get_method
+    from .protocols.config import KGCOOP_METHODS
     from . import runs
 
     typed = dict(vars(args))  # the options as typed: the default folder name
@@ -275,9 +281,17 @@ def cmd_train(args) -> int:
         from .clip.demo import DEMO_DEFAULTS
 
         ctx_init = DEMO_DEFAULTS["ctx_init"]  # 16 learned tokens do not fit a 16-token tower
+    method = get_method(args.method)
+    prompt = {"n_ctx": 16 if n_ctx is None else n_ctx, "ctx_init": ctx_init}
+    if method.learner is not None:
+        prompt["learner"] = method.learner
+    if args.method in KGCOOP_METHODS:  # KgCoOp's own prompt ("a photo of a") unless given
+        if n_ctx is None and ctx_init is None:
+            del prompt["n_ctx"], prompt["ctx_init"]
+        prompt.update(kg_weight=args.kg_weight, kg_templates=templates, template_set="kgcoop")
     try:
         model = PromptedCLIP(clip, split.classnames, tokenizer=tokenizer, templates=templates,
-                             n_ctx=16 if n_ctx is None else n_ctx, ctx_init=ctx_init,
+                             **prompt,
                              class_specific=args.class_specific,
                              class_token_position=args.class_token_position,
                              share_prefix=_SHARE_PREFIX.get(args.share_prefix, args.share_prefix))

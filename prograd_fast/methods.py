@@ -8,10 +8,12 @@ prompt learner it trains (see :class:`prograd_fast.clip.learner.Learner`).
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Method", "METHODS", "register_method", "get_method"]
+__all__ = ["Method", "METHODS", "register_method", "get_method", "LazyLearner",
+           "default_grid_methods"]
 
 
 @dataclass(frozen=True)
@@ -21,13 +23,31 @@ class Method:
     (``lam`` applies, the conflict rate is logged); False is plain CoOp-style training.
     ``learner``: what :class:`~prograd_fast.clip.PromptedCLIP` builds its prompt learner
     with, ``learner(tower, classnames, tokenizer, **prompt_settings)``; None: CoOp's
-    :class:`~prograd_fast.clip.PromptLearner`.  ``title``: its name in tables."""
+    :class:`~prograd_fast.clip.PromptLearner`.  ``title``: its name in tables.
+    ``in_default_grid``: run by ``prograd-fast protocol`` when ``--methods`` is not given
+    (:func:`default_grid_methods`; the ProGrad paper's table: zero-shot CLIP, CoOp, ProGrad)."""
 
     name: str
     title: str
     trains: bool = True
     prograd: bool = False
     learner: Callable | None = None
+    in_default_grid: bool = True
+
+
+class LazyLearner:
+    """A learner class named ``"module:Class"``, imported when first called: the registry
+    stays torch-free and imports nothing of the package."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, *args, **kwargs):
+        module, name = self.path.split(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"LazyLearner({self.path!r})"
 
 
 #: name -> :class:`Method`, in table order (iterating gives the names).
@@ -42,6 +62,11 @@ def register_method(method: Method) -> Method:
     return method
 
 
+def default_grid_methods() -> list[str]:
+    """The methods a protocol grid runs unless told which."""
+    return [name for name, m in METHODS.items() if m.in_default_grid]
+
+
 def get_method(name: str) -> Method:
     """The registered method ``name``; ValueError naming the known ones otherwise."""
     try:
@@ -53,3 +78,7 @@ def get_method(name: str) -> Method:
 register_method(Method("zeroshot", "Zero-shot CLIP", trains=False))
 register_method(Method("coop", "CoOp"))
 register_method(Method("prograd", "ProGrad", prograd=True))
+_KGCOOP = LazyLearner("prograd_fast.clip.kgcoop:KgCoOpLearner")
+register_method(Method("kgcoop", "KgCoOp", learner=_KGCOOP, in_default_grid=False))
+register_method(Method("kgcoop+prograd", "KgCoOp + ProGrad", prograd=True, learner=_KGCOOP,
+                       in_default_grid=False))

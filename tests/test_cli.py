@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -225,3 +226,30 @@ def test_share_prefix_option_changes_the_encoding_not_the_result(tree_and_cfg, c
     assert _train(data, cfg, out / "front", "--epochs", "1", "--method", "coop",
                   "--class-token-position", "front", "--share-prefix", "padded") == 0
     assert "shared prefix off: class token in front" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["kgcoop", "kgcoop+prograd"])
+def test_train_method_kgcoop_builds_its_learner(tree_and_cfg, monkeypatch, capsys, method):
+    from prograd_fast.clip.trainer import Trainer
+
+    data, cfg, out = tree_and_cfg
+    seen = []
+    real = Trainer.__init__
+    monkeypatch.setattr(Trainer, "__init__",
+                        lambda self, model, *a, **k: (seen.append(model), real(self, model, *a, **k))[1])
+    assert cli.main(["train", "--data", str(data), "--model", str(cfg), "--output-dir", str(out),
+                     "--shots", "2", "--batch-size", "4", "--no-progress", "--epochs", "1",
+                     "--method", method, "--kg-weight", "2.5"]) == 0
+    learner = seen[0].prompt_learner
+    assert type(learner).__name__ == "KgCoOpLearner" and learner.kg_weight == 2.5
+    assert learner.n_ctx == 4 and learner.ctx_init == "a photo of a"  # KgCoOp's own prompt
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert (rows[0]["conflict_rate"] == "") == (method == "kgcoop")
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 0  # tested again as the CoOp prompt it is
+    acc = json.loads((out / "result.json").read_text())["acc"]
+    printed = re.findall(r"accuracy ([0-9.]+)%", capsys.readouterr().out)
+    assert float(printed[-1]) == pytest.approx(acc, abs=0.01)
+    assert cli.main(["train", "--data", str(data), "--model", str(cfg), "--method", method,
+                     "--kg-weight", "-1"]) != 0
+    assert "--kg-weight must be >= 0, got -1.0" in capsys.readouterr().err

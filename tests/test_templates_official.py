@@ -21,7 +21,7 @@ def test_sets_differ_where_official_prograd_differs_from_coop():
     assert get_templates("oxfordpets") == ["a photo of a {}, a type of pet."]
     assert get_templates(["Food101", "{} x"], template_set="prograd") == [
         "a type of food, a photo of {}.", "{} x"]
-    assert set(TEMPLATE_SETS) == {"coop", "prograd"}
+    assert set(TEMPLATE_SETS) == {"coop", "prograd", "kgcoop"}
     with pytest.raises(ValueError, match="unknown template set"):
         get_templates("OxfordPets", "cocoop")
 

@@ -25,7 +25,9 @@ class Learner(nn.Module):
     for :class:`~prograd_fast.clip.TextTower` (the positions of the end-of-text tokens).
     The shared-prefix encoder applies where :attr:`shared_prefix_length` is > 0 (then
     :meth:`prefix_and_suffixes` must split the prompts there); the default says it does
-    not apply.  :meth:`moved_to` gives the same learned prompt on other class names
+    not apply.  :meth:`extra_loss` is a loss of the method's own added to the cross-entropy
+    (part of ProGrad's domain loss), computed from the learned class text features; the
+    default adds none.  :meth:`moved_to` gives the same learned prompt on other class names
     (base-to-new, cross-data-set tests); the default refuses.
     """
 
@@ -45,6 +47,11 @@ class Learner(nn.Module):
     def shared_prefix_off(self) -> str:
         """Why the shared prefix does not apply, when :attr:`shared_prefix_length` is 0."""
         return f"{type(self).__name__} shares no prompt prefix"
+
+    def extra_loss(self, text_features: Tensor, zeroshot_features: Tensor) -> Tensor | None:
+        """The method's own loss term from the learned class features (C, D, unnormalised)
+        and the zero-shot teacher's (normalised); None: no term (CoOp)."""
+        return None
 
     def prefix_and_suffixes(self) -> tuple[Tensor, Tensor]:
         raise ValueError("no prefix is shared by all class prompts")

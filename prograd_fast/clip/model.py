@@ -88,6 +88,12 @@ class PromptedCLIP(nn.Module):
             return shared(*self.prompt_learner.prefix_and_suffixes())
         return self.tower.encode_embeddings(*self.prompt_learner())
 
+    def extra_loss(self, text_features: Tensor) -> Tensor | None:
+        """The prompt learner's own loss term (e.g. KgCoOp's knowledge-guided loss), added to
+        the cross-entropy by the training step; None when it has none."""
+        hook = getattr(self.prompt_learner, "extra_loss", None)
+        return hook(text_features, self.teacher()) if hook is not None else None
+
     def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         """Scaled cosine logits from normalised image features and raw text features."""
         return self._scaled(image_features, normalize(text_features))

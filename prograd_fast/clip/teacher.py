@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .prompt import _tokenize, default_tokenizer
 from .tower import TextTower, normalize
 
-__all__ = ["ZeroShotTeacher", "COOP_TEMPLATES", "PROGRAD_TEMPLATES", "TEMPLATE_SETS", "TEMPLATES",
+__all__ = ["ZeroShotTeacher", "COOP_TEMPLATES", "PROGRAD_TEMPLATES", "KGCOOP_TEMPLATES", "TEMPLATE_SETS", "TEMPLATES",
            "get_templates"]
 
 #: CoOp's per-dataset hand-crafted templates (CoOp ``zsclip.py`` CUSTOM_TEMPLATES), plus the
@@ -47,9 +47,17 @@ PROGRAD_TEMPLATES: dict[str, str] = {
     "Food101": "a type of food, a photo of {}.",
 }
 
+#: KgCoOp's templates (its ``trainers/kgcoop.py`` CUSTOM_TEMPLATES), the targets of its
+#: knowledge-guided loss: CoOp's except DescribableTextures.
+KGCOOP_TEMPLATES: dict[str, str] = {
+    **COOP_TEMPLATES,
+    "DescribableTextures": "a photo of a {}, a type of texture.",
+}
+
 #: The template sets by name: ``"coop"`` (CoOp's zero-shot CLIP) and ``"prograd"`` (the
-#: official ProGrad trainer's teacher).
-TEMPLATE_SETS: dict[str, dict[str, str]] = {"coop": COOP_TEMPLATES, "prograd": PROGRAD_TEMPLATES}
+#: official ProGrad trainer's teacher) and ``"kgcoop"`` (KgCoOp's).
+TEMPLATE_SETS: dict[str, dict[str, str]] = {"coop": COOP_TEMPLATES, "prograd": PROGRAD_TEMPLATES,
+                                             "kgcoop": KGCOOP_TEMPLATES}
 
 #: CoOp's set (kept under its old name).
 TEMPLATES = COOP_TEMPLATES

@@ -126,7 +126,10 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
     another optimiser (e.g. ``torch.optim.SGD``) also gets plain CoOp.  No host sync.
     ``loss_weight`` multiplies both losses before the gradients (data-parallel training
     weighs each process's share of a global batch); ``inputs_are_features``: ``images``
-    are already normalised image features (cached training features).
+    are already normalised image features (cached training features).  A learner's own
+    loss (:meth:`PromptedCLIP.extra_loss`, e.g. KgCoOp's) is added to the cross-entropy:
+    ``p.grad`` is the gradient of that sum (ProGrad's domain gradient); ``ce`` stays the
+    cross-entropy alone.
     """
     if zero_grad:
         optimizer.zero_grad(set_to_none=True)
@@ -139,11 +142,13 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
         zs = model.zeroshot_logits(image_features)
     loss_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
     ce, kl = prograd_losses(logits.to(loss_dtype), zs.to(loss_dtype), labels, temperature)
+    extra = model.extra_loss(text_features)  # the learner's own term: part of the domain loss
+    domain = ce if extra is None else ce + extra.to(loss_dtype)
     prograd = isinstance(optimizer, ProGradSGD) and any(g["lam"] > 0 for g in optimizer.param_groups)
     scale = scaler.scale if scaler is not None else (lambda x: x)
     weighted = (lambda x: x) if isinstance(loss_weight, (int, float)) and loss_weight == 1 else (
         lambda x: x * loss_weight)
-    compute_grads(optimizer, text_features, scale(weighted(ce)),
+    compute_grads(optimizer, text_features, scale(weighted(domain)),
                   scale(weighted(kl)) if prograd else None, grad_mode)
     if step:
         if scaler is not None:

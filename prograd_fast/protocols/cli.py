@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..methods import default_grid_methods
 from ..cli_help import PLOT_NEEDS, PRETRAINED_HELP, HelpFormatter, default_workers
 from .config import DEFAULT_SETTING, METHODS, PROTOCOLS, SETTING_MODELS, SETTINGS
 
@@ -34,8 +35,9 @@ def add_protocol_parser(sub) -> None:
     p.add_argument("--source", default="imagenet", help="xd / dg: the training data set")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
                    help="seeds of the few-shot draws and context initialisations")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="zero-shot CLIP, CoOp, ProGrad")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=default_grid_methods(),
+                   help="the methods to run (default: zeroshot coop prograd, the ProGrad paper's "
+                        "table; kgcoop and kgcoop+prograd: KgCoOp, without and with ProGrad)")
     p.add_argument("--shots", type=int, nargs="+", default=None,
                    help="training images per class (default: the setting's: 1 2 4 8 16 for "
                         "fewshot; 4 (prograd) or 16 (cocoop) for base2new / xd / dg)")
@@ -52,7 +54,7 @@ def add_protocol_parser(sub) -> None:
                         "changes CoOp's training semantics; much faster)")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs (default: the official ones per data set and shots)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 32; KgCoOp's 128 for kgcoop)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.002)")
     p.add_argument("--lam", type=float, default=None,
                    help="ProGrad's lambda (default: the official one, 1.0 or 0.8)")
@@ -60,11 +62,11 @@ def add_protocol_parser(sub) -> None:
                    help="autocast dtype (the official code runs CLIP in fp16)")
     p.add_argument("--n-ctx", type=int, default=None,
                    help="ablation: context length of the trained methods (default: 16; 4 for "
-                        "CoOp in the cocoop setting)")
+                        "CoOp in the cocoop setting and for KgCoOp)")
     p.add_argument("--ctx-init", default=None,
                    help="ablation: initial context words, or 'none' for a random context "
                         "(default: the method's: random for CoOp, the data set's template for "
-                        "ProGrad, 'a photo of a' for CoOp in the cocoop setting)")
+                        "ProGrad, 'a photo of a' for CoOp in the cocoop setting and for KgCoOp)")
     p.add_argument("--csc", action="store_true",
                    help="ablation: one context per class (fewshot only: it cannot be tested on "
                         "other classes)")

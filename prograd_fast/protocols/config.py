@@ -19,7 +19,11 @@ rn50{,_ep100,_ep50}.yaml``, ``scripts/{main,prograd,base2new_*,eval}.sh`` and it
 * methods: ``zeroshot`` (ZeroshotCLIP: the hand-crafted template per data set, no
   training), ``coop`` (random N(0, 0.02) context), ``prograd`` (context initialised from the
   data set's ProGrad template, right-aligned in 16 tokens -- ``CTX_INIT: True`` -- and that
-  template as the zero-shot teacher, T = 1).
+  template as the zero-shot teacher, T = 1); ``kgcoop`` and ``kgcoop+prograd`` (KgCoOp's
+  ``configs/trainers/KgCoOp`` and ``scripts/``: context from "a photo of a" -- 4 tokens --,
+  W = 8.0, batch 128, 100 epochs for base2new / xd / dg in the ``cocoop`` setting and the
+  protocol's epochs elsewhere, KgCoOp's templates as the knowledge-guided target and the
+  teacher).
 
 Two *settings* (``--setting``), each the official configs of one family of papers:
 
@@ -64,6 +68,11 @@ SETTING_MODELS = {"prograd": "RN50", "cocoop": "ViT-B-16"}  # open_clip names of
 COCOOP_SHOTS = 16
 COCOOP_COOP_INIT = "a photo of a"  # CoOp/vit_b16_ctxv1's CTX_INIT
 OFFICIAL_PRECISION = "fp16"  # TRAINER.COOP.PREC of every official config
+#: KgCoOp (its ``configs/trainers/KgCoOp/*.yaml`` and ``scripts/``): the methods, its
+#: batch size and epochs; its prompt and W are :mod:`prograd_fast.clip.kgcoop`'s.
+KGCOOP_METHODS = ("kgcoop", "kgcoop+prograd")
+KGCOOP_BATCH = 128
+KGCOOP_EPOCHS = 100
 
 
 def _check_setting(setting: str) -> None:
@@ -122,6 +131,12 @@ def official_schedule(protocol: str, dataset: str, shots: int, method: str,
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {PROTOCOLS}")
     _check_setting(setting)
+    if method in KGCOOP_METHODS:  # KgCoOp's configs: batch 128; 100 epochs in its tables
+        lam = 1.0 if _projects(method) else 0.0
+        if setting == "cocoop" and protocol != "fewshot":
+            return Schedule(epochs=KGCOOP_EPOCHS, batch_size=KGCOOP_BATCH, lam=lam)
+        base = official_schedule(protocol, dataset, shots, "coop", setting)
+        return Schedule(epochs=base.epochs, batch_size=KGCOOP_BATCH, lam=lam)
     if setting == "cocoop" and protocol != "fewshot":
         if method == "prograd":
             epochs = 100  # KgCoOp's vit_b16_ep100_ctxv1, ImageNet included
@@ -166,6 +181,7 @@ def method_prompt(method: str, dassl_name: str, setting: str = DEFAULT_SETTING,
     """Prompt and teacher settings of a method on a data set in a setting, with the
     ablation ``overrides`` of the trained methods (keys of ``PromptedCLIP``).  A method
     registered beside the built-in ones gets CoOp's (its learner takes these keys)."""
+    from ..clip.kgcoop import KGCOOP_CTX_INIT, KGCOOP_N_CTX, KGCOOP_WEIGHT
     from ..clip.teacher import get_templates
 
     _check_setting(setting)
@@ -181,6 +197,10 @@ def method_prompt(method: str, dassl_name: str, setting: str = DEFAULT_SETTING,
         out = {"templates": dassl_name, "template_set": "prograd", "n_ctx": N_CTX,
                "ctx_init": template.replace(" {}.", "").replace("_", " "),
                "ctx_init_mode": "prograd"}
+    elif method in KGCOOP_METHODS:  # KgCoOp's configs: CTX_INIT True, W 8.0, its templates
+        out = {"templates": dassl_name, "template_set": "kgcoop", "n_ctx": KGCOOP_N_CTX,
+               "ctx_init": KGCOOP_CTX_INIT, "kg_weight": KGCOOP_WEIGHT,
+               "kg_templates": dassl_name}
     else:  # a registered method: CoOp's prompt settings (its learner takes these keys)
         out = {"templates": dassl_name, "template_set": "coop", "n_ctx": N_CTX}
         if not _method(method).trains:
@@ -196,6 +216,8 @@ def method_prompt(method: str, dassl_name: str, setting: str = DEFAULT_SETTING,
             out.pop("ctx_init_mode", None)
         else:
             out["ctx_init"] = o.ctx_init
+    if method in KGCOOP_METHODS and "ctx_init" not in out:
+        out["ctx_init"] = None  # a random context (the learner's default is "a photo of a")
     if o.csc:
         out["class_specific"] = True
     if o.class_token_position is not None:

@@ -40,7 +40,7 @@ from ..clip.trainer import PRECISIONS, TrainConfig, Trainer, correct_counts, tra
 from ..datasets import dataset_folder, few_shot_train, get_spec, read_dataset
 from ..datasets.items import Split, class_subset, few_shot_shortfall, subsample_classes
 from ..datasets.registry import DatasetError
-from ..methods import get_method
+from ..methods import default_grid_methods, get_method
 from .config import (DEFAULT_SETTING, METHODS, PROTOCOLS, SETTING_MODELS, SOURCE,
                      PromptOverrides, ProtocolError, Schedule, default_datasets, default_shots,
                      method_prompt, official_schedule)
@@ -82,7 +82,7 @@ class GridOptions:
     root: str
     datasets: Sequence[str] | None = None
     seeds: Sequence[int] = (1, 2, 3)
-    methods: Sequence[str] = field(default_factory=lambda: tuple(METHODS))
+    methods: Sequence[str] = field(default_factory=lambda: tuple(default_grid_methods()))
     shots: Sequence[int] | None = None
     source: str = SOURCE
     model: str | None = None  # None: the setting's backbone
