@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
+from torch.compiler import is_compiling  # bound once: the eager step checks it twice
 from torch.optim import Optimizer
 
 from . import _host, _ops
@@ -201,7 +202,7 @@ class ProGradSGD(Optimizer):
             if len(grads) != len(params):
                 raise ValueError(f"store_general_grads got {len(grads)} gradients for "
                                  f"{len(params)} parameters")
-        if torch.compiler.is_compiling():  # torch.compile: see prograd_fast._ops
+        if is_compiling():  # torch.compile: see prograd_fast._ops
             grads = _ops.traced_checked_general(params, grads)
         else:
             grads = checked_general(params, grads, self._host_helper())
@@ -211,6 +212,9 @@ class ProGradSGD(Optimizer):
         """Keep checked general gradients (aligned with the parameters), group by group,
         adding them to pending ones."""
         pending, start = self._general_grads, 0
+        if len(pending) == 1 and pending[0] is None:  # one group, nothing pending: keep them
+            pending[0] = grads
+            return
         for index, group in enumerate(self.param_groups):
             n = len(group["params"])
             if pending[index] is not None and len(pending[index]) != n:
@@ -266,7 +270,7 @@ class ProGradSGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if torch.compiler.is_compiling():  # torch.compile: custom ops, no host caches
+        if is_compiling():  # torch.compile: custom ops, no host caches
             _ops.traced_step(self, grad_scale, found_inf)
             return loss
         any_general = any_stepped = False
@@ -301,7 +305,8 @@ class ProGradSGD(Optimizer):
                 self._use_host = ran_fused(group["backend"], self._backend_cache[index])
             if momentum:
                 store_buffers(state, params, before, bufs)
-        self._warn_once_if_plain_sgd(any_stepped, any_general, stacklevel=4)
+        if any_stepped and not any_general:
+            self._warn_once_if_plain_sgd(any_stepped, any_general, stacklevel=4)
         return loss
 
     def _warn_once_if_plain_sgd(self, any_stepped: bool, any_general: bool,
