@@ -240,7 +240,6 @@ def cmd_train(args) -> int:
     from .clip import parallel
     from .datasets.cli import load_named
     from .methods import get_method
-    from .protocols.config import KGCOOP_METHODS
     from . import runs
 
     typed = dict(vars(args))  # the options as typed: the default folder name
@@ -282,18 +281,15 @@ def cmd_train(args) -> int:
 
         ctx_init = DEMO_DEFAULTS["ctx_init"]  # 16 learned tokens do not fit a 16-token tower
     method = get_method(args.method)
-    prompt = {"n_ctx": 16 if n_ctx is None else n_ctx, "ctx_init": ctx_init}
+    try:
+        prompt = _train_prompt(args, n_ctx, ctx_init, templates)
+    except ValueError as exc:  # an option the method's learner does not take
+        raise CLIError(str(exc)) from None
     if method.learner is not None:
         prompt["learner"] = method.learner
-    if args.method in KGCOOP_METHODS:  # KgCoOp's own prompt ("a photo of a") unless given
-        if n_ctx is None and ctx_init is None:
-            del prompt["n_ctx"], prompt["ctx_init"]
-        prompt.update(kg_weight=args.kg_weight, kg_templates=templates, template_set="kgcoop")
     try:
         model = PromptedCLIP(clip, split.classnames, tokenizer=tokenizer, templates=templates,
                              **prompt,
-                             class_specific=args.class_specific,
-                             class_token_position=args.class_token_position,
                              share_prefix=_SHARE_PREFIX.get(args.share_prefix, args.share_prefix))
     except (ValueError, TypeError) as exc:  # prompts too long, unknown template, refused tower
         raise CLIError(_one_line(exc)) from exc
@@ -332,7 +328,8 @@ def cmd_train(args) -> int:
                       extra={"prompt": saved_prompt_settings(args, model, split, templates)})
     say(f"{args.method}: {len(split.classnames)} classes, {len(train_items)} training images "
         f"({args.shots} shots, seed {args.seed}), {len(split.test)} test images, "
-        f"prompt length {model.prompt_learner.length} tokens ({_prefix_note(model)}), device {device}, "
+        f"prompt length {getattr(model.prompt_learner, 'length', '?')} tokens "
+        f"({_prefix_note(model)}), device {device}, "
         f"{parallel.world_size()} process(es)")
     val_set = None
     if args.eval_split == "val":
@@ -361,6 +358,26 @@ def cmd_train(args) -> int:
         atomic_write_json(out / "result.json", runs.seal(result))
     say(_result_line(result, out))
     return 0
+
+
+def _train_prompt(args, n_ctx: int | None, ctx_init: str | None, templates) -> dict:
+    """The learner's settings: a method with an official config (MaPLe, CoCoOp, ...) gets
+    its config's prompt with the options given on top (refused where its learner has no
+    such setting); KgCoOp its own; the others CoOp's."""
+    from .protocols.config import KGCOOP_METHODS, PromptOverrides, config_overrides, method_config
+
+    own = method_config(args.method)
+    if own is not None:
+        given = PromptOverrides(n_ctx, ctx_init, args.class_specific, args.class_token_position)
+        return config_overrides(args.method, dict(own.prompt), given)
+    prompt = {"n_ctx": 16 if n_ctx is None else n_ctx, "ctx_init": ctx_init,
+              "class_specific": args.class_specific,
+              "class_token_position": args.class_token_position}
+    if args.method in KGCOOP_METHODS:  # KgCoOp's own prompt ("a photo of a") unless given
+        if n_ctx is None and ctx_init is None:
+            del prompt["n_ctx"], prompt["ctx_init"]
+        prompt.update(kg_weight=args.kg_weight, kg_templates=templates, template_set="kgcoop")
+    return prompt
 
 
 def _result_line(result: dict, out: Path) -> str:
@@ -410,9 +427,10 @@ def saved_prompt_settings(args, model, split, templates) -> dict:
             "pretrained": args.pretrained, "data": args.data, "shift": args.shift,
             "dataset": args.dataset, "root": args.root,
             "subsample": args.subsample, "classnames": list(split.classnames),
-            "templates": templates, "n_ctx": pl.n_ctx, "ctx_init": pl.ctx_init,
-            "ctx_init_mode": pl.ctx_init_mode, "class_specific": pl.class_specific,
-            "class_token_position": pl.class_token_position,
+            "templates": templates, "n_ctx": getattr(pl, "n_ctx", None),
+            "ctx_init": getattr(pl, "ctx_init", None),
+            "ctx_init_mode": getattr(pl, "ctx_init_mode", None),
+            "class_specific": pl.class_specific, "class_token_position": pl.class_token_position,
             "share_prefix": args.share_prefix}
 
 

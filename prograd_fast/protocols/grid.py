@@ -162,6 +162,9 @@ def _check_options(opts: GridOptions) -> None:
                        ("--n-ctx", opts.prompt.n_ctx, AT_LEAST_1)))
     if bad:
         raise ProtocolError(bad)
+    for method in dict.fromkeys(opts.methods):  # overrides a method's learner does not take
+        if method in METHODS:
+            method_prompt(method, "ImageNet", opts.setting, opts.prompt, opts.protocol)
     if opts.prompt.csc and opts.protocol != "fewshot":
         raise ProtocolError(f"--csc: a class-specific context cannot be tested on other classes "
                             f"({opts.protocol} does): use it with fewshot")
@@ -284,7 +287,8 @@ class GridRunner:
 
     def prompt(self, method: str, dassl_name: str) -> dict:
         """The method's prompt in this grid's setting, with the ablation overrides."""
-        return method_prompt(method, dassl_name, self.opts.setting, self.opts.prompt)
+        return method_prompt(method, dassl_name, self.opts.setting, self.opts.prompt,
+                             self.opts.protocol)
 
     def settings(self, run: Run) -> dict:
         spec = get_spec(run.dataset)
