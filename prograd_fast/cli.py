@@ -15,7 +15,8 @@ from .checks import (AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, CLIError,  # noqa: 
                      range_error)
 from .checks import check_device as _check_device, one_line as _one_line  # noqa: E402
 from .checks import model_from_args as _load_model  # noqa: E402
-from .cli_help import PRETRAINED_HELP, HelpFormatter, plot_note  # noqa: E402  (no torch: fast --help)
+from .cli_help import (PRETRAINED_HELP, PROGRAD_GROUPS_CHOICES,  # noqa: E402  (no torch: fast --help)
+                       PROGRAD_GROUPS_HELP, HelpFormatter, methods_help, plot_note)
 
 
 # --share-prefix: "auto" / "off" and the shared-prefix encoder's suffix layouts
@@ -66,9 +67,10 @@ def _add_train(sub) -> None:
                         "required)")
     p.add_argument("--pretrained", default="none", help=PRETRAINED_HELP)
     from .methods import METHODS
-    p.add_argument("--method", choices=list(METHODS), default="prograd",
-                   help="zeroshot: hand-crafted template, no training; coop: plain CoOp; "
-                        "prograd: CoOp with ProGrad's prompt-aligned gradient")
+    p.add_argument("--method", choices=list(METHODS), default="prograd", metavar="METHOD",
+                   help="the method, of " + methods_help() + "; a method with an official "
+                        "config gets its prompt (context length, depth) unless --n-ctx / "
+                        "--ctx-init say otherwise; the schedule is this command's options")
     p.add_argument("--shots", type=int, default=16, help="training images per class (<=0: all)")
     p.add_argument("--seed", type=int, default=1,
                    help="seed of the few-shot draw, the context's initialisation and the order")
@@ -93,6 +95,8 @@ def _add_train(sub) -> None:
     p.add_argument("--granularity", choices=["global", "tensor"], default="global",
                    help="project the gradient as one vector over all prompt tensors (global, "
                         "the paper's) or per tensor")
+    p.add_argument("--prograd-groups", choices=PROGRAD_GROUPS_CHOICES, default="together",
+                   help=PROGRAD_GROUPS_HELP)
     p.add_argument("--backend", default="auto",
                    help="ProGradSGD kernel backend: auto, triton, cuda, cpp or torch")
     p.add_argument("--n-ctx", type=int, default=None,
@@ -322,6 +326,7 @@ def cmd_train(args) -> int:
                       lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, lam=args.lam,
                       temperature=args.temperature, granularity=args.granularity,
+                      prograd_groups=args.prograd_groups,
                       backend=args.backend, precision=args.precision, grad_mode=args.grad_mode,
                       seed=args.seed, num_workers=args.num_workers, output_dir=str(out),
                       progress=not args.no_progress, eval_every=args.eval_every,

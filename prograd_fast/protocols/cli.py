@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..methods import default_grid_methods
-from ..cli_help import PLOT_NEEDS, PRETRAINED_HELP, HelpFormatter, default_workers
+from ..cli_help import (PLOT_NEEDS, PRETRAINED_HELP, PROGRAD_GROUPS_CHOICES, PROGRAD_GROUPS_HELP,
+                        HelpFormatter, default_workers, methods_help)
 from .config import DEFAULT_SETTING, METHODS, PROTOCOLS, SETTING_MODELS, SETTINGS
 
 __all__ = ["add_protocol_parser", "cmd_protocol"]
@@ -36,10 +37,9 @@ def add_protocol_parser(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
                    help="seeds of the few-shot draws and context initialisations")
     p.add_argument("--methods", nargs="+", default=default_grid_methods(), metavar="METHOD",
-                   help="the methods to run, of: " + " ".join(METHODS) + " (default: "
-                        + " ".join(default_grid_methods()) + ", the ProGrad paper's table; "
-                        "NAME+prograd: the method NAME with ProGrad's projection; each method "
-                        "runs with its own official prompt and schedule, docs/protocols.md)")
+                   help="the methods to run, of " + methods_help() + "; each runs with its "
+                        "own official prompt and schedule, docs/protocols.md (default: "
+                        + " ".join(default_grid_methods()) + ", the ProGrad paper's table)")
     p.add_argument("--shots", type=int, nargs="+", default=None,
                    help="training images per class (default: the setting's: 1 2 4 8 16 for "
                         "fewshot; 4 (prograd) or 16 (cocoop) for base2new / xd / dg)")
@@ -65,6 +65,8 @@ def add_protocol_parser(sub) -> None:
                         "0.0035, VPT's 0.0025)")
     p.add_argument("--lam", type=float, default=None,
                    help="ProGrad's lambda (default: the official one, 1.0 or 0.8)")
+    p.add_argument("--prograd-groups", choices=PROGRAD_GROUPS_CHOICES, default="together",
+                   help=PROGRAD_GROUPS_HELP)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype (the official code runs CLIP in fp16)")
     p.add_argument("--n-ctx", type=int, default=None,
@@ -110,6 +112,7 @@ def cmd_protocol(args) -> int:
                        precision=args.precision, device=args.device, num_workers=args.num_workers,
                        cache_train_features=args.cache_train_features,
                        progress=not args.no_progress, setting=args.setting,
+                       prograd_groups=args.prograd_groups,
                        prompt=PromptOverrides(args.n_ctx, args.ctx_init, args.csc,
                                               args.class_token_position))
     try:

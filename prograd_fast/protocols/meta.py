@@ -63,7 +63,17 @@ def grid_meta(opts, processes: int = 1) -> dict:
     if opts.precision != OFFICIAL_PRECISION:
         differs["precision"] = f"{opts.precision} (official: {OFFICIAL_PRECISION})"
     if opts.cache_train_features:
-        differs["training inputs"] = "cached features, no augmentation (--cache-train-features)"
+        from .grid import prompts_image_tower
+
+        on_images = [m for m in dict.fromkeys(opts.methods)
+                     if m in METHODS and prompts_image_tower(m)]
+        differs["training inputs"] = ("cached features, no augmentation (--cache-train-features"
+                                      + (f"; images for {', '.join(on_images)}: they prompt "
+                                         f"the image tower" if on_images else "") + ")")
+    if getattr(opts, "prograd_groups", "together") != "together":
+        differs["prograd groups"] = (f"{opts.prograd_groups}: each tower's prompt projected on "
+                                     f"its own (official: together, the whole prompt as one "
+                                     f"vector)")
     for name, value in opts.prompt.active().items():
         differs[name] = f"{value} (ablation)"
     meta = {"setting": opts.setting,
