@@ -302,3 +302,18 @@ def test_the_trainer_refuses_cached_features_for_a_vision_prompted_learner():
     with pytest.raises(ValueError, match="prompts the image tower: train it on images"):
         Trainer(model, data, None, TrainConfig(method="prograd", inputs="features",
                                                progress=False))
+
+
+def test_a_vision_prompted_method_on_a_tower_without_a_transformer_is_refused(grid_env, toys):
+    from prograd_fast.protocols.config import ProtocolError
+
+    root, cfg, tmp = grid_env
+    resnet = dict(tiny_cfg())
+    resnet["vision_cfg"] = {**resnet["vision_cfg"], "layers": [1, 1, 1, 1], "width": 8,
+                            "image_size": 64}
+    rn = tmp / "tiny_rn.json"
+    rn.write_text(json.dumps(resnet))
+    with pytest.raises(ProtocolError, match=r"^toyvis\+prograd prompt\(s\) the image tower's "
+                                            r"transformer: .*tiny_rn.json has none"):
+        _runner((root, rn, tmp), ["coop", "toycond", "toyvis+prograd"])
+    _runner((root, rn, tmp), ["toycond"])  # an image-conditioned learner needs no ViT

@@ -216,6 +216,7 @@ class GridRunner:
         torch.manual_seed(0)  # random weights (--pretrained none, tests) are the same every call
         self.clip, self.tokenizer, size, mean, std = load_model(opts.model, opts.pretrained,
                                                                 self.device)
+        self._check_image_tower()
         self.test_tf = coop_transforms(size, mean, std, augment=False)
         self.train_tf = coop_transforms(size, mean, std, augment=True)
         self.autocast = PRECISIONS[opts.precision]
@@ -232,6 +233,17 @@ class GridRunner:
             self.log(f"--cache-train-features: {', '.join(on_images)} train on images (they "
                      f"prompt the image tower: cached image features are not valid for them)")
         self._check_images()
+
+    def _check_image_tower(self) -> None:
+        """A method that prompts the image tower needs a transformer there (ViT): refused
+        before the first run on another one (RN50, the ``prograd`` setting's backbone)."""
+        if getattr(self.clip.visual, "transformer", None) is not None:
+            return
+        bad = [m for m in dict.fromkeys(self.opts.methods) if prompts_image_tower(m)]
+        if bad:
+            raise ProtocolError(f"{', '.join(bad)} prompt(s) the image tower's transformer: "
+                                f"{self.opts.model} has none (use --setting cocoop or a ViT "
+                                f"--model)")
 
     def _check_images(self) -> None:
         """Read the header (and JPEG stream) of every image this call will load, before the
