@@ -317,3 +317,14 @@ def test_a_vision_prompted_method_on_a_tower_without_a_transformer_is_refused(gr
                                             r"transformer: .*tiny_rn.json has none"):
         _runner((root, rn, tmp), ["coop", "toycond", "toyvis+prograd"])
     _runner((root, rn, tmp), ["toycond"])  # an image-conditioned learner needs no ViT
+
+
+def test_eval_refuses_a_run_of_a_learner_it_cannot_rebuild(tmp_path, toys, capsys):
+    from prograd_fast.cli import main
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"ctx": torch.zeros(4, 32), "config": {"method": "toycond+prograd",
+                                                      "extra": {"prompt": {"n_ctx": 4}}}}, path)
+    assert main(["eval", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a toycond+prograd run: eval rebuilds CoOp-style" in err
