@@ -9,6 +9,12 @@ to the prefix's keys and values and to the earlier tokens of its own suffix.  Au
 the gradients of all suffixes into the one prefix.  Exact: the block math of open_clip on
 fewer tokens (tested in float64 against the full 77-token encoder).
 
+Two extensions for later prompt learners, both still exact: several prefixes at once
+(``per_prefix=True``: CoCoOp's context depends on the image, not the class, so each image's
+prefix runs once and every class suffix attends to its own image's prefix), and deep text
+prompts (``deep``: MaPLe / IVLP overwrite the same context rows of every prompt before each
+block up to their depth; rows inside the prefix keep it shared).
+
 All tokens (prefix first, then the stored suffix tokens) go through the per-token layers
 (norms, projections, MLP: nearly all the FLOPs) as one (rows, width) matrix.  Attention is
 split: the prefix attends causally to itself; the suffixes' scores against the prefix are
