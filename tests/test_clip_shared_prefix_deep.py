@@ -242,3 +242,15 @@ def test_deep_prompts_equal_the_official_maple_text_encoder(official_clip):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max())
         assert (a.half() - b).abs().max() <= 2 ** -10 * b.abs().max()
+
+
+def test_deep_prompts_with_grad_checkpointing_equal_without():
+    tower = make_tower("default", layers=3)
+    prefix, suffixes, deep, eot = inputs(tower, 1, 3, 3, 4, 2, 2)
+    prompts = torch.cat([prefix.expand(3, -1, -1), suffixes], dim=1)
+    leaves, cot = [prefix, suffixes, *deep], torch.randn(3, 24, dtype=torch.float64)
+    want = values_and_grads(lambda: tower.encode_embeddings(prompts, eot, deep=deep), leaves, cot)
+    tower.transformer.grad_checkpointing = True
+    got = values_and_grads(lambda: tower.encode_embeddings(prompts, eot, deep=deep), leaves, cot)
+    for g, w in zip([got[0], *got[1]], [want[0], *want[1]]):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
