@@ -330,7 +330,8 @@ def cmd_train(args) -> int:
                       backend=args.backend, precision=args.precision, grad_mode=args.grad_mode,
                       seed=args.seed, num_workers=args.num_workers, output_dir=str(out),
                       progress=not args.no_progress, eval_every=args.eval_every,
-                      extra={"prompt": saved_prompt_settings(args, model, split, templates)})
+                      extra={"prompt": saved_prompt_settings(args, model, split, templates,
+                                                             prompt)})
     say(f"{args.method}: {len(split.classnames)} classes, {len(train_items)} training images "
         f"({args.shots} shots, seed {args.seed}), {len(split.test)} test images, "
         f"prompt length {getattr(model.prompt_learner, 'length', '?')} tokens "
@@ -424,11 +425,20 @@ def _claim_folder(out: Path, args, settings: dict) -> tuple[Path, str]:
             raise CLIError(str(exc2)) from None
 
 
-def saved_prompt_settings(args, model, split, templates) -> dict:
+def saved_prompt_settings(args, model, split, templates, prompt: dict | None = None) -> dict:
     """What ``prograd-fast eval`` needs to rebuild this run's prompt (kept in the checkpoint's
-    and log.json's config)."""
+    and log.json's config).  ``prompt``: the settings the model was built with; a method
+    with a learner of its own (KgCoOp, CoCoOp, MaPLe, ...) records them as
+    ``learner_settings`` (its constructor's keywords) and the teacher's ``template_set``."""
+    from .methods import get_method
+
     pl = model.prompt_learner
-    return {"model": args.model or ("digits" if args.data == "digits" else None),
+    own = {}
+    if prompt is not None and get_method(args.method).learner is not None:
+        own = {"template_set": prompt.get("template_set", "coop"),
+               "learner_settings": {k: v for k, v in prompt.items()
+                                    if k not in ("learner", "template_set")}}
+    return {**own, "model": args.model or ("digits" if args.data == "digits" else None),
             "pretrained": args.pretrained, "data": args.data, "shift": args.shift,
             "dataset": args.dataset, "root": args.root,
             "subsample": args.subsample, "classnames": list(split.classnames),

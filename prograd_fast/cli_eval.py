@@ -65,7 +65,6 @@ def cmd_eval(args) -> int:
         saved = load_saved_prompt(args.run)
     except ValueError as exc:
         raise CLIError(one_line(exc)) from None
-    _check_evaluable(saved.method, saved.source)
     p = saved.prompt
     if not p and saved.method != "zeroshot":
         raise CLIError(f"{saved.source} records no prompt settings (saved by an older "
@@ -136,17 +135,3 @@ def cmd_eval(args) -> int:
     print(f"{args.split} accuracy {acc:.2f}%")
     return 0
 
-
-def _check_evaluable(method: str, source) -> None:
-    """``eval`` rebuilds CoOp-style prompts (CoOp, ProGrad, KgCoOp: a context and nothing
-    else); a run of another learner (CoCoOp's meta-net, MaPLe's deep prompts) is refused in
-    one line rather than scored without its other parts."""
-    from .checks import CLIError
-    from .methods import METHODS
-    from .protocols.config import KGCOOP_METHODS
-
-    m = METHODS.get(method)
-    if m is not None and m.learner is not None and method not in KGCOOP_METHODS:
-        raise CLIError(f"{source} is a {method} run: eval rebuilds CoOp-style prompts only "
-                       f"(zeroshot, coop, prograd, kgcoop); test a {method} prompt with train "
-                       f"(--eval-new) or the protocol grid")

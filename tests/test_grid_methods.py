@@ -319,12 +319,39 @@ def test_a_vision_prompted_method_on_a_tower_without_a_transformer_is_refused(gr
     _runner((root, rn, tmp), ["toycond"])  # an image-conditioned learner needs no ViT
 
 
-def test_eval_refuses_a_run_of_a_learner_it_cannot_rebuild(tmp_path, toys, capsys):
+
+def test_train_records_a_learner_s_settings_and_eval_rebuilds_it(grid_env, toys, capsys):
     from prograd_fast.cli import main
 
-    path = tmp_path / "checkpoint.pt"
-    torch.save({"ctx": torch.zeros(4, 32), "config": {"method": "toycond+prograd",
-                                                      "extra": {"prompt": {"n_ctx": 4}}}}, path)
-    assert main(["eval", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is a toycond+prograd run: eval rebuilds CoOp-style" in err
+    root, cfg, tmp = grid_env
+    out = tmp / "run"
+    assert main(["train", "--dataset", "dtd", "--root", str(root), "--model", str(cfg),
+                 "--method", "toycond+prograd", "--shots", "2", "--epochs", "1",
+                 "--subsample", "base", "--no-progress", "--output-dir", str(out)]) == 0
+    prompt = json.loads((out / "log.json").read_text())["config"]["extra"]["prompt"]
+    assert prompt["learner_settings"] == {"depth": 2, "n_ctx": 3, "ctx_init": PHOTO}
+    assert prompt["template_set"] == "coop"
+    capsys.readouterr()
+    assert main(["eval", str(out), "--classes", "new"]) == 0
+    said = capsys.readouterr().out
+    assert "toycond+prograd prompt from" in said and "test accuracy" in said
+
+
+def test_every_registered_method_runs_the_grid(tmp_path):
+    """Each method of the registry (with its official config, on a tiny ViT deep enough for
+    12-layer prompts) trains and is tested on base and new classes in one grid."""
+    root = tmp_path / "data"
+    L.make(root, "dtd")
+    deep = tiny_cfg(layers=12)
+    deep["vision_cfg"] = {**deep["vision_cfg"], "layers": 12}
+    cfg = tmp_path / "deep.json"
+    cfg.write_text(json.dumps(deep))
+    names = list(methods.METHODS)
+    opts = GridOptions("base2new", str(root), datasets=["dtd"], seeds=[1], methods=names,
+                       model=str(cfg), pretrained=None, output_dir=str(tmp_path / "out"),
+                       progress=False, setting="cocoop", epochs=1)
+    results = GridRunner(opts, log=lambda *a: None).run()
+    assert [run.method for run, _ in results] == names
+    for run, res in results:
+        assert set(res["tests"]) == {"dtd/base", "dtd/new"}, run.method
+        assert all(0 <= acc <= 100 for acc in res["tests"].values()), run.method
