@@ -70,7 +70,8 @@ __all__ = ["ProtocolError", "PROTOCOLS", "METHODS", "DEFAULT_SHOTS", "SOURCE", "
            "official_schedule", "default_datasets", "method_prompt", "N_CTX", "SETTINGS",
            "DEFAULT_SETTING", "SETTING_MODELS", "OFFICIAL_PRECISION", "default_shots",
            "PromptOverrides", "MethodConfig", "METHOD_CONFIGS", "register_method_config",
-           "method_config", "method_settings", "config_overrides", "zeroshot_template_set"]
+           "method_config", "method_settings", "config_overrides", "zeroshot_template_set",
+           "prompts_image_tower"]
 
 PROTOCOLS = ("base2new", "fewshot", "xd", "dg")
 
@@ -248,6 +249,12 @@ def _method(method: str):
 def _projects(method: str) -> bool:
     """Whether ProGrad's projection (and so lambda) applies to ``method``."""
     return _method(method).prograd
+
+
+def prompts_image_tower(method: str) -> bool:
+    """Whether ``method``'s learner prompts the image tower (its image features are its own:
+    cached ones are not valid for it).  Imports the learner's module (torch)."""
+    return bool(getattr(_method(method).learner, "vision_prompted", False))
 
 
 def default_datasets(protocol: str, source: str = SOURCE) -> tuple[str, ...]:

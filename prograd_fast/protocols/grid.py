@@ -48,11 +48,11 @@ from ..datasets.registry import DatasetError
 from ..methods import default_grid_methods, get_method
 from .config import (DEFAULT_SETTING, METHODS, PROTOCOLS, SETTING_MODELS, SOURCE,
                      PromptOverrides, ProtocolError, Schedule, default_datasets, default_shots,
-                     method_prompt, official_schedule)
+                     method_prompt, official_schedule, prompts_image_tower)
 from .features import FeatureCache, model_fingerprint
 from .records import check_result, move_aside, seal, why_redone
 
-__all__ = ["Run", "GridOptions", "plan", "GridRunner", "RUN_FORMAT", "prompts_image_tower"]
+__all__ = ["Run", "GridOptions", "plan", "GridRunner", "RUN_FORMAT"]
 
 RUN_FORMAT = 3
 TEST_BATCH = 100  # images per test batch (the official configs' DATALOADER.TEST.BATCH_SIZE)
@@ -156,12 +156,6 @@ def plan(protocol: str, datasets: Sequence[str] | None, methods: Sequence[str],
             raise DatasetError(f"{src.name} is a test-only data set: it cannot be the source")
         add(src.name, "all", (f"{src.name}/all",) + tuple(f"{s.name}/all" for s in specs))
     return runs
-
-
-def prompts_image_tower(method: str) -> bool:
-    """Whether ``method``'s learner prompts the image tower (its image features are its own:
-    cached ones are not valid for it)."""
-    return bool(getattr(get_method(method).learner, "vision_prompted", False))
 
 
 def _check_options(opts: GridOptions) -> None:

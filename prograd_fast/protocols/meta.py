@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..methods import METHODS, get_method
 from .config import (OFFICIAL_PRECISION, SETTING_MODELS, default_shots, method_settings,
-                     official_schedule)
+                     official_schedule, prompts_image_tower)
 
 __all__ = ["grid_meta", "OFFICIAL_PRETRAINED"]
 
@@ -63,8 +63,6 @@ def grid_meta(opts, processes: int = 1) -> dict:
     if opts.precision != OFFICIAL_PRECISION:
         differs["precision"] = f"{opts.precision} (official: {OFFICIAL_PRECISION})"
     if opts.cache_train_features:
-        from .grid import prompts_image_tower
-
         on_images = [m for m in dict.fromkeys(opts.methods)
                      if m in METHODS and prompts_image_tower(m)]
         differs["training inputs"] = ("cached features, no augmentation (--cache-train-features"
