@@ -134,4 +134,3 @@ def cmd_eval(args) -> int:
           f"{len(split.classnames)} classes, {len(items)} {args.split} images)")
     print(f"{args.split} accuracy {acc:.2f}%")
     return 0
-
