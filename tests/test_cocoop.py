@@ -352,3 +352,37 @@ def test_the_registry_knows_cocoop():
         method = get_method(name)
         assert method.learner.path == "prograd_fast.clip.cocoop:CoCoOpLearner"
         assert method.prograd == (name == "cocoop+prograd") and not method.in_default_grid
+    # PromptedCLIP gives the registered learner the open_clip model (the image feature width)
+    model = PromptedCLIP(tiny_clip(), CLASSNAMES, learner=get_method("cocoop").learner)
+    assert isinstance(model.prompt_learner, CoCoOpLearner) and model.image_conditioned
+    assert model.prompt_learner.image_dim == 24
+
+
+def _trainer(out, epochs=2):
+    from torch.utils.data import TensorDataset
+
+    from prograd_fast.clip.trainer import TrainConfig, Trainer
+
+    def data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return TensorDataset(torch.randn(n, 3, 16, 16, generator=g),
+                             torch.randint(0, len(CLASSNAMES), (n,), generator=g))
+
+    model = PromptedCLIP(tiny_clip(seed=7), CLASSNAMES, learner=get_method("cocoop").learner)
+    cfg = TrainConfig(method="cocoop+prograd", epochs=epochs, batch_size=4, lr=0.5,
+                      warmup_lr=0.05, output_dir=str(out), progress=False, plot=False)
+    return Trainer(model, data(8, 0), data(4, 1), cfg)
+
+
+def test_the_trainer_checkpoints_and_resumes_cocoop(tmp_path):
+    full = _trainer(tmp_path / "a")
+    history = full.fit()
+    assert history[-1]["acc"] is not None  # evaluated with per-image text features
+    part = _trainer(tmp_path / "b")
+    part.fit(stop_after=1)
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert sorted(state["learner"]) == sorted(LEARNED)
+    resumed = _trainer(tmp_path / "b")
+    resumed.fit()
+    for name, value in full.model.prompt_learner.state_dict().items():
+        assert torch.equal(resumed.model.prompt_learner.state_dict()[name], value), name
