@@ -248,6 +248,22 @@ def test_the_teachers_agree(official, pair):
     assert rel(zs, official_teacher(official, weights, images)) <= 1e-5
 
 
+def test_a_random_context_and_the_meta_net_are_drawn_as_officially(official, pair):
+    """The same seed gives the official learner's random context and meta-net (N_CTX 4,
+    no CTX_INIT): they are drawn in the same order."""
+    _, ours, _, _, weights = pair
+    cfg = official_cfg()
+    cfg.TRAINER.COCOOP.CTX_INIT = ""
+    torch.manual_seed(5)
+    ref = official.cocoop.CustomCLIP(cfg, NAMES, weights)
+    clip = ours().clip
+    torch.manual_seed(5)
+    learner = CoCoOpLearner(TextTower.from_model(clip), NAMES, clip_model=clip, ctx_init=None)
+    theirs = ref.prompt_learner.state_dict()
+    for name, value in learner.state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+
+
 def _float64_model(share: bool, **settings) -> PromptedCLIP:
     clip = tiny_clip(seed=3).double()
     torch.manual_seed(0)
