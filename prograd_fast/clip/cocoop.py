@@ -120,16 +120,15 @@ class CoCoOpLearner(PromptLearner):
 
     def text_features(self, model: nn.Module, image_features: Tensor | None = None) -> Tensor:
         """Unnormalised text features (B, C, D) of each image's class prompts, with grad:
-        the shared prefix once per image where it applies, else every prompt through the
+        each image's prefix once and the class suffixes batched for all images (one call of
+        the shared-prefix encoder) where it applies, else every prompt through the
         (truncated) tower."""
         if image_features is None:
             raise ValueError("CoCoOp's class text features depend on the image: pass the "
                              "normalised image features (B, D)")
         shared = getattr(model, "shared_prefix", None)
         if shared is not None and shared.applies():
-            prefixes, suffixes = self.prefix_and_suffixes(image_features)
-            return torch.stack([shared(prefixes[i:i + 1], suffixes)
-                                for i in range(prefixes.shape[0])])
+            return shared(*self.prefix_and_suffixes(image_features), per_prefix=True)
         prompts, eot = self(image_features)
         return model.tower.encode_embeddings(prompts, eot).view(
             image_features.shape[0], self.n_cls, -1)
