@@ -385,8 +385,10 @@ def _trainer(out, epochs=2):
                              torch.randint(0, len(CLASSNAMES), (n,), generator=g))
 
     model = PromptedCLIP(tiny_clip(seed=7), CLASSNAMES, learner=get_method("cocoop").learner)
+    prompt = {"learner_settings": {"ctx_init": "a photo of a"}, "templates": None}
     cfg = TrainConfig(method="cocoop+prograd", epochs=epochs, batch_size=4, lr=0.5,
-                      warmup_lr=0.05, output_dir=str(out), progress=False, plot=False)
+                      warmup_lr=0.05, output_dir=str(out), progress=False, plot=False,
+                      extra={"prompt": prompt})
     return Trainer(model, data(8, 0), data(4, 1), cfg)
 
 
@@ -402,3 +404,16 @@ def test_the_trainer_checkpoints_and_resumes_cocoop(tmp_path):
     resumed.fit()
     for name, value in full.model.prompt_learner.state_dict().items():
         assert torch.equal(resumed.model.prompt_learner.state_dict()[name], value), name
+
+
+def test_a_saved_cocoop_run_is_rebuilt_on_new_classes(tmp_path):
+    from prograd_fast.clip.saved import load_saved_prompt, prompted_from_saved
+
+    trained = _trainer(tmp_path, epochs=1)
+    trained.fit()
+    learner = trained.model.prompt_learner
+    saved = prompted_from_saved(load_saved_prompt(tmp_path), tiny_clip(seed=7), CLASSNAMES[:3])
+    moved = learner.moved_to(trained.model.tower, CLASSNAMES[:3])
+    feats = F.normalize(torch.randn(2, 24), dim=-1)
+    with torch.no_grad():
+        assert torch.equal(saved.text_features(feats), moved.text_features(saved, feats))
