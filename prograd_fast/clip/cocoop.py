@@ -42,10 +42,11 @@ class CoCoOpLearner(PromptLearner):
     checkpoint's ``state_dict`` loads).
 
     ``clip_model`` gives the image feature width (``clip_model.visual.output_dim``, as the
-    official code; else the text features' width; or pass ``image_dim``).  ``ctx_init`` initialises the context as the official code does: its
-    space-separated words count the context vectors (``n_ctx``, default: that count; a
-    different ``n_ctx`` is refused), which are the embeddings of its first tokens; the
-    prompt text is ``ctx_init + " " + classname + "."``.  ``ctx_init=None``: ``n_ctx``
+    official code; else the text features' width; or pass ``image_dim``).  ``ctx_init``
+    initialises the context as the official code does: its space-separated words count the
+    context vectors (``n_ctx``, default: that count; a different ``n_ctx`` is refused),
+    which are the embeddings of its first tokens; the prompt text is
+    ``ctx_init + " " + classname + "."``.  ``ctx_init=None``: ``n_ctx``
     (default 4) vectors drawn from N(0, 0.02^2).  ``dtype`` of the context and the meta-net
     (None: the tower's).  The context and the meta-net are drawn in the official order
     (context, then ``linear1``, ``linear2``), so the same seed gives the same start.
