@@ -114,7 +114,7 @@ class CoCoOpLearner(PromptLearner):
         """Every (image, class) prompt for :meth:`TextTower.encode_embeddings`:
         ``(embeddings (B * C, L, width), eot (B * C,))``, image-major."""
         prefixes, suffixes = self.prefix_and_suffixes(image_features)
-        b, (c, s, w) = prefixes.shape[0], suffixes.shape
+        b, (c, _, w) = prefixes.shape[0], suffixes.shape
         prompts = torch.cat([prefixes.unsqueeze(1).expand(-1, c, -1, -1),
                              suffixes.unsqueeze(0).expand(b, -1, -1, -1)], dim=2)
         return prompts.reshape(b * c, -1, w), self.eot.repeat(b)
