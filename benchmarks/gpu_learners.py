@@ -9,9 +9,11 @@ a ViT image tower (12 layers in each tower, so deep prompts of every official de
         Triton / CUDA backend on a GPU; lr 0.002, momentum 0.9, weight decay 5e-4, lam 1) in
         fp32, TF32 off, against the same step on the CPU in float64 (backend torch) from the
         same weights, images and labels: for every trained tensor, the 2-norm of the
-        difference of the updates within FP32_TOL of the float64 update's norm;
+        difference of the updates within FP32_TOL (1e-3) of the float64 update's norm
+        (measured on CPUs: 1e-6 to 6e-5);
   bf16  the same step under bf16 autocast: every parameter finite, and the difference
-        within BF16_TOL of the float64 update (all tensors as one vector);
+        within BF16_TOL (0.25) of the float64 update, all tensors as one vector (measured
+        with CPU autocast: 1e-2 to 0.12);
   time  ms per step after warm-up (CUDA events on a GPU), fp32 and bf16.
 
 The learner starts away from zero-shot CLIP (its tensors plus N(0, 0.02^2) noise: a learner
@@ -21,9 +23,10 @@ projection runs (``fired`` in the rows).
 One PASS / FAIL line per method and check, each row appended to ``$OUT/gpu_learners.jsonl``
 as it is measured (flushed).  Exit status 1 when a check fails; 0 with a message without CUDA.
 
-Run: ``python benchmarks/gpu_learners.py`` (about 40 s on an H100; ``--budget-s``: what is
-left when it is spent is skipped, with a line saying so), ``python benchmarks/gpu_learners.py
---device cpu --tiny`` (the same on the CPU, fp32 and bf16 against float64: a rehearsal).
+Run: ``python benchmarks/gpu_learners.py`` (a budget of 40 s, imports included,
+``--budget-s``: work that would not fit in what is left is skipped, with a line saying so),
+``python benchmarks/gpu_learners.py --device cpu --tiny`` (the same on the CPU, fp32 and bf16
+against float64: a rehearsal).
 ``--perturb EPS`` scales the device update by ``1 + EPS`` (tests that a wrong step fails).
 """
 
@@ -49,7 +52,7 @@ from prograd_fast.clip import PromptedCLIP, train_step  # noqa: E402
 from prograd_fast.methods import METHODS  # noqa: E402
 
 FP32_TOL = 1e-3  # fp32 against float64, per tensor: ~1e-5 measured (12-layer towers)
-BF16_TOL = 0.25  # bf16 autocast, all tensors as one vector: 1e-2 to 7e-2 measured (CPU)
+BF16_TOL = 0.25  # bf16 autocast, all tensors as one vector: 1e-2 to 0.12 measured (CPU)
 ROUNDING = 1e-3  # an update below this fraction of a tensor's size is compared at that size
 HYPER = dict(lr=0.002, momentum=0.9, weight_decay=5e-4, lam=1.0)
 SIZES = {  # (text width, vision width, image size, patch, embed dim, classes, batch)

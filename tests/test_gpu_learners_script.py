@@ -26,7 +26,8 @@ TINY = [*CPU, "--budget-s", "600"]
 
 def run(args: list[str], out: Path, **env) -> tuple[subprocess.CompletedProcess, list[dict]]:
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, OUT=str(out), **env))
+                          text=True, timeout=600,
+                          env=dict(os.environ, OUT=str(out), OMP_NUM_THREADS="1", **env))
     path = out / "gpu_learners.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return proc, rows
