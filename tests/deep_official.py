@@ -84,6 +84,24 @@ def neutralise_half_and_cuda(monkeypatch):
     monkeypatch.setattr(nn.Module, "cuda", lambda self, *a, **k: self)
 
 
+def set_float64(official, monkeypatch) -> None:
+    """Let the official code run in float64: its ``LayerNorm`` computes in fp32 by design
+    (for fp16 models) and returns the input's dtype; here it computes in the input's dtype
+    (unchanged in fp32).  Five fp32 training steps differ by fp32 rounding alone: both the
+    official code and ours are ~3e-6 (relative) from the float64 gradient of these tiny
+    models, so the step comparisons run in float64, where the two must agree to 1e-9."""
+    monkeypatch.setattr(official.model.LayerNorm, "forward", nn.LayerNorm.forward)
+
+
+def with_dtype(ref: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """An official ``CustomCLIP`` in ``dtype``: its parameters and the dtype it casts to."""
+    ref = ref.to(dtype)
+    ref.dtype = dtype
+    if hasattr(ref, "text_encoder"):
+        ref.text_encoder.dtype = dtype
+    return ref
+
+
 def official_clip(official, design: dict, seed: int = 0) -> nn.Module:
     """The official ``CLIP`` of ``design`` (its trainer's design_details), fp32, on weights
     drawn from ``seed`` (the same for every design: the prompts are drawn after them)."""
@@ -109,19 +127,20 @@ def open_clip_of(weights: nn.Module) -> open_clip.CLIP:
     return model
 
 
-def batch(n: int = 4, seed: int = 1):
+def batch(n: int = 4, seed: int = 1, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, 16, 16, generator=g),
+    return (torch.randn(n, 3, 16, 16, generator=g).to(dtype),
             torch.randint(0, len(NAMES), (n,), generator=g))
 
 
 def teacher_logits(official, weights: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Zero-shot CLIP with no prompts, in the official tree: its plain CLIP on the same
     weights, the teacher template, no grad (the frozen image pass ProGrad adds)."""
-    plain = official_clip(official, PLAIN)
+    dtype = weights.logit_scale.dtype
+    plain = official_clip(official, PLAIN).to(dtype)
     plain.load_state_dict({k: v for k, v in weights.state_dict().items() if "VPT" not in k})
     with torch.no_grad():
-        img = F.normalize(plain.encode_image(images), dim=-1)
+        img = F.normalize(plain.encode_image(images.to(dtype)), dim=-1)
         txt = F.normalize(plain.encode_text(official.clip.tokenize(
             [TEMPLATE.format(n) for n in NAMES])), dim=-1)
         return plain.logit_scale.exp() * img @ txt.t()

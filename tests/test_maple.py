@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from clip_helpers import CLASSNAMES, tiny_clip
 from deep_official import (NAMES, TEMPLATE, batch, copy_of, neutralise_half_and_cuda,  # noqa: F401
                            official, official_clip, official_prograd_steps, official_trainer_steps,
-                           open_clip_of, rel, teacher_logits)
-from prograd_fast.clip import PromptedCLIP, TextTower
+                           open_clip_of, rel, set_float64, teacher_logits, with_dtype)
+from prograd_fast.clip import PromptedCLIP, TextTower, train_step
 from prograd_fast.clip.deep_prompts import UnsupportedVisionTowerError
 from prograd_fast.clip.maple import MaPLeLearner
 from prograd_fast.clip.tower import normalize
+from prograd_fast.clip.train import build_optimizer
 
 N_CTX, DEPTH, LR = 2, 3, 0.0035  # depth 3 of 4 layers: deep prompts at 1, 2; layer 3 plain
 
@@ -30,30 +31,36 @@ def maple_cfg():
 
 
 @pytest.fixture
-def pair(official, neutralise_half_and_cuda):
-    """(official CustomCLIP, our PromptedCLIP with the official initial prompts, weights)."""
-    design = {"trainer": "MaPLe", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0,
-              "language_ctx": 0, "maple_length": N_CTX}
-    weights = official_clip(official, design)
-    ref = official.maple.CustomCLIP(maple_cfg(), NAMES, copy_of(weights)).eval()
-    for name, p in ref.named_parameters():  # as the official build_model
-        p.requires_grad_("prompt_learner" in name)
-    clip = open_clip_of(weights)
-    learner = MaPLeLearner(TextTower.from_model(clip), NAMES, clip_model=clip, n_ctx=N_CTX,
-                           depth=DEPTH)
-    mine = {k: v.clone() for k, v in learner.state_dict().items()}
-    official_init = {k[len("prompt_learner."):]: v for k, v in ref.state_dict().items()
-                     if k.startswith("prompt_learner.")}
-    # the same initialisation: ctx from "a photo", the deep projections copies of one layer
-    assert torch.equal(mine["ctx"], official_init["ctx"])
-    assert {k: v.shape for k, v in mine.items()} == {
-        k: v.shape for k, v in official_init.items() if not k.startswith("token_")}
-    for src in (mine, official_init):
-        assert torch.equal(src["compound_prompt_projections.0.weight"],
-                           src["compound_prompt_projections.1.weight"])
-    learner.load_state_dict(official_init)  # the fixed token embeddings are rebuilt, not loaded
-    model = PromptedCLIP(clip, NAMES, learner=learner, templates=TEMPLATE)
-    return ref, model, weights
+def pair(official, neutralise_half_and_cuda, monkeypatch):
+    """``make(dtype)``: (official CustomCLIP, our PromptedCLIP with the official initial
+    prompts, the official CLIP weights), in ``dtype``."""
+    def make(dtype=torch.float32):
+        if dtype == torch.float64:
+            set_float64(official, monkeypatch)
+        design = {"trainer": "MaPLe", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0,
+                  "language_ctx": 0, "maple_length": N_CTX}
+        weights = official_clip(official, design).to(dtype)
+        ref = with_dtype(official.maple.CustomCLIP(maple_cfg(), NAMES, copy_of(weights)),
+                         dtype).eval()
+        for name, p in ref.named_parameters():  # as the official build_model
+            p.requires_grad_("prompt_learner" in name)
+        clip = open_clip_of(weights).to(dtype)
+        learner = MaPLeLearner(TextTower.from_model(clip), NAMES, clip_model=clip, n_ctx=N_CTX,
+                               depth=DEPTH)
+        mine = {k: v.clone() for k, v in learner.state_dict().items()}
+        official_init = {k[len("prompt_learner."):]: v for k, v in ref.state_dict().items()
+                         if k.startswith("prompt_learner.")}
+        # the same initialisation: ctx from "a photo", the deep projections copies of one layer
+        assert torch.equal(mine["ctx"], official_init["ctx"])
+        assert {k: (v.shape, v.dtype) for k, v in mine.items()} == {
+            k: (v.shape, v.dtype) for k, v in official_init.items() if not k.startswith("token_")}
+        for src in (mine, official_init):
+            assert torch.equal(src["compound_prompt_projections.0.weight"],
+                               src["compound_prompt_projections.1.weight"])
+        learner.load_state_dict(official_init)  # the fixed token embeddings are rebuilt
+        model = PromptedCLIP(clip, NAMES, learner=learner, templates=TEMPLATE)
+        return ref, model, weights
+    return make
 
 
 def our_logits(model, images):
@@ -63,7 +70,7 @@ def our_logits(model, images):
 
 
 def test_logits_and_every_gradient_equal_the_official_maple(pair):
-    ref, model, _ = pair
+    ref, model, _ = pair()
     images, labels = batch()
     logits = ref(images)
     mine = our_logits(model, images)
@@ -80,7 +87,7 @@ def test_logits_and_every_gradient_equal_the_official_maple(pair):
 
 
 def test_the_image_prompts_change_the_image_features(pair):
-    _, model, _ = pair
+    _, model, _ = pair()
     images, _ = batch()
     prompted = normalize(model.prompt_learner.image_features(model, images))
     assert rel(prompted, model.encode_image(images)) > 1e-3  # the teacher's pass has none
@@ -115,3 +122,36 @@ def test_moved_to_keeps_the_prompts_and_the_state_dict_round_trips():
     for (k, a), (_, b) in zip(learner.state_dict().items(), moved.state_dict().items()):
         assert torch.equal(a, b), k
     assert set(learner.state_dict()) == {"ctx", "proj.weight", "proj.bias"}
+
+
+def test_the_model_scores_the_prompted_tower_and_the_teacher_the_plain_one(official, pair):
+    ref, model, weights = pair()
+    images, _ = batch()
+    logits, zs = model(images)
+    assert rel(logits, ref(images)) <= 1e-5
+    assert rel(zs, teacher_logits(official, weights, images)) <= 1e-5
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_five_steps_equal_the_official_update(official, pair, lam):
+    """In float64 (see ``set_float64``).  lam 0: the official MaPLe trainer's own step (Dassl SGD, lr 0.0035); lam 1: official
+    ProGrad's rule (tensor by tensor) on the official learner's CE and KL gradients, the
+    teacher being zero-shot CLIP without prompts."""
+    ref, model, weights = pair(torch.float64)
+    images, _ = batch(dtype=torch.float64)
+    zs = teacher_logits(official, weights, images)
+    labels = zs.argmin(1)  # against the teacher: the gradients conflict
+    start = {k: v.clone() for k, v in model.prompt_learner.state_dict().items()}
+    opt = build_optimizer(model, lr=LR, lam=lam, granularity="tensor")
+    for _ in range(5):
+        train_step(model, opt, images, labels)
+    if lam == 0:
+        official_trainer_steps(official.maple.MaPLe, ref, maple_cfg(), images, labels, LR,
+                               official)
+    else:
+        params = [p for p in ref.prompt_learner.parameters() if p.requires_grad]
+        conflicts = official_prograd_steps(official, ref, params, images, labels, zs, LR, lam)
+        assert conflicts > 0  # the projection was exercised
+    theirs = {k[len("prompt_learner."):]: v for k, v in ref.state_dict().items()}
+    for name, p in model.prompt_learner.state_dict().items():
+        assert rel(p - start[name], theirs[name] - start[name]) <= 1e-9, name
