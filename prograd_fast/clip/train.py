@@ -165,7 +165,9 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
     scale = scaler.scale if scaler is not None else (lambda x: x)
     weighted = (lambda x: x) if isinstance(loss_weight, (int, float)) and loss_weight == 1 else (
         lambda x: x * loss_weight)
-    junction = (text_features, image_features) if vision else text_features
+    # a vision-prompted learner's text features may be fixed (VPT): only what has grad joins
+    junction = ([t for t in (text_features, image_features) if t.requires_grad] if vision
+                else text_features)
     compute_grads(optimizer, junction, scale(weighted(domain)),
                   scale(weighted(kl)) if prograd else None, grad_mode)
     if step:
