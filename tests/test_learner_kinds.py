@@ -196,3 +196,34 @@ def test_five_steps_train_both_kinds_and_change_only_the_learner(kind):
     after = model.prompt_learner.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert opt.stats()[0]["conflict"] is not None
+
+
+def test_a_saved_learner_state_is_rebuilt_on_other_classes_with_its_settings(tmp_path):
+    from prograd_fast import methods
+    from prograd_fast.clip.saved import load_saved_prompt, prompted_from_saved
+
+    method = methods.register_method(methods.Method("toy-cond", "Toy", prograd=True,
+                                                    learner=ImageConditioned))
+    try:
+        model = _model(ImageConditioned)
+        with torch.no_grad():
+            model.prompt_learner.offset.add_(1.0)
+        prompt = {"learner_settings": {}, "templates": None}
+        torch.save({"config": {"method": "toy-cond", "extra": {"prompt": prompt}},
+                    "learner": model.prompt_learner.state_dict()}, tmp_path / "checkpoint.pt")
+        saved = load_saved_prompt(tmp_path)
+        other = prompted_from_saved(saved, tiny_clip(seed=1), CLASSNAMES[:3])
+        assert other.classnames == CLASSNAMES[:3]
+        for k, v in model.prompt_learner.state_dict().items():
+            assert torch.equal(other.prompt_learner.state_dict()[k], v)
+        bad = dict(model.prompt_learner.state_dict(), offset=torch.zeros(2, 2))
+        torch.save({"config": {"method": "toy-cond", "extra": {"prompt": prompt}},
+                    "learner": bad}, tmp_path / "checkpoint.pt")
+        with pytest.raises(ValueError, match="does not fit the rebuilt learner .offset"):
+            prompted_from_saved(load_saved_prompt(tmp_path), tiny_clip(seed=1), CLASSNAMES)
+        torch.save({"config": {"method": "toy-cond", "extra": {"prompt": {}}},
+                    "learner": bad}, tmp_path / "checkpoint.pt")
+        with pytest.raises(ValueError, match="without its learner settings"):
+            prompted_from_saved(load_saved_prompt(tmp_path), tiny_clip(seed=1), CLASSNAMES)
+    finally:
+        methods.METHODS.pop(method.name)

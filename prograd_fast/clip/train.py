@@ -33,7 +33,7 @@ __all__ = ["StepOutput", "train_step", "compute_grads", "build_optimizer", "coop
            "GRAD_MODES"]
 
 GRAD_MODES = ("auto", "batched", "two_pass")
-_AUTO: dict[tuple, str] = {}  # (device type, dtype) -> the mode "auto" settled on
+_AUTO: dict[tuple, str] = {}  # (device type, dtype[, "image"]) -> the mode "auto" settled on
 
 
 @dataclass
@@ -77,7 +77,8 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor | Sequence[Tensor
                 _accumulate(p, g)
         return
     junction = [text_features] if isinstance(text_features, Tensor) else list(text_features)
-    key = (junction[0].device.type, junction[0].dtype)
+    # the prompted image tower's batched backward is probed on its own (other layers)
+    key = (junction[0].device.type, junction[0].dtype) + (("image",) if len(junction) > 1 else ())
     probe = grad_mode == "auto" and key not in _AUTO
     if grad_mode == "auto" and not probe:
         grad_mode = _AUTO[key]
