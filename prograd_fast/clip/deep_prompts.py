@@ -8,8 +8,9 @@ MaPLe, IVLP and VPT-deep (the multimodal-prompt-learning code) carry prompts the
   (the previous block's outputs at those positions are dropped).  After the last deep layer
   the prompts' outputs flow on.  The feature is the class token's, as without prompts.
 - text tower: the shallow context is part of the prompt embeddings (rows ``1 .. n`` after
-  [SOS]); before block ``k`` those rows are replaced by ``deep[k-1]``.  The rows are the same
-  in every class prompt, so the shared-prefix encoder stays exact.
+  [SOS]); before block ``k`` those rows are replaced by ``deep[k-1]``
+  (:meth:`TextTower.encode_embeddings`'s ``deep``).  The rows are the same in every class
+  prompt, so the shared-prefix encoder stays exact (:func:`deep_text_features`).
 
 :func:`prompted_image_features` runs an open_clip ``VisionTransformer`` that way and
 :func:`check_vision_tower` refuses other image towers with the reason.
@@ -27,7 +28,7 @@ from .prompt import _n_tokens, _overflowing, _tokenize, default_tokenizer
 from .tower import TextTower
 
 __all__ = ["UnsupportedVisionTowerError", "check_vision_tower", "prompted_image_features",
-           "encode_text_deep", "DeepTextPrompts", "check_depth", "tower_layers"]
+           "deep_text_features", "DeepTextPrompts", "check_depth", "tower_layers"]
 
 
 class UnsupportedVisionTowerError(TypeError):
@@ -97,13 +98,6 @@ def _replace_last(n: int):
     return replace
 
 
-def _replace_rows(start: int, n: int):
-    def replace(x: Tensor, prompt: Tensor) -> Tensor:
-        ctx = prompt.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return torch.cat([x[:, :start], ctx, x[:, start + n:]], dim=1)
-    return replace
-
-
 def prompted_image_features(visual: nn.Module, images: Tensor, shallow: Tensor | None,
                             deep: Sequence[Tensor] = ()) -> Tensor:
     """Unnormalised image features (B, D) of an open_clip ``VisionTransformer`` with
@@ -126,20 +120,15 @@ def prompted_image_features(visual: nn.Module, images: Tensor, shallow: Tensor |
     return pooled @ visual.proj if visual.proj is not None else pooled
 
 
-def encode_text_deep(tower: TextTower, x: Tensor, eot: Tensor, deep: Sequence[Tensor],
-                     start: int = 1) -> Tensor:
-    """Text features of prompt embeddings ``x`` (N, L, width) read at ``eot``, with the rows
-    ``start .. start + n`` replaced by ``deep[k-1]`` (n, width) before block ``k``: the plain
-    full encoder (:meth:`TextTower.encode_embeddings`) with deep prompts."""
-    if not deep:
-        return tower.encode_embeddings(x, eot)
-    n_rows, length, _ = x.shape
-    if length > tower.context_length:
-        raise ValueError(f"{length} tokens exceed the context length {tower.context_length}")
-    x = x.to(tower.dtype) + tower.positional_embedding[:length].to(tower.dtype)
-    mask = tower.attn_mask[:length, :length]
-    x = _run_blocks(tower.transformer, x, mask, deep, _replace_rows(start, deep[0].shape[0]))
-    return tower.head(x[torch.arange(n_rows, device=x.device), eot])
+def deep_text_features(model, learner, deep: Sequence[Tensor]) -> Tensor:
+    """Class text features (C, D) of ``learner``'s prompts with ``deep`` text prompts: the
+    shared-prefix encoder of ``model`` (PromptedCLIP) where it applies (the deep rows lie in
+    the prefix, the same in every prompt), else the (truncated) full encoder."""
+    deep = list(deep) or None
+    shared = getattr(model, "shared_prefix", None)
+    if shared is not None and shared.applies():
+        return shared(*learner.prefix_and_suffixes(), deep=deep)
+    return model.tower.encode_embeddings(*learner(), deep=deep)
 
 
 class DeepTextPrompts(nn.Module):

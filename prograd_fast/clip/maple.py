@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .deep_prompts import (DeepTextPrompts, check_depth, check_vision_tower, encode_text_deep,
+from .deep_prompts import (DeepTextPrompts, check_depth, check_vision_tower, deep_text_features,
                            prompted_image_features, tower_layers)
 from .learner import Learner
 from .tower import TextTower
@@ -97,6 +97,15 @@ class MaPLeLearner(Learner):
         return self.text.eot
 
     @property
+    def shared_prefix_length(self) -> int:
+        """[SOS], the context and the fixed words of ctx_init: the same in every prompt (the
+        deep text prompts replace context rows, inside it)."""
+        return self.text.shared_length
+
+    def prefix_and_suffixes(self) -> tuple[Tensor, Tensor]:
+        return self.text.prefix_and_suffixes(self.ctx)
+
+    @property
     def length(self) -> int:
         return self.text.length
 
@@ -111,7 +120,7 @@ class MaPLeLearner(Learner):
 
     # the contract's hooks
     def text_features(self, model, image_features: Tensor | None = None) -> Tensor:
-        return encode_text_deep(model.tower, *self(), self.deep_text())
+        return deep_text_features(model, self, self.deep_text())
 
     def image_features(self, model, images: Tensor) -> Tensor:
         return prompted_image_features(model.clip.visual, images, *self.vision_prompts())
