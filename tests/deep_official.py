@@ -34,6 +34,9 @@ TEMPLATE = "a photo of a {}."  # the teacher's prompt in these tests
 TINY = dict(embed_dim=24, image_resolution=16, vision_layers=4, vision_width=768,
             vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=512,
             transformer_heads=8, transformer_layers=4)
+#: The same with narrow towers, for the learners whose widths the official code does not fix
+#: (IVLP, VPT): faster.
+NARROW = dict(TINY, vision_width=128, transformer_width=128, transformer_heads=2)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -102,11 +105,18 @@ def with_dtype(ref: nn.Module, dtype: torch.dtype) -> nn.Module:
     return ref
 
 
-def official_clip(official, design: dict, seed: int = 0) -> nn.Module:
-    """The official ``CLIP`` of ``design`` (its trainer's design_details), fp32, on weights
-    drawn from ``seed`` (the same for every design: the prompts are drawn after them)."""
+def official_clip(official, design: dict, seed: int = 0, dims: dict = TINY) -> nn.Module:
+    """The official ``CLIP`` of ``design`` (its trainer's design_details) with ``dims``, fp32,
+    on weights drawn from ``seed``."""
     torch.manual_seed(seed)
-    return official.model.CLIP(**TINY, design_details=design).float().eval()
+    return official.model.CLIP(**dims, design_details=design).float().eval()
+
+
+def dims_of(weights: nn.Module) -> dict:
+    """The ``CLIP`` arguments of an official model built from :data:`TINY`-like dims."""
+    text = weights.ln_final.weight.shape[0]
+    return dict(TINY, vision_width=weights.visual.conv1.weight.shape[0], transformer_width=text,
+                transformer_heads=text // 64)
 
 
 PLAIN = {"trainer": "CoOp", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0,
@@ -115,11 +125,12 @@ PLAIN = {"trainer": "CoOp", "vision_depth": 0, "language_depth": 0, "vision_ctx"
 
 def open_clip_of(weights: nn.Module) -> open_clip.CLIP:
     """The official model's frozen weights (prompts left out) as an open_clip ``CLIP``."""
-    cfg = dict(embed_dim=TINY["embed_dim"], quick_gelu=True,
-               vision_cfg=dict(image_size=16, layers=TINY["vision_layers"], width=768,
+    d = dims_of(weights)
+    cfg = dict(embed_dim=d["embed_dim"], quick_gelu=True,
+               vision_cfg=dict(image_size=16, layers=d["vision_layers"], width=d["vision_width"],
                                patch_size=8, head_width=64),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8,
-                             layers=TINY["transformer_layers"]))
+               text_cfg=dict(context_length=77, vocab_size=49408, width=d["transformer_width"],
+                             heads=d["transformer_heads"], layers=d["transformer_layers"]))
     model = open_clip.CLIP(**cfg).eval()
     state = {k: v for k, v in weights.state_dict().items() if "VPT" not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -137,7 +148,7 @@ def teacher_logits(official, weights: nn.Module, images: torch.Tensor) -> torch.
     """Zero-shot CLIP with no prompts, in the official tree: its plain CLIP on the same
     weights, the teacher template, no grad (the frozen image pass ProGrad adds)."""
     dtype = weights.logit_scale.dtype
-    plain = official_clip(official, PLAIN).to(dtype)
+    plain = official_clip(official, PLAIN, dims=dims_of(weights)).to(dtype)
     plain.load_state_dict({k: v for k, v in weights.state_dict().items() if "VPT" not in k})
     with torch.no_grad():
         img = F.normalize(plain.encode_image(images.to(dtype)), dim=-1)

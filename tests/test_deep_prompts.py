@@ -14,7 +14,6 @@ from prograd_fast.clip import PromptedCLIP
 from prograd_fast.clip.deep_prompts import UnsupportedVisionTowerError, check_vision_tower
 from prograd_fast.clip.ivlp import IVLPLearner
 from prograd_fast.clip.maple import MaPLeLearner
-from prograd_fast.clip.vpt import VPTLearner
 
 
 def deep_clip(seed: int = 0, **vision) -> open_clip.CLIP:

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from clip_helpers import CLASSNAMES, tiny_clip
-from deep_official import (NAMES, TEMPLATE, batch, copy_of, neutralise_half_and_cuda,  # noqa: F401
-                           official, official_clip, official_prograd_steps, official_trainer_steps,
-                           open_clip_of, rel, set_float64, teacher_logits, with_dtype)
+from deep_official import (  # noqa: F401 (fixtures)
+    NAMES, NARROW, TEMPLATE, batch, copy_of, neutralise_half_and_cuda, official, official_clip,
+    official_prograd_steps, official_trainer_steps, open_clip_of, rel, set_float64,
+    teacher_logits, with_dtype)
 from prograd_fast.clip import PromptedCLIP, TextTower, train_step
 from prograd_fast.clip.ivlp import IVLPLearner
 from prograd_fast.clip.train import build_optimizer
@@ -59,7 +60,7 @@ def pair(request, official, neutralise_half_and_cuda, monkeypatch):
         design = {"trainer": "IVLP", "vision_depth": s["depth_vision"],
                   "language_depth": s["depth_text"], "vision_ctx": s["n_ctx_vision"],
                   "language_ctx": s["n_ctx_text"]}
-        weights = official_clip(official, design).to(dtype)
+        weights = official_clip(official, design, dims=NARROW).to(dtype)
         ref = with_dtype(official.ivlp.CustomCLIP(ivlp_cfg(s), NAMES, copy_of(weights)),
                          dtype).eval()
         for name, p in ref.named_parameters():  # as the official build_model

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from clip_helpers import CLASSNAMES, tiny_clip
-from deep_official import (NAMES, TEMPLATE, batch, copy_of, neutralise_half_and_cuda,  # noqa: F401
-                           official, official_clip, official_prograd_steps, official_trainer_steps,
-                           open_clip_of, rel, set_float64, teacher_logits, with_dtype)
+from deep_official import (  # noqa: F401 (fixtures)
+    NAMES, TEMPLATE, batch, copy_of, neutralise_half_and_cuda, official, official_clip,
+    official_prograd_steps, official_trainer_steps, open_clip_of, rel, set_float64,
+    teacher_logits, with_dtype)
 from prograd_fast.clip import PromptedCLIP, TextTower, train_step
 from prograd_fast.clip.deep_prompts import UnsupportedVisionTowerError
 from prograd_fast.clip.maple import MaPLeLearner
@@ -134,9 +135,9 @@ def test_the_model_scores_the_prompted_tower_and_the_teacher_the_plain_one(offic
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
 def test_five_steps_equal_the_official_update(official, pair, lam):
-    """In float64 (see ``set_float64``).  lam 0: the official MaPLe trainer's own step (Dassl SGD, lr 0.0035); lam 1: official
-    ProGrad's rule (tensor by tensor) on the official learner's CE and KL gradients, the
-    teacher being zero-shot CLIP without prompts."""
+    """In float64 (see ``set_float64``).  lam 0: the official MaPLe trainer's own step (Dassl
+    SGD, lr 0.0035); lam 1: official ProGrad's rule (tensor by tensor) on the official
+    learner's CE and KL gradients, the teacher being zero-shot CLIP without prompts."""
     ref, model, weights = pair(torch.float64)
     images, _ = batch(dtype=torch.float64)
     zs = teacher_logits(official, weights, images)

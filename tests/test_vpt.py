@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from clip_helpers import CLASSNAMES, tiny_clip
-from deep_official import (NAMES, TEMPLATE, batch, copy_of, neutralise_half_and_cuda,  # noqa: F401
-                           official, official_clip, official_prograd_steps, official_trainer_steps,
-                           open_clip_of, rel, set_float64, teacher_logits, with_dtype)
+from deep_official import (  # noqa: F401 (fixtures)
+    NAMES, NARROW, TEMPLATE, batch, copy_of, neutralise_half_and_cuda, official, official_clip,
+    official_prograd_steps, official_trainer_steps, open_clip_of, rel, set_float64,
+    teacher_logits, with_dtype)
 from prograd_fast.clip import PromptedCLIP, TextTower, train_step
 from prograd_fast.clip.train import build_optimizer
 from prograd_fast.clip.vpt import VPTLearner
@@ -46,7 +47,7 @@ def pair(official, neutralise_half_and_cuda, monkeypatch):
             set_float64(official, monkeypatch)
         design = {"trainer": "VPT", "vision_depth": DEPTH, "vision_ctx": N_CTX,
                   "language_depth": 0, "language_ctx": 0}
-        weights = official_clip(official, design).to(dtype)
+        weights = official_clip(official, design, dims=NARROW).to(dtype)
         ref = with_dtype(official.vpt.CustomCLIP(vpt_cfg(), NAMES, copy_of(weights)), dtype).eval()
         for name, p in ref.named_parameters():  # as the official build_model
             p.requires_grad_("VPT" in name)
