@@ -91,6 +91,10 @@ _KGCOOP = LazyLearner("prograd_fast.clip.kgcoop:KgCoOpLearner")
 register_method(Method("kgcoop", "KgCoOp", learner=_KGCOOP, in_default_grid=False))
 register_method(Method("kgcoop+prograd", "KgCoOp + ProGrad", prograd=True, learner=_KGCOOP,
                        in_default_grid=False))
+_COCOOP = LazyLearner("prograd_fast.clip.cocoop:CoCoOpLearner")
+register_method(Method("cocoop", "CoCoOp", learner=_COCOOP, in_default_grid=False))
+register_method(Method("cocoop+prograd", "CoCoOp + ProGrad", prograd=True, learner=_COCOOP,
+                       in_default_grid=False))
 _MAPLE = LazyLearner("prograd_fast.clip.maple:MaPLeLearner")
 register_method(Method("maple", "MaPLe", learner=_MAPLE, in_default_grid=False))
 register_method(Method("maple+prograd", "MaPLe + ProGrad", prograd=True, learner=_MAPLE,
