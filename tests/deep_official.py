@@ -173,19 +173,21 @@ def official_prograd_steps(official, forward, params: list, images, labels, zs, 
                            lam: float, steps: int = 5) -> int:
     """``steps`` updates of official ProGrad's rule (the Dassl fork's
     ``prograd_backward_and_update``, Dassl's SGD) on the CE of ``forward(images)`` and the KL
-    to the teacher's logits ``zs``; returns how many tensors' gradients conflicted."""
+    to the teacher's logits ``zs``; returns how many tensors' gradients conflicted in the first
+    step."""
     plist = nn.ParameterList(params)
     optim = official.optim.build_optimizer(plist, optim_cfg(official, lr))
     trainer = official.engine.SimpleTrainer.__new__(official.engine.SimpleTrainer)
     trainer._models = OrderedDict(learner=plist)
     trainer._optims = OrderedDict(learner=optim)
     conflicts = 0
-    for _ in range(steps):
+    for step in range(steps):
         logits = forward(images)
         ce, kl = F.cross_entropy(logits, labels), soft_ce(logits, zs)
-        g_d = torch.autograd.grad(ce, params, retain_graph=True)
-        g_g = torch.autograd.grad(kl, params, retain_graph=True)
-        conflicts += sum(int(torch.dot(a.flatten(), b.flatten()) < 0) for a, b in zip(g_d, g_g))
+        if step == 0:  # the first step's conflicts (later ones follow from the same batch)
+            g_d = torch.autograd.grad(ce, params, retain_graph=True)
+            g_g = torch.autograd.grad(kl, params, retain_graph=True)
+            conflicts = sum(int(torch.dot(a.flatten(), b.flatten()) < 0) for a, b in zip(g_d, g_g))
         trainer.prograd_backward_and_update(ce, kl, lambda_=lam)
     return conflicts
 

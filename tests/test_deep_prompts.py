@@ -90,7 +90,7 @@ def test_image_towers_without_a_class_token_sequence_are_refused():
 def test_the_learners_train_through_the_trainer(tmp_path):
     from torch.utils.data import TensorDataset
 
-    from prograd_fast.clip.trainer import TrainConfig, Trainer
+    from prograd_fast.clip.trainer import TrainConfig, Trainer, transfer_context
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(12, 3, 16, 16, generator=g),
@@ -112,3 +112,9 @@ def test_the_learners_train_through_the_trainer(tmp_path):
         assert all(moved.values()), moved
         state = torch.load(tmp_path / method / "checkpoint.pt", weights_only=False)
         assert set(state["learner"]) == set(start)
+        # base-to-new: the learned prompts on other class names (here: the same ones)
+        other = transfer_context(model, CLASSNAMES)
+        assert other.prompt_learner is not model.prompt_learner
+        images = data.tensors[0][:4]
+        with torch.no_grad():
+            assert torch.allclose(other(images)[0], model(images)[0], rtol=1e-5, atol=1e-5)
