@@ -118,3 +118,51 @@ def test_the_learners_train_through_the_trainer(tmp_path):
         images = data.tensors[0][:4]
         with torch.no_grad():
             assert torch.allclose(other(images)[0], model(images)[0], rtol=1e-5, atol=1e-5)
+
+
+def _projected(g_d: list, g_g: list, lam: float = 1.0) -> list:
+    """ProGrad's rule over the concatenation of the tensors (one group, the paper's)."""
+    d, g = torch.cat([t.flatten() for t in g_d]), torch.cat([t.flatten() for t in g_g])
+    dot = torch.dot(d, g)
+    if dot >= 0:
+        return list(g_d)
+    return [a - lam * dot / g.dot(g) * b for a, b in zip(g_d, g_g)]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_text_and_vision_prompts_are_projected_together_or_apart(split):
+    """MaPLe's ``param_groups(split=True)``: ProGrad projects the text prompts and the vision
+    projections each on their own (global granularity per group); one group projects all."""
+    from prograd_fast.clip import train_step
+    from prograd_fast.losses import prograd_losses
+    from prograd_fast.optim import ProGradSGD
+
+    clip = deep_clip(seed=6).double()  # both groups' gradients conflict on this batch
+    torch.manual_seed(0)
+    model = PromptedCLIP(clip, CLASSNAMES, learner=MaPLeLearner, n_ctx=2, depth=3)
+    learner = model.prompt_learner
+    g = torch.Generator().manual_seed(6)
+    images = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        labels = model(images)[1].argmin(1)  # against the teacher: the gradients conflict
+    groups = learner.param_groups(split=split)
+    assert [grp["name"] for grp in groups] == (["text", "vision"] if split else ["prompt"])
+    params = [p for grp in groups for p in grp["params"]]
+    assert {id(p) for p in params} == {id(p) for p in learner.parameters()}
+    logits, zs = model(images)
+    ce, kl = prograd_losses(logits, zs, labels)
+    g_d = torch.autograd.grad(ce, params, retain_graph=True)
+    g_g = torch.autograd.grad(kl, params)
+    expected, start = [], 0
+    for grp in groups:
+        n = len(grp["params"])
+        expected += _projected(g_d[start:start + n], g_g[start:start + n])
+        start += n
+    if split:  # apart is not together
+        together = _projected(g_d, g_g)
+        assert max(float((a - b).norm() / b.norm()) for a, b in zip(expected, together)) > 1e-3
+    before = [p.detach().clone() for p in params]
+    opt = ProGradSGD(groups, lr=0.1, momentum=0.0, weight_decay=0.0, lam=1.0)
+    train_step(model, opt, images, labels)
+    for p, p0, u in zip(params, before, expected):
+        assert torch.allclose(p.detach(), p0 - 0.1 * u, rtol=1e-10, atol=1e-14)

@@ -117,7 +117,7 @@ class IVLPLearner(Learner):
         text = [self.ctx, *self.deep_text]
         vision = [self.ctx_vision, *self.deep_vision] if self.vision_prompted else []
         if not split or not vision:
-            return [{"params": text + vision, "name": "prompt" if vision else "text"}]
+            return [{"params": text + vision, "name": "prompt"}]
         return [{"params": text, "name": "text"}, {"params": vision, "name": "vision"}]
 
     def moved_to(self, tower: TextTower, classnames: Sequence[str],

@@ -131,7 +131,7 @@ class MaPLeLearner(Learner):
         text = [self.ctx, *self.compound_prompts_text]
         vision = [*self.proj.parameters(), *self.compound_prompt_projections.parameters()]
         if not split:
-            return [{"params": text + vision}]
+            return [{"params": text + vision, "name": "prompt"}]
         return [{"params": text, "name": "text"}, {"params": vision, "name": "vision"}]
 
     def moved_to(self, tower: TextTower, classnames: Sequence[str],
