@@ -166,3 +166,24 @@ def test_text_and_vision_prompts_are_projected_together_or_apart(split):
     train_step(model, opt, images, labels)
     for p, p0, u in zip(params, before, expected):
         assert torch.allclose(p.detach(), p0 - 0.1 * u, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("method,settings", [
+    ("maple+prograd", dict(n_ctx=2, depth=2)),
+    ("ivlp+prograd", dict(depth_text=2, depth_vision=2)),
+    ("vpt+prograd", dict(n_ctx_vision=2, depth_vision=2))])
+def test_a_half_precision_model_trains_fp32_prompts(method, settings):
+    from prograd_fast.clip import train_step
+    from prograd_fast.clip.train import build_optimizer
+    from prograd_fast.methods import get_method
+
+    model = PromptedCLIP(deep_clip().to(torch.bfloat16), CLASSNAMES,
+                         learner=get_method(method).learner, **settings)
+    learner = model.prompt_learner
+    assert {p.dtype for p in learner.parameters()} == {torch.float32}
+    start = {k: v.clone() for k, v in learner.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    out = train_step(model, build_optimizer(model, lr=0.5, lam=1.0),
+                     torch.randn(4, 3, 16, 16, generator=g), torch.arange(4))
+    assert torch.isfinite(out.ce) and torch.isfinite(out.kl)
+    assert all(not torch.equal(v, start[k]) for k, v in learner.state_dict().items())
