@@ -73,6 +73,7 @@ def pair(request, official, neutralise_half_and_cuda, monkeypatch):
             k: (v.shape, v.dtype) for k, v in theirs.items()}
         learner.load_state_dict({k: v.detach() for k, v in theirs.items()})
         model = PromptedCLIP(clip, NAMES, learner=learner, templates=TEMPLATE)
+        assert model.shared_prefix is not None  # the text prompts' prefix runs once
         return ref, model, weights, s
     return make
 

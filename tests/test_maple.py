@@ -60,6 +60,7 @@ def pair(official, neutralise_half_and_cuda, monkeypatch):
                                src["compound_prompt_projections.1.weight"])
         learner.load_state_dict(official_init)  # the fixed token embeddings are rebuilt
         model = PromptedCLIP(clip, NAMES, learner=learner, templates=TEMPLATE)
+        assert model.shared_prefix is not None  # the text prompts' prefix runs once
         return ref, model, weights
     return make
 
