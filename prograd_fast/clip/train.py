@@ -79,6 +79,7 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor | Sequence[Tensor
     junction = [text_features] if isinstance(text_features, Tensor) else list(text_features)
     # the prompted image tower's batched backward is probed on its own (other layers)
     key = (junction[0].device.type, junction[0].dtype) + (("image",) if len(junction) > 1 else ())
+    junction = [t for t in junction if t.requires_grad]  # fixed text features (VPT) do not join
     probe = grad_mode == "auto" and key not in _AUTO
     if grad_mode == "auto" and not probe:
         grad_mode = _AUTO[key]
@@ -166,9 +167,7 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
     scale = scaler.scale if scaler is not None else (lambda x: x)
     weighted = (lambda x: x) if isinstance(loss_weight, (int, float)) and loss_weight == 1 else (
         lambda x: x * loss_weight)
-    # a vision-prompted learner's text features may be fixed (VPT): only what has grad joins
-    junction = ([t for t in (text_features, image_features) if t.requires_grad] if vision
-                else text_features)
+    junction = (text_features, image_features) if vision else text_features
     compute_grads(optimizer, junction, scale(weighted(domain)),
                   scale(weighted(kl)) if prograd else None, grad_mode)
     if step:
