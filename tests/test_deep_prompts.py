@@ -134,8 +134,8 @@ def test_text_and_vision_prompts_are_projected_together_or_apart(split):
     """MaPLe's ``param_groups(split=True)``: ProGrad projects the text prompts and the vision
     projections each on their own (global granularity per group); one group projects all."""
     from prograd_fast.clip import train_step
+    from prograd_fast.clip.train import build_optimizer
     from prograd_fast.losses import prograd_losses
-    from prograd_fast.optim import ProGradSGD
 
     clip = deep_clip(seed=6).double()  # both groups' gradients conflict on this batch
     torch.manual_seed(0)
@@ -162,7 +162,9 @@ def test_text_and_vision_prompts_are_projected_together_or_apart(split):
         together = _projected(g_d, g_g)
         assert max(float((a - b).norm() / b.norm()) for a, b in zip(expected, together)) > 1e-3
     before = [p.detach().clone() for p in params]
-    opt = ProGradSGD(groups, lr=0.1, momentum=0.0, weight_decay=0.0, lam=1.0)
+    opt = build_optimizer(model, lr=0.1, momentum=0.0, weight_decay=0.0, lam=1.0,
+                          split_groups=split)
+    assert [grp["name"] for grp in opt.param_groups] == [grp["name"] for grp in groups]
     train_step(model, opt, images, labels)
     for p, p0, u in zip(params, before, expected):
         assert torch.allclose(p.detach(), p0 - 0.1 * u, rtol=1e-10, atol=1e-14)
