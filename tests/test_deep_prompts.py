@@ -189,3 +189,32 @@ def test_a_half_precision_model_trains_fp32_prompts(method, settings):
                      torch.randn(4, 3, 16, 16, generator=g), torch.arange(4))
     assert torch.isfinite(out.ce) and torch.isfinite(out.kl)
     assert all(not torch.equal(v, start[k]) for k, v in learner.state_dict().items())
+
+
+def test_the_prompted_image_tower_honours_grad_checkpointing(monkeypatch):
+    from prograd_fast.clip import deep_prompts
+    from prograd_fast.clip.deep_prompts import prompted_image_features
+
+    calls = []
+    real = deep_prompts.checkpoint
+    monkeypatch.setattr(deep_prompts, "checkpoint",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    clip = deep_clip(seed=2).double()
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64)
+    shallow = torch.randn(2, 48, generator=g, dtype=torch.float64, requires_grad=True)
+    deep = [torch.randn(2, 48, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in range(2)]
+    outs = []
+    for checkpointing in (False, True):
+        clip.visual.set_grad_checkpointing(checkpointing)
+        feats = prompted_image_features(clip.visual, images, shallow, deep)
+        outs.append((feats.detach(), torch.autograd.grad(feats.square().sum(), [shallow, *deep])))
+    assert len(calls) == 3  # each block of the checkpointed pass
+    assert torch.allclose(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14) and a.norm() > 0
+    with torch.no_grad():  # no prompts: the plain tower
+        assert torch.allclose(prompted_image_features(clip.visual, images, None),
+                              clip.encode_image(images), rtol=1e-12, atol=1e-12)

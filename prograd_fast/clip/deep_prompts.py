@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .prompt import _n_tokens, _overflowing, _tokenize, default_tokenizer
 from .tower import TextTower
@@ -76,26 +77,12 @@ def check_depth(name: str, depth: int, n_ctx: int, layers: int, where: str) -> N
                          f"{where} tower; use a depth <= {layers}")
 
 
-def _run_blocks(transformer: nn.Module, x: Tensor, attn_mask: Tensor | None,
-                deep: Sequence[Tensor], replace: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """The transformer's blocks on batch-first ``x`` (N, L, width); before block ``k >= 1``
-    (while deep prompts are left) ``replace(x, deep[k-1])``."""
-    batch_first = getattr(transformer, "batch_first", True)
-    for k, block in enumerate(transformer.resblocks):
-        if 1 <= k <= len(deep):
-            x = replace(x, deep[k - 1])
-        if not batch_first:
-            x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
-        else:
-            x = block(x, attn_mask=attn_mask)
-    return x
-
-
-def _replace_last(n: int):
-    def replace(x: Tensor, prompt: Tensor) -> Tensor:
-        ctx = prompt.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return torch.cat([x[:, :x.shape[1] - n], ctx], dim=1)
-    return replace
+def _block(transformer: nn.Module, block: nn.Module, x: Tensor) -> Tensor:
+    """One block, through activation checkpointing when the transformer asks for it (as
+    open_clip's ``Transformer.forward``)."""
+    if getattr(transformer, "grad_checkpointing", False) and torch.is_grad_enabled():
+        return checkpoint(block, x, None, None, None, use_reentrant=False)
+    return block(x)
 
 
 def prompted_image_features(visual: nn.Module, images: Tensor, shallow: Tensor | None,
@@ -115,7 +102,15 @@ def prompted_image_features(visual: nn.Module, images: Tensor, shallow: Tensor |
         n = shallow.shape[0]
         x = torch.cat([x, shallow.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
     x = visual.ln_pre(x)
-    x = _run_blocks(visual.transformer, x, None, deep if n else (), _replace_last(n))
+    transformer = visual.transformer
+    batch_first = getattr(transformer, "batch_first", True)
+    deep = list(deep) if n else []
+    for k, block in enumerate(transformer.resblocks):
+        if 1 <= k <= len(deep):  # the previous block's outputs at the prompts are dropped
+            ctx = deep[k - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :x.shape[1] - n], ctx], dim=1)
+        x = _block(transformer, block, x if batch_first else x.transpose(0, 1))
+        x = x if batch_first else x.transpose(0, 1)
     pooled, _ = visual._pool(x)
     return pooled @ visual.proj if visual.proj is not None else pooled
 
