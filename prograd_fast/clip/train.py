@@ -79,6 +79,7 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor | Sequence[Tensor
     junction = [text_features] if isinstance(text_features, Tensor) else list(text_features)
     # the prompted image tower's batched backward is probed on its own (other layers)
     key = (junction[0].device.type, junction[0].dtype) + (("image",) if len(junction) > 1 else ())
+    junction = [t for t in junction if t.requires_grad]  # fixed text features (VPT) do not join
     probe = grad_mode == "auto" and key not in _AUTO
     if grad_mode == "auto" and not probe:
         grad_mode = _AUTO[key]
