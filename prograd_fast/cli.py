@@ -106,6 +106,9 @@ def _add_train(sub) -> None:
     p.add_argument("--ctx-init", default=None,
                    help="initial context words, e.g. 'a photo of a' (they set the context "
                         "length); default: random N(0, 0.02) context")
+    p.add_argument("--prompt-depth", type=int, default=None,
+                   help="maple, ivlp, vpt: the layers that get deep prompts (default: the "
+                        "method's official config: 9 for MaPLe, 12 for IVLP and VPT)")
     p.add_argument("--kg-weight", type=float, default=8.0,
                    help="kgcoop: weight W of KgCoOp's knowledge-guided loss (default: the "
                         "official 8.0)")
@@ -206,7 +209,9 @@ def _check_train_args(args) -> None:
     if args.data != "digits" and not Path(args.data).exists():
         raise CLIError(f"--data {args.data!r} does not exist (an ImageFolder root, a CoOp "
                        f"split_*.json or a folder holding one, or 'digits')")
-    bad = range_error((("--n-ctx", args.n_ctx, AT_LEAST_1), ("--epochs", args.epochs, AT_LEAST_0),
+    bad = range_error((("--n-ctx", args.n_ctx, AT_LEAST_1),
+                       ("--prompt-depth", args.prompt_depth, AT_LEAST_1),
+                       ("--epochs", args.epochs, AT_LEAST_0),
                        ("--eval-every", args.eval_every, AT_LEAST_0),
                        ("--num-workers", args.num_workers, AT_LEAST_0),
                        ("--batch-size", args.batch_size, AT_LEAST_1), ("--lam", args.lam, UNIT),
@@ -296,7 +301,8 @@ def cmd_train(args) -> int:
                              **prompt,
                              share_prefix=_SHARE_PREFIX.get(args.share_prefix, args.share_prefix))
     except (ValueError, TypeError) as exc:  # prompts too long, unknown template, refused tower
-        raise CLIError(_one_line(exc)) from exc
+        hint = " (--prompt-depth N)" if "use a depth" in str(exc) else ""
+        raise CLIError(_one_line(exc) + hint) from exc
     from .protocols.features import model_fingerprint
 
     data_id = runs.data_fingerprint(full.train + full.val + full.test, None)
@@ -374,8 +380,12 @@ def _train_prompt(args, n_ctx: int | None, ctx_init: str | None, templates) -> d
 
     own = method_config(args.method)
     if own is not None:
-        given = PromptOverrides(n_ctx, ctx_init, args.class_specific, args.class_token_position)
+        given = PromptOverrides(n_ctx, ctx_init, args.class_specific, args.class_token_position,
+                                depth=args.prompt_depth)
         return config_overrides(args.method, dict(own.prompt), given)
+    if args.prompt_depth is not None:
+        raise ValueError(f"--prompt-depth: {args.method} has no deep prompts (maple, ivlp and "
+                         f"vpt have)")
     prompt = {"n_ctx": 16 if n_ctx is None else n_ctx, "ctx_init": ctx_init,
               "class_specific": args.class_specific,
               "class_token_position": args.class_token_position}

@@ -166,6 +166,34 @@ def test_ablations_reach_a_config_s_prompt_or_are_refused(toys):
         C.method_prompt("toycond", "X", "cocoop", C.PromptOverrides(n_ctx=4))
 
 
+def test_prompt_depth_reaches_every_deep_tower_and_is_refused_elsewhere(capsys):
+    from prograd_fast.cli import main
+
+    depth = C.PromptOverrides(depth=3)
+    assert C.method_prompt("maple+prograd", "X", "cocoop", depth)["depth"] == 3
+    ivlp = C.method_prompt("ivlp", "X", "cocoop", depth)
+    assert ivlp["depth_text"] == 3 and ivlp["depth_vision"] == 3
+    assert C.method_prompt("vpt", "X", "cocoop", depth)["depth_vision"] == 3
+    assert C.method_prompt("maple", "X", "cocoop")["depth"] == 9  # the config's without it
+    with pytest.raises(C.ProtocolError, match="--prompt-depth: cocoop has no deep prompts"):
+        C.method_prompt("cocoop", "X", "cocoop", depth)
+    code = main(["protocol", "base2new", "--root", "/nowhere", "--methods", "coop", "cocoop",
+                 "--prompt-depth", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "applies to methods with deep prompts" in err
+    code = main(["train", "--method", "coop", "--prompt-depth", "3", "--epochs", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--prompt-depth: coop has no deep prompts" in err
+
+
+def test_n_ctx_alone_gives_cocoop_a_random_context_as_it_gives_coop():
+    p = C.method_prompt("cocoop+prograd", "X", "cocoop", C.PromptOverrides(n_ctx=8))
+    assert p["n_ctx"] == 8 and p["ctx_init"] is None
+    same = C.method_prompt("cocoop", "X", "cocoop", C.PromptOverrides(n_ctx=4))
+    assert same["ctx_init"] == "a photo of a"  # its 4 words still fit
+    maple = C.method_prompt("maple", "X", "cocoop", C.PromptOverrides(n_ctx=3))
+    assert maple["n_ctx"] == 3 and maple["ctx_init"] == "a photo of a"  # first 3 tokens, as MaPLe
+
 def test_the_caption_names_each_method_s_settings(toys):
     from prograd_fast.protocols.meta import METHODS_KEY, grid_meta
     from prograd_fast.protocols.tables import _caption

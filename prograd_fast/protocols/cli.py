@@ -78,6 +78,10 @@ def add_protocol_parser(sub) -> None:
                         "(default: the method's: random for CoOp, the data set's template for "
                         "ProGrad, 'a photo of a' for CoOp in the cocoop setting and for KgCoOp, "
                         "CoCoOp, MaPLe, IVLP)")
+    p.add_argument("--prompt-depth", type=int, default=None,
+                   help="ablation: the layers that get deep prompts, MaPLe's, IVLP's (both "
+                        "towers) and VPT's (default: the method's: 9 for MaPLe, 3 in its "
+                        "cross-data-set config, 12 for IVLP and VPT)")
     p.add_argument("--csc", action="store_true",
                    help="ablation: one context per class (fewshot only: it cannot be tested on "
                         "other classes)")
@@ -94,15 +98,21 @@ def cmd_protocol(args) -> int:
     from ..checks import CLIError
     from ..clip.load import ModelLoadError
     from ..datasets import DatasetError
-    from .config import PromptOverrides, ProtocolError
+    from .config import PromptOverrides, ProtocolError, deep_prompt_keys, method_config
     from .grid import GridOptions, GridRunner
     from .meta import grid_meta
     from .tables import write_outputs
 
+    if args.prompt_depth is not None and args.prompt_depth < 1:
+        raise CLIError(f"--prompt-depth must be >= 1, got {args.prompt_depth}")
     unknown = [m for m in dict.fromkeys(args.methods) if m not in METHODS]
     if unknown:
         raise CLIError(f"--methods: unknown method(s) {' '.join(unknown)}: use any of "
                        f"{' '.join(METHODS)}")
+    if args.prompt_depth is not None and not any(
+            deep_prompt_keys(method_config(m).prompt) for m in args.methods if method_config(m)):
+        raise CLIError("--prompt-depth applies to methods with deep prompts (maple, ivlp, vpt); "
+                       "none is in --methods")
     pretrained = None if (args.pretrained or "").lower() in ("", "none") else args.pretrained
     opts = GridOptions(protocol=args.protocol, root=args.root, datasets=args.datasets,
                        seeds=args.seeds, methods=args.methods, shots=args.shots,
@@ -114,7 +124,8 @@ def cmd_protocol(args) -> int:
                        progress=not args.no_progress, setting=args.setting,
                        prograd_groups=args.prograd_groups,
                        prompt=PromptOverrides(args.n_ctx, args.ctx_init, args.csc,
-                                              args.class_token_position))
+                                              args.class_token_position,
+                                              depth=args.prompt_depth))
     try:
         runner = GridRunner(opts)
         results = runner.run()

@@ -69,7 +69,8 @@ from ..methods import METHODS, get_method
 __all__ = ["ProtocolError", "PROTOCOLS", "METHODS", "DEFAULT_SHOTS", "SOURCE", "Schedule",
            "official_schedule", "default_datasets", "method_prompt", "N_CTX", "SETTINGS",
            "DEFAULT_SETTING", "SETTING_MODELS", "OFFICIAL_PRECISION", "default_shots",
-           "PromptOverrides", "MethodConfig", "METHOD_CONFIGS", "register_method_config",
+           "PromptOverrides", "MethodConfig", "deep_prompt_keys", "METHOD_CONFIGS",
+           "register_method_config",
            "method_config", "method_settings", "config_overrides", "zeroshot_template_set",
            "prompts_image_tower"]
 
@@ -119,10 +120,11 @@ class PromptOverrides:
     ctx_init: str | None = None
     csc: bool = False
     class_token_position: str | None = None
+    depth: int | None = None  # the deep prompts' depth (MaPLe, IVLP, VPT), every tower's
 
     def active(self) -> dict:
         """The overrides given, by their option names."""
-        out = {"n-ctx": self.n_ctx, "ctx-init": self.ctx_init,
+        out = {"n-ctx": self.n_ctx, "ctx-init": self.ctx_init, "prompt-depth": self.depth,
                "csc": True if self.csc else None,
                "class-token-position": (self.class_token_position
                                         if self.class_token_position != "end" else None)}
@@ -151,7 +153,9 @@ class Schedule:
 class MethodConfig:
     """A method's own official config: ``prompt`` (its learner's keywords), lr, batch size
     and epochs, named by ``config`` (the file it follows).  ``transfer``: the config of xd
-    and dg where the method has a cross-data-set config of its own."""
+    and dg where the method has a cross-data-set config of its own.  ``init_words_set_length``:
+    the learner takes one context vector per word of ``ctx_init`` (CoCoOp, as CoOp), so
+    ``--n-ctx`` without ``--ctx-init`` starts from a random context, as it does for CoOp."""
 
     config: str
     prompt: dict = field(default_factory=dict)
@@ -159,6 +163,7 @@ class MethodConfig:
     batch_size: int = 32
     epochs: int = 10
     transfer: "MethodConfig | None" = None
+    init_words_set_length: bool = False
 
     def for_protocol(self, protocol: str) -> "MethodConfig":
         """The config a protocol's runs use."""
@@ -187,7 +192,7 @@ def method_config(method: str) -> MethodConfig | None:
 
 register_method_config("cocoop", MethodConfig(
     "CoCoOp/vit_b16_c4_ep10_batch1_ctxv1", {"n_ctx": 4, "ctx_init": _PHOTO},
-    lr=0.002, batch_size=1, epochs=10))
+    lr=0.002, batch_size=1, epochs=10, init_words_set_length=True))
 register_method_config("maple", MethodConfig(
     "MaPLe/vit_b16_c2_ep5_batch4_2ctx", {"n_ctx": 2, "depth": 9, "ctx_init": _PHOTO},
     lr=0.0035, batch_size=4, epochs=5,
@@ -328,6 +333,12 @@ def method_prompt(method: str, dassl_name: str, setting: str = DEFAULT_SETTING,
     return out
 
 
+def deep_prompt_keys(prompt: dict) -> list[str]:
+    """The learner keywords of ``prompt`` that set a deep-prompt depth (a tower without
+    prompts, depth 0, has none)."""
+    return [k for k in ("depth", "depth_text", "depth_vision") if prompt.get(k)]
+
+
 def config_overrides(method: str, prompt: dict, o: PromptOverrides) -> dict:
     """A method's config prompt with the ablation overrides its learner takes; ProtocolError
     naming the override and the method's keys for one it does not."""
@@ -337,6 +348,18 @@ def config_overrides(method: str, prompt: dict, o: PromptOverrides) -> dict:
         if key is None:
             raise ProtocolError(f"--n-ctx: {method} has no text context (its settings: {keys})")
         prompt[key] = o.n_ctx
+        own = method_config(method)
+        words = prompt.get("ctx_init")
+        if (o.ctx_init is None and own is not None and own.init_words_set_length and words
+                and len(words.split()) != o.n_ctx):
+            prompt["ctx_init"] = None  # a random context of that length, as for CoOp
+    if o.depth is not None:
+        deep = deep_prompt_keys(prompt)
+        if not deep:
+            raise ProtocolError(f"--prompt-depth: {method} has no deep prompts (its settings: "
+                                f"{keys})")
+        for k in deep:  # IVLP: both towers (a tower without prompts keeps none)
+            prompt[k] = o.depth
     if o.ctx_init is not None:
         if "ctx_init" not in prompt:
             raise ProtocolError(f"--ctx-init: {method} has no context words (its settings: "
