@@ -64,7 +64,7 @@ def test_transfer_context_keeps_learned_ctx():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="method"):
-        TrainConfig(method="maple")
+        TrainConfig(method="maple2")
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
 

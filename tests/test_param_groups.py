@@ -223,9 +223,12 @@ def test_train_takes_a_method_config_s_prompt():
     C.register_method_config("toyprompt", C.MethodConfig("toy", {"n_ctx": 2, "depth": 9}))
     try:
         args = SimpleNamespace(method="toyprompt+prograd", class_specific=False,
-                               class_token_position="end", kg_weight=8.0)
+                               class_token_position="end", kg_weight=8.0, prompt_depth=None)
         assert _train_prompt(args, None, None, "DTD") == {"n_ctx": 2, "depth": 9}
         assert _train_prompt(args, 5, None, "DTD") == {"n_ctx": 5, "depth": 9}
+        args.prompt_depth = 4
+        assert _train_prompt(args, None, None, "DTD") == {"n_ctx": 2, "depth": 4}
+        args.prompt_depth = None
         args.class_specific = True
         with pytest.raises(ValueError, match="--csc applies to CoOp-style prompts"):
             _train_prompt(args, None, None, "DTD")
