@@ -537,7 +537,7 @@ def render(data: dict) -> str:
         "- ours: `<method>+prograd` (PromptedCLIP, `train_step`, ProGradSGD with lam 1: the "
         "zero-shot teacher and the general gradient are in the step)",
         "- warm-up: a step of the official code, two of ours (prograd_fast's host helper is "
-        f"built or loaded after its first step); then {data['rounds']} rounds alternating "
+        f"built or loaded after its first step); then {data['rounds']} round(s) alternating "
         "official / ours; "
         "wall-clock medians; the ratio is the median of the per-round ratios",
         "",
