@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import importlib
 import io
@@ -174,28 +175,41 @@ class Official:
     clip_class: type  # the official CLIP (clip/model.py) that makes the random weights
 
 
-def load_official(vendor: Path, work: Path, methods: list[str]) -> Official:
-    trainers, builders, optim_cfg, clip_class = {}, {}, {}, None
-    mm_methods = [m for m in methods if m != "kgcoop"]
-    if mm_methods:
-        mm = unpack(vendor, MULTIMODAL, work / "multimodal")
-        dassl = unpack(vendor, DASSL, work / "dassl")
-        files = {"cocoop": "trainers.cocoop", "maple": "trainers.maple",
-                 "ivlp": "trainers.independentVL"}
-        *mods, optim, config, model = import_tree(
-            [mm, dassl], [files[m] for m in mm_methods] + ["dassl.optim", "dassl.config",
-                                                           "clip.model"])
-        for m, mod in zip(mm_methods, mods):
-            trainers[m], builders[m] = mod, optim.build_optimizer
-            optim_cfg[m] = config.get_cfg_default().OPTIM
-        clip_class = model.CLIP
-    if "kgcoop" in methods:
+#: The trainer module of each method in its tree.
+TRAINER_MODULES = {"cocoop": "trainers.cocoop", "maple": "trainers.maple",
+                   "ivlp": "trainers.independentVL", "kgcoop": "trainers.kgcoop"}
+
+
+@functools.lru_cache(maxsize=None)
+def _import_official(vendor: Path, work: Path, kgcoop: bool) -> tuple:
+    """One official tree's trainer modules, Dassl's optimiser module and config module and
+    its ``clip.model``, imported once per process: the KgCoOp repository with its Dassl
+    fork (``kgcoop``), else the MaPLe repository with upstream Dassl."""
+    if kgcoop:
         root = unpack(vendor, KGCOOP, work / "kgcoop")
-        kg, optim, config, model = import_tree(
-            [root / "KgCoOp", root / "Dassl.ProGrad.pytorch"],
-            ["trainers.kgcoop", "dassl.optim", "dassl.config", "clip.model"])
-        trainers["kgcoop"], builders["kgcoop"] = kg, optim.build_optimizer
-        optim_cfg["kgcoop"] = config.get_cfg_default().OPTIM
+        roots, methods = [root / "KgCoOp", root / "Dassl.ProGrad.pytorch"], ["kgcoop"]
+    else:
+        roots = [unpack(vendor, MULTIMODAL, work / "multimodal"),
+                 unpack(vendor, DASSL, work / "dassl")]
+        methods = ["cocoop", "maple", "ivlp"]
+    *mods, optim, config, model = import_tree(
+        roots, [TRAINER_MODULES[m] for m in methods] + ["dassl.optim", "dassl.config",
+                                                        "clip.model"])
+    return dict(zip(methods, mods)), optim, config, model
+
+
+def load_official(vendor: Path, work: Path, methods: list[str]) -> Official:
+    """The official code of ``methods``: their trainers, Dassl's optimiser builder and
+    default OPTIM of the tree each runs in, and the CLIP class that makes the weights."""
+    trainers, builders, optim_cfg, clip_class = {}, {}, {}, None
+    for kgcoop in (False, True):
+        wanted = [m for m in methods if (m == "kgcoop") == kgcoop]
+        if not wanted:
+            continue
+        mods, optim, config, model = _import_official(Path(vendor), Path(work), kgcoop)
+        for m in wanted:
+            trainers[m], builders[m] = mods[m], optim.build_optimizer
+            optim_cfg[m] = config.get_cfg_default().OPTIM
         clip_class = clip_class or model.CLIP
     return Official(trainers, builders, optim_cfg, clip_class)
 

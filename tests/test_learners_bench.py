@@ -106,3 +106,25 @@ def test_a_step_that_would_not_fit_in_memory_is_skipped_with_the_reason(vendor, 
     full = bench.official_memory_gb("cocoop", bench.FULL, 100, 4)
     assert full > 15 and bench.official_memory_gb("cocoop", bench.FULL, 100, 1) < full / 3
     assert bench.official_memory_gb("kgcoop", bench.FULL, 100, 4) < full / 3
+
+
+def test_the_deep_prompt_tree_builds_on_the_same_weights_as_open_clip(vendor, work):
+    """The MaPLe repository's CLIP (CoCoOp's design) and open_clip encode images and the
+    official prompts alike: the weights reach both through their own loaders."""
+    scale, names = bench.TINY, bench.classnames(4)
+    official = bench.load_official(vendor, work, ["cocoop"])
+    state = bench.base_state(official, scale)
+    theirs, _ = bench.build_official(official, "cocoop", scale, state, names)
+    clip = bench.open_clip_model(scale, state)
+    images, _ = bench.batch(scale, len(names), 2)
+    with torch.no_grad(), bench.fp32_official():
+        expected = theirs.image_encoder(images)
+        learner = theirs.prompt_learner
+        prompts = torch.cat([learner.token_prefix, learner.ctx.expand(len(names), -1, -1),
+                             learner.token_suffix], dim=1)
+        expected_text = theirs.text_encoder(prompts, theirs.tokenized_prompts)
+    with torch.no_grad():
+        mine = clip.encode_image(images)
+        mine_text = clip.encode_text(theirs.tokenized_prompts)  # ctx = "a photo of a"'s tokens
+    assert float((mine - expected).norm() / expected.norm()) <= 1e-5
+    assert float((mine_text - expected_text).norm() / expected_text.norm()) <= 1e-5
