@@ -42,9 +42,18 @@ class LazyLearner:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def __call__(self, *args, **kwargs):
+    def resolve(self) -> type:
+        """The learner class (imported now)."""
         module, name = self.path.split(":")
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, *args, **kwargs):
+        return self.resolve()(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # class attributes (needs_clip_model, ...) of the learner
+        if name.startswith("__") or name == "path":
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
 
     def __repr__(self) -> str:
         return f"LazyLearner({self.path!r})"
@@ -81,4 +90,8 @@ register_method(Method("prograd", "ProGrad", prograd=True))
 _KGCOOP = LazyLearner("prograd_fast.clip.kgcoop:KgCoOpLearner")
 register_method(Method("kgcoop", "KgCoOp", learner=_KGCOOP, in_default_grid=False))
 register_method(Method("kgcoop+prograd", "KgCoOp + ProGrad", prograd=True, learner=_KGCOOP,
+                       in_default_grid=False))
+_COCOOP = LazyLearner("prograd_fast.clip.cocoop:CoCoOpLearner")
+register_method(Method("cocoop", "CoCoOp", learner=_COCOOP, in_default_grid=False))
+register_method(Method("cocoop+prograd", "CoCoOp + ProGrad", prograd=True, learner=_COCOOP,
                        in_default_grid=False))

@@ -387,6 +387,23 @@ def test_deepcopy_and_pickle_keep_public_attributes_and_train_identically():
     assert_all_equal(params_and_state(both["m"], both["o"]), params_and_state(model, opt))
 
 
+
+def test_a_copy_holds_no_pending_general_gradients_and_says_so_at_its_step():
+    """As documented: pending general gradients belong to the step being taken, not to the
+    optimizer's state; a copy steps as plain SGD (one warning) until they are stored again."""
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    opt = pf.ProGradSGD([p], lr=0.1)
+    opt.store_general_grads([-p.grad.clone()])
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert opt.has_general_grads() and not clone.has_general_grads()
+    both = copy.deepcopy({"p": p, "o": opt})
+    q, clone = both["p"], both["o"]
+    q.grad = p.grad.clone()  # a Parameter's deepcopy does not copy .grad
+    with pytest.warns(UserWarning, match="without general gradients"):
+        clone.step()
+    assert torch.allclose(q.detach(), p.detach() - 0.1 * p.grad)
+
 # ------------------------------------------------------------------ torch's SGD OptimizerInfo matrix
 #: torch.testing._internal.common_optimizers.optim_inputs_func_sgd (torch 2.14), kept here
 #: because that module needs torch's test-only dependencies; the guard below compares.

@@ -116,7 +116,8 @@ def test_the_methods_are_listed_once():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     [method] = [a for a in train._actions if a.dest == "method"]
     assert list(method.choices) == list(methods.METHODS) == ["zeroshot", "coop", "prograd",
-                                                       "kgcoop", "kgcoop+prograd"]
+                                                       "kgcoop", "kgcoop+prograd",
+                                                       "cocoop", "cocoop+prograd"]
     with pytest.raises(ValueError, match="already registered"):
         methods.register_method(methods.Method("coop", "CoOp"))
 

@@ -1,4 +1,8 @@
-"""CoOp/ProGrad model wrapper: one image pass gives the student's and the teacher's logits."""
+"""CoOp/ProGrad model wrapper: the student's and the zero-shot teacher's logits.
+
+One frozen image pass serves both heads unless the learner prompts the image tower
+(MaPLe, IVLP, VPT): then the student's image features come from the prompted tower (with
+grad) and the teacher's from one more no-grad pass of the frozen tower."""
 
 from __future__ import annotations
 
@@ -34,7 +38,10 @@ class PromptedCLIP(nn.Module):
     ``learner`` is the prompt learner (:class:`~prograd_fast.clip.learner.Learner`): a built
     one, or what builds it, ``learner(tower, classnames, tokenizer, **prompt_kwargs)``;
     None builds CoOp's :class:`PromptLearner` from ``prompt_kwargs``.  It owns the trained
-    parameters (``prompt_learner``).
+    parameters (``prompt_learner``).  A learner class with ``needs_clip_model`` gets the
+    open_clip model as ``clip_model=``.  The learner's kind (``image_conditioned``,
+    ``vision_prompted``; :class:`~prograd_fast.clip.learner.Learner`) decides where the
+    image features come from and whether text features are per image (B, C, D).
     """
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str],
@@ -53,8 +60,10 @@ class PromptedCLIP(nn.Module):
                                 f"constructor, not beside a built learner")
             self.prompt_learner = learner
         else:
-            self.prompt_learner = (learner or PromptLearner)(self.tower, classnames, tokenizer,
-                                                             **prompt_kwargs)
+            build = learner or PromptLearner
+            if getattr(build, "needs_clip_model", False):
+                prompt_kwargs = {**prompt_kwargs, "clip_model": clip_model}
+            self.prompt_learner = build(self.tower, classnames, tokenizer, **prompt_kwargs)
         self.teacher = ZeroShotTeacher(self.tower, classnames, templates, tokenizer,
                                        template_set=template_set)
         self.classnames = list(self.prompt_learner.classnames)
@@ -81,12 +90,38 @@ class PromptedCLIP(nn.Module):
             dtype = next(self.clip.visual.parameters()).dtype
             return normalize(self.clip.encode_image(images.to(dtype)))
 
-    def text_features(self) -> Tensor:
-        """Unnormalised text features of the learned prompts (C, D), with grad."""
-        shared = self.shared_prefix
-        if shared is not None and shared.applies():
-            return shared(*self.prompt_learner.prefix_and_suffixes())
-        return self.tower.encode_embeddings(*self.prompt_learner())
+    @property
+    def image_conditioned(self) -> bool:
+        """The learned text features depend on each image (CoCoOp): (B, C, D)."""
+        return bool(getattr(self.prompt_learner, "image_conditioned", False))
+
+    @property
+    def vision_prompted(self) -> bool:
+        """The learner changes the image features (MaPLe, IVLP, VPT): no cached features."""
+        return bool(getattr(self.prompt_learner, "vision_prompted", False))
+
+    def student_image_features(self, images: Tensor) -> Tensor:
+        """Normalised image features the learned prompt is scored on: the prompted image
+        tower's (with grad) for a ``vision_prompted`` learner, else :meth:`encode_image`."""
+        if not self.vision_prompted:
+            return self.encode_image(images)
+        dtype = next(self.clip.visual.parameters()).dtype
+        return normalize(self.prompt_learner.image_features(self, images.to(dtype)))
+
+    def text_features(self, image_features: Tensor | None = None) -> Tensor:
+        """Unnormalised text features of the learned prompts, with grad: (C, D), or
+        (B, C, D) for an image-conditioned learner given normalised ``image_features``."""
+        learner = self.prompt_learner
+        if self.image_conditioned and image_features is None:
+            raise ValueError(f"{type(learner).__name__} builds its prompts from each image: "
+                             f"pass the image features")
+        hook = getattr(learner, "text_features", None)
+        if hook is None:  # a plain nn.Module learner: CoOp's path
+            shared = self.shared_prefix
+            if shared is not None and shared.applies():
+                return shared(*learner.prefix_and_suffixes())
+            return self.tower.encode_embeddings(*learner())
+        return hook(self, image_features)
 
     def extra_loss(self, text_features: Tensor) -> Tensor | None:
         """The prompt learner's own loss term (e.g. KgCoOp's knowledge-guided loss), added to
@@ -95,7 +130,8 @@ class PromptedCLIP(nn.Module):
         return hook(text_features, self.teacher()) if hook is not None else None
 
     def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        """Scaled cosine logits from normalised image features and raw text features."""
+        """Scaled cosine logits (B, C) from normalised image features (B, D) and raw text
+        features, (C, D) or one set per image (B, C, D)."""
         return self._scaled(image_features, normalize(text_features))
 
     def zeroshot_logits(self, image_features: Tensor) -> Tensor:
@@ -104,11 +140,18 @@ class PromptedCLIP(nn.Module):
 
     def _scaled(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         dtype = image_features.dtype
-        out = self.logit_scale.to(dtype) * image_features @ text_features.to(dtype).t()
+        text_features = text_features.to(dtype)
+        if text_features.dim() == 3:  # per image: (B, D) x (B, C, D) -> (B, C)
+            sims = torch.bmm(text_features, image_features.unsqueeze(-1)).squeeze(-1)
+        else:
+            sims = image_features @ text_features.t()
+        out = self.logit_scale.to(dtype) * sims
         bias = getattr(self.clip, "logit_bias", None)
         return out + bias.detach().to(dtype) if bias is not None else out
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        image_features = self.encode_image(images)
-        return (self.logits(image_features, self.text_features()),
-                self.zeroshot_logits(image_features))
+        """``(logits, zeroshot_logits)`` of ``images``."""
+        student = self.student_image_features(images)
+        teacher = self.encode_image(images) if self.vision_prompted else student
+        return (self.logits(student, self.text_features(student)),
+                self.zeroshot_logits(teacher))

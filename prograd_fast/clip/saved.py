@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from ..methods import METHODS
 from .model import PromptedCLIP
 
 __all__ = ["SavedPrompt", "load_saved_prompt", "prompted_from_saved"]
@@ -17,12 +18,16 @@ __all__ = ["SavedPrompt", "load_saved_prompt", "prompted_from_saved"]
 
 @dataclass
 class SavedPrompt:
-    """The learned context (``None`` for a zero-shot run), the run's trainer config and
-    the prompt settings ``train`` recorded (``config["extra"]["prompt"]``)."""
+    """The learned context (``None`` for a zero-shot run or a learner without one), the
+    learner's whole state (``None`` in checkpoints older than learners), the run's trainer
+    config and the prompt settings ``train`` recorded (``config["extra"]["prompt"]``; a
+    method with a learner of its own also records its constructor settings there as
+    ``learner_settings``)."""
 
     source: Path
     config: dict
     ctx: torch.Tensor | None
+    learner_state: dict | None = None
 
     @property
     def method(self) -> str:
@@ -59,16 +64,27 @@ def load_saved_prompt(path: str | Path) -> SavedPrompt:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # any unreadable file
         raise ValueError(f"{path}: not a checkpoint ({' '.join(str(exc).split())[:200]})") from None
-    if not isinstance(state, dict) or "ctx" not in state or "config" not in state:
-        raise ValueError(f"{path}: not a prograd-fast train checkpoint (no ctx / config)")
-    return SavedPrompt(path, state["config"], state["ctx"])
+    if not isinstance(state, dict) or "config" not in state or not (
+            "ctx" in state or isinstance(state.get("learner"), dict)):
+        raise ValueError(f"{path}: not a prograd-fast train checkpoint (no learned prompt / "
+                         f"config)")
+    return SavedPrompt(path, state["config"], state.get("ctx"), state.get("learner"))
 
 
 def prompted_from_saved(saved: SavedPrompt, clip, classnames: Sequence[str], tokenizer=None,
                         templates=None, share_prefix=True) -> PromptedCLIP:
-    """The frozen ``clip`` with the saved context on ``classnames`` (the saved teacher
-    template unless ``templates``).  A class-specific context only fits its own classes."""
+    """The frozen ``clip`` with the saved prompt on ``classnames`` (the saved teacher
+    template unless ``templates``).  A class-specific context only fits its own classes.
+    A method with a learner of its own (CoCoOp, MaPLe, ...) is rebuilt with that learner
+    and its recorded settings, then given the saved learner state."""
     p = saved.prompt
+    method = METHODS.get(saved.method)
+    if method is not None and method.learner is not None and "learner_settings" in p:
+        return _with_learner(saved, method, clip, classnames, tokenizer, templates,
+                             share_prefix)
+    if saved.ctx is None and saved.method != "zeroshot":
+        raise ValueError(f"{saved.source}: a {saved.method} prompt saved without its learner "
+                         f"settings (an older version) cannot be rebuilt; retrain it")
     if p.get("class_specific") and saved.ctx is not None:
         trained = p.get("classnames")
         if trained is not None and list(trained) != list(classnames):
@@ -88,4 +104,28 @@ def prompted_from_saved(saved: SavedPrompt, clip, classnames: Sequence[str], tok
                              f"the rebuilt prompt's is {tuple(ctx.shape)}")
         with torch.no_grad():
             ctx.copy_(saved.ctx)
+    return model
+
+
+def _with_learner(saved: SavedPrompt, method, clip, classnames, tokenizer, templates,
+                  share_prefix) -> PromptedCLIP:
+    """The method's own learner on ``classnames`` with the saved state (its class-free
+    learned tensors; buffers built from class names are rebuilt here)."""
+    p = saved.prompt
+    model = PromptedCLIP(clip, list(classnames), tokenizer=tokenizer,
+                         templates=templates if templates is not None else p.get("templates"),
+                         template_set=p.get("template_set", "coop"), share_prefix=share_prefix,
+                         learner=method.learner, **dict(p["learner_settings"]))
+    state = saved.learner_state
+    if state is None:
+        raise ValueError(f"{saved.source} holds no learner state for its {saved.method} prompt")
+    own = model.prompt_learner.state_dict()
+    wrong = [k for k in state if k not in own or tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong or set(own) - set(state):
+        k = (wrong or sorted(set(own) - set(state)))[0]
+        raise ValueError(f"{saved.source}: the saved {saved.method} state does not fit the "
+                         f"rebuilt learner ({k}: saved "
+                         f"{tuple(state[k].shape) if k in state else 'missing'}, rebuilt "
+                         f"{tuple(own[k].shape) if k in own else 'missing'})")
+    model.prompt_learner.load_state_dict(state)
     return model

@@ -9,6 +9,12 @@ to the prefix's keys and values and to the earlier tokens of its own suffix.  Au
 the gradients of all suffixes into the one prefix.  Exact: the block math of open_clip on
 fewer tokens (tested in float64 against the full 77-token encoder).
 
+Two extensions for later prompt learners, both still exact: several prefixes at once
+(``per_prefix=True``: CoCoOp's context depends on the image, not the class, so each image's
+prefix runs once and every class suffix attends to its own image's prefix), and deep text
+prompts (``deep``: MaPLe / IVLP overwrite the same context rows of every prompt before each
+block up to their depth; rows inside the prefix keep it shared).
+
 All tokens (prefix first, then the stored suffix tokens) go through the per-token layers
 (norms, projections, MLP: nearly all the FLOPs) as one (rows, width) matrix.  Attention is
 split: the prefix attends causally to itself; the suffixes' scores against the prefix are
@@ -39,13 +45,14 @@ from __future__ import annotations
 
 import operator
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tower import TextTower
+from .tower import TextTower, check_deep
 
 __all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "SharedPrefixEncoder", "NotShareable", "shared_prefix_encoder"]
 
@@ -235,6 +242,7 @@ class SharedPrefixEncoder(nn.Module):
                                               + [prefix_length + j for _, j in storage]),
                              persistent=False)
         self.register_buffer("eot_rows", idx([prefix_length + r for r in eot_rows]), persistent=False)
+        self.register_buffer("eot", idx(eots), persistent=False)  # for encode_full
         self.register_buffer("gather", idx(gather) if gather is not None else None, persistent=False)
         self.register_buffer("scatter", idx(scatter) if scatter is not None else None,
                              persistent=False)
@@ -301,25 +309,68 @@ class SharedPrefixEncoder(nn.Module):
             return
         self.off_reason = None
 
-    def forward(self, prefix: Tensor, suffixes: Tensor) -> Tensor:
-        """Text features (C, D) of the prompts ``[prefix; suffixes[c]]``: token embeddings
-        of the shared prefix (1, P, width) and of the class suffixes (C, prompt_length - P,
-        width) (:meth:`PromptLearner.prefix_and_suffixes`)."""
+    def forward(self, prefix: Tensor, suffixes: Tensor, *, per_prefix: bool = False,
+                deep: Sequence[Tensor] | None = None, deep_start: int = 1) -> Tensor:
+        """Text features of the prompts ``[prefix[b]; suffixes[c]]``: token embeddings of
+        the shared prefixes (B, P, width) and of the class suffixes (C, prompt_length - P,
+        width) (:meth:`PromptLearner.prefix_and_suffixes`).
+
+        Without ``per_prefix``: one prefix (1, P, width), features (C, D).  With
+        ``per_prefix=True`` (CoCoOp: one prefix per image, its context made from the image):
+        B >= 1 prefixes, features (B, C, D), also for B = 1.  Each prefix runs once; every
+        class suffix attends to its own image's prefix.
+
+        ``deep``, ``deep_start``: deep text prompts (MaPLe / IVLP), as
+        :meth:`TextTower.encode_embeddings` takes them: before block ``j + 1`` the prefix
+        rows ``deep_start .. deep_start + n - 1`` of every prefix are replaced by ``deep[j]``
+        (n, width).  They are the same rows in every prompt, so the prefix is still shared;
+        the rows must lie inside the prefix (else a ``ValueError``)."""
         if not self._planned():
             raise NotShareable(self.off_reason)
+        self._check_inputs(prefix, suffixes, per_prefix)
         p = self.prefix_length
         n_cls, length, width = suffixes.shape
-        if prefix.shape != (1, p, width) or (n_cls, length) != (self.n_cls, self.prompt_length - p):
-            raise ValueError(f"expected a (1, {p}, width) prefix and {self.n_cls} x "
-                             f"{self.prompt_length - p} suffix tokens, got "
-                             f"{tuple(prefix.shape)} and {tuple(suffixes.shape)}")
+        deep = [] if deep is None else check_deep(deep, deep_start, p, width, len(self._blocks))
         tower = self.tower
         dtype = tower.dtype
-        x = torch.cat([prefix[0], suffixes.reshape(n_cls * length, width).index_select(0, self.rows)])
+        n_img = prefix.shape[0]
+        stored = suffixes.reshape(n_cls * length, width).index_select(0, self.rows)
+        x = torch.cat([prefix, stored.expand(n_img, *stored.shape)], dim=1)  # (B, rows, width)
         x = x.to(dtype) + tower.positional_embedding.index_select(0, self.positions).to(dtype)
-        for blk in self._blocks:
+        for i, blk in enumerate(self._blocks):
+            if 1 <= i <= len(deep):
+                ctx = deep[i - 1].to(dtype)
+                before, _, after = x.split([deep_start, len(ctx), x.shape[1] - deep_start - len(ctx)], 1)
+                x = torch.cat([before, ctx.expand(n_img, *ctx.shape), after], dim=1)
             x = self._block(blk, x)
-        return tower.head(x.index_select(0, self.eot_rows))
+        out = tower.head(x.index_select(1, self.eot_rows))  # (B, C, D)
+        return out if per_prefix else out[0]
+
+    def _check_inputs(self, prefix: Tensor, suffixes: Tensor, per_prefix: bool) -> None:
+        p = self.prefix_length
+        if (prefix.dim() != 3 or suffixes.dim() != 3 or prefix.shape[1:] != (p, suffixes.shape[2])
+                or prefix.shape[0] < 1 or (prefix.shape[0] != 1 and not per_prefix)
+                or suffixes.shape[:2] != (self.n_cls, self.prompt_length - p)):
+            many = "(B" if per_prefix else "(1"
+            raise ValueError(f"expected a {many}, {p}, width) prefix and {self.n_cls} x "
+                             f"{self.prompt_length - p} suffix tokens (several prefixes need "
+                             f"per_prefix=True), got {tuple(prefix.shape)} and {tuple(suffixes.shape)}")
+
+    def encode_full(self, prefix: Tensor, suffixes: Tensor, *, per_prefix: bool = False,
+                    deep: Sequence[Tensor] | None = None, deep_start: int = 1) -> Tensor:
+        """What :meth:`forward` computes, through :meth:`TextTower.encode_embeddings` on all
+        B * C whole prompts: the path for calls where :meth:`applies` is False (hooks,
+        dropout in training), same arguments and shapes."""
+        self._check_inputs(prefix, suffixes, per_prefix)
+        n_img, (n_cls, length, width) = prefix.shape[0], suffixes.shape
+        if deep is not None:  # the same check (and message) as forward: rows inside the prefix
+            check_deep(deep, deep_start, self.prefix_length, width, len(self.tower.transformer.resblocks))
+        prompts = torch.cat([prefix[:, None].expand(n_img, n_cls, -1, -1),
+                             suffixes[None].expand(n_img, -1, -1, -1)], dim=2)
+        out = self.tower.encode_embeddings(prompts.reshape(n_img * n_cls, -1, width),
+                                           self.eot.repeat(n_img), deep=deep, deep_start=deep_start)
+        out = out.view(n_img, n_cls, -1)
+        return out if per_prefix else out[0]
 
     def _block(self, blk: nn.Module, x: Tensor) -> Tensor:
         attn = blk.attn
@@ -331,58 +382,60 @@ class SharedPrefixEncoder(nn.Module):
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
     def _mha(self, attn: nn.MultiheadAttention, x: Tensor) -> Tensor:
-        rows, width = x.shape
+        n_img, rows, width = x.shape
         heads = attn.num_heads
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(rows, 3, heads, -1)
-        q, k, v = qkv.unbind(1)
-        out = self._attend(q, k, v).reshape(rows, width)
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(n_img, rows, 3, heads, -1)
+        q, k, v = qkv.unbind(2)
+        out = self._attend(q, k, v).reshape(n_img, rows, width)
         return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
     def _custom_attention(self, attn: nn.Module, x: Tensor) -> Tensor:
-        rows, width = x.shape
+        n_img, rows, width = x.shape
         heads = attn.num_heads
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(rows, 3, heads, -1)
-        q, k, v = qkv.unbind(1)
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(n_img, rows, 3, heads, -1)
+        q, k, v = qkv.unbind(2)
         out = self._attend(attn.ln_q(q), attn.ln_k(k), v)
         if attn.head_scale is not None:
             out = out * attn.head_scale.view(heads, 1)
-        return attn.out_proj(attn.ln_inner(out.reshape(rows, width)))
+        return attn.out_proj(attn.ln_inner(out.reshape(n_img, rows, width)))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Attention of rows ``[prefix; stored suffixes]`` given as (rows, heads, head_dim)."""
+        """Attention of rows ``[prefix; stored suffixes]`` of each prefix, given as (B, rows,
+        heads, head_dim)."""
         # one split per tensor (its backward is one cat), not a slice per segment (whose
         # backwards would each write and add a full-size gradient)
         sizes = self._split_sizes
-        (qp, *qs), (kp, *ks), (vp, *vs) = (t.split(sizes) for t in (q, k, v))
-        kp, vp = kp.transpose(0, 1), vp.transpose(0, 1)  # (H, P, d)
-        outs = [F.scaled_dot_product_attention(  # 4-D: the fused CUDA kernels want a batch dim
-            qp.transpose(0, 1)[None], kp[None], vp[None], is_causal=True)[0].transpose(0, 1)]
+        (qp, *qs), (kp, *ks), (vp, *vs) = (t.split(sizes, dim=1) for t in (q, k, v))
+        kp, vp = kp.transpose(1, 2), vp.transpose(1, 2)  # (B, H, P, d)
+        outs = [F.scaled_dot_product_attention(qp.transpose(1, 2), kp, vp, is_causal=True).transpose(1, 2)]
         for i, seg in enumerate(self.segments):
             qi, ki, vi = qs[i], ks[i], vs[i]
             if seg.gathered:
-                qi, ki, vi = (t.index_select(0, self.gather) for t in (qi, ki, vi))
+                qi, ki, vi = (t.index_select(1, self.gather) for t in (qi, ki, vi))
             out = _suffix_attention(qi, ki, vi, kp, vp, seg.n_cls, seg.length,
                                     getattr(self, f"mask{i}"))
-            outs.append(out.index_select(0, self.scatter) if seg.gathered else out)
-        return torch.cat(outs)
+            outs.append(out.index_select(1, self.scatter) if seg.gathered else out)
+        return torch.cat(outs, dim=1)
 
 
 def _suffix_attention(q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, n: int, s: int,
                       masked: Tensor) -> Tensor:
-    """Attention of ``n`` suffixes of ``s`` rows each (q, k, v: (n*s, H, d)) over the shared
-    prefix keys/values ``kp``, ``vp`` (H, P, d) and their own causal keys (``masked``: (s,
-    P + s), True where a key is later than the query), without copying the prefix per
-    suffix: the prefix scores are one (H, n*s, P) product.  Softmax in at least fp32."""
-    heads, p, d = kp.shape
+    """Attention of ``n`` suffixes of ``s`` rows each per prefix (q, k, v: (B, n*s, H, d))
+    over their own prefix's keys/values ``kp``, ``vp`` (B, H, P, d) and their own causal keys
+    (``masked``: (s, P + s), True where a key is later than the query), without copying a
+    prefix per suffix: the prefix scores are one (B, H, n*s, P) product.  Softmax in at
+    least fp32."""
+    b, heads, p, d = kp.shape
     q = q * d ** -0.5  # scaled before the products, as torch's attention does (fp16 range)
-    pre = torch.matmul(q.transpose(0, 1), kp.transpose(1, 2)).view(heads, n, s, p).transpose(0, 1)
-    q4 = q.view(n, s, heads, d).transpose(1, 2)  # (n, H, s, d)
-    own = torch.matmul(q4, k.view(n, s, heads, d).permute(0, 2, 3, 1))  # (n, H, s, s)
+    pre = torch.matmul(q.transpose(1, 2), kp.transpose(2, 3)).view(b, heads, n, s, p).transpose(1, 2)
+    q5 = q.view(b, n, s, heads, d).transpose(2, 3)  # (B, n, H, s, d)
+    own = torch.matmul(q5, k.view(b, n, s, heads, d).permute(0, 1, 3, 4, 2))  # (B, n, H, s, s)
     scores = torch.cat([pre, own], dim=-1).masked_fill(masked, float("-inf"))
     probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
-    out = torch.matmul(probs[..., p:], v.view(n, s, heads, d).transpose(1, 2))  # (n, H, s, d)
-    pre_out = torch.matmul(probs[..., :p].transpose(0, 1).reshape(heads, n * s, p), vp)
-    return (out.transpose(1, 2) + pre_out.view(heads, n, s, d).permute(1, 2, 0, 3)).reshape(n * s, heads, d)
+    out = torch.matmul(probs[..., p:], v.view(b, n, s, heads, d).transpose(2, 3))  # (B, n, H, s, d)
+    pre_out = torch.matmul(probs[..., :p].transpose(1, 2).reshape(b, heads, n * s, p), vp)
+    return (out.transpose(2, 3) + pre_out.view(b, heads, n, s, d).permute(0, 2, 3, 1, 4)
+            ).reshape(b, n * s, heads, d)
 
 
 def shared_prefix_encoder(tower: TextTower, prompt_learner: nn.Module, layout: str = DEFAULT_LAYOUT

@@ -18,11 +18,13 @@ with a class embedding or pooling other than the end-of-text token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["TextTower", "UnsupportedTextTowerError"]
 
@@ -147,16 +149,51 @@ class TextTower:
                              f"(open_clip.get_tokenizer) or a tower with eos_id={theirs}")
         return found.int().argmax(dim=-1)
 
-    def encode_embeddings(self, x: Tensor, eot: Tensor) -> Tensor:
+    def encode_embeddings(self, x: Tensor, eot: Tensor, *, deep: Sequence[Tensor] | None = None,
+                          deep_start: int = 1) -> Tensor:
         """Text features of prompts given as token embeddings ``x`` (N, L, width), read at
         ``eot`` (N,).  ``L`` may be anything from ``eot.max() + 1`` to the context length:
-        positions and the causal mask are sliced to ``L``, which is exact."""
+        positions and the causal mask are sliced to ``L``, which is exact.
+
+        ``deep``: deep text prompts as MaPLe / IVLP learn them, one (n, width) tensor per
+        block from the second on: before block ``j + 1`` the hidden rows ``deep_start ..
+        deep_start + n - 1`` of every prompt are replaced by ``deep[j]`` (cast to the tower's
+        dtype); block 0 sees ``x`` as given (its context rows are the shallow prompt) and
+        blocks after ``len(deep)`` carry the rows on unchanged.  The blocks then run one by
+        one (the reference path); without ``deep`` nothing changes."""
         n, length, _ = x.shape
         if length > self.context_length:
             raise ValueError(f"{length} tokens exceed the context length {self.context_length}")
         x = x.to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        mask = self.attn_mask[:length, :length]
+        if deep is None:
+            x = self.transformer(x, attn_mask=mask)
+        else:
+            x = self._run_deep(x, mask, check_deep(deep, deep_start, length, self.width,
+                                                   len(self.transformer.resblocks)), deep_start)
         return self.head(x[torch.arange(n, device=x.device), eot])  # pool first: ln_final is per token
+
+    def _run_deep(self, x: Tensor, mask: Tensor, deep: list[Tensor], start: int) -> Tensor:
+        """open_clip's ``Transformer.forward`` (batch-first input, either block layout, grad
+        checkpointing honoured) with the deep prompts put in before blocks 1 .. len(deep)."""
+        transformer = self.transformer
+        batch_first = getattr(transformer, "batch_first", True)
+        seq = 1 if batch_first else 0  # the token dimension inside the blocks
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for i, blk in enumerate(transformer.resblocks):
+            if 1 <= i <= len(deep):
+                ctx = deep[i - 1].to(x.dtype)
+                ctx = ctx.unsqueeze(0) if batch_first else ctx.unsqueeze(1)
+                before, _, after = x.split([start, ctx.shape[seq], x.shape[seq] - start - ctx.shape[seq]], seq)
+                shape = list(x.shape)
+                shape[seq] = ctx.shape[seq]
+                x = torch.cat([before, ctx.expand(shape), after], dim=seq)
+            if getattr(transformer, "grad_checkpointing", False) and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, None, None, mask, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask=mask)
+        return x if batch_first else x.transpose(0, 1)
 
     def head(self, pooled: Tensor) -> Tensor:
         """Text features from the transformer's outputs at the end-of-text tokens (N, width):
@@ -175,6 +212,26 @@ class TextTower:
         if truncate:
             tokens = tokens[:, : int(eot.max()) + 1]  # one sync, outside any training step
         return self.encode_embeddings(self.token_embedding(tokens), eot)
+
+
+def check_deep(deep: Sequence[Tensor], start: int, rows: int, width: int, blocks: int
+               ) -> list[Tensor]:
+    """The deep prompts as a list, or a ``ValueError`` saying what does not fit: each must be
+    (n, width) with rows ``start .. start + n - 1`` inside the first ``rows`` tokens, and
+    there is one per block after the first at most."""
+    deep = list(deep)
+    if len(deep) > blocks - 1:
+        raise ValueError(f"{len(deep)} deep prompts for a {blocks}-block transformer: at most "
+                         f"{blocks - 1} (one per block after the first)")
+    if start < 0:
+        raise ValueError(f"deep_start must be >= 0, got {start}")
+    for j, ctx in enumerate(deep):
+        if ctx.dim() != 2 or ctx.shape[1] != width:
+            raise ValueError(f"deep[{j}] must be (n, {width}), got {tuple(ctx.shape)}")
+        if start + ctx.shape[0] > rows:
+            raise ValueError(f"deep[{j}] replaces rows {start}..{start + ctx.shape[0] - 1}, "
+                             f"beyond the {rows} rows it may replace")
+    return deep
 
 
 def normalize(x: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ __all__ = ["StepOutput", "train_step", "compute_grads", "build_optimizer", "coop
            "GRAD_MODES"]
 
 GRAD_MODES = ("auto", "batched", "two_pass")
-_AUTO: dict[tuple, str] = {}  # (device type, dtype) -> the mode "auto" settled on
+_AUTO: dict[tuple, str] = {}  # (device type, dtype[, "image"]) -> the mode "auto" settled on
 
 
 @dataclass
@@ -55,11 +56,12 @@ def _accumulate(p: Tensor, g: Tensor) -> None:
         p.grad.add_(g)
 
 
-def compute_grads(optimizer: ProGradSGD, text_features: Tensor, ce: Tensor, kl: Tensor | None,
-                  grad_mode: str = "auto", all_reduce: bool | None = None) -> None:
+def compute_grads(optimizer: ProGradSGD, text_features: Tensor | Sequence[Tensor], ce: Tensor,
+                  kl: Tensor | None, grad_mode: str = "auto", all_reduce: bool | None = None) -> None:
     """Fill ``p.grad`` with d(ce)/dp and store d(kl)/dp in ``optimizer`` (``kl=None``: CoOp).
 
-    ``text_features`` is the tensor through which both losses reach the parameters; pass
+    ``text_features`` is the tensor (or tensors: the text and the prompted image features
+    of a vision-prompted learner) through which both losses reach the parameters; pass
     the already scaled losses when using a ``GradScaler``.  ``all_reduce`` (default: when
     torch.distributed runs more than one process) averages the general gradients over the
     processes in both grad modes, as :func:`prograd_fast.backward` does; ``p.grad`` is left
@@ -74,16 +76,21 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor, ce: Tensor, kl: 
             if g is not None:
                 _accumulate(p, g)
         return
-    key = (text_features.device.type, text_features.dtype)
+    junction = [text_features] if isinstance(text_features, Tensor) else list(text_features)
+    # the prompted image tower's batched backward is probed on its own (other layers)
+    key = (junction[0].device.type, junction[0].dtype) + (("image",) if len(junction) > 1 else ())
     probe = grad_mode == "auto" and key not in _AUTO
     if grad_mode == "auto" and not probe:
         grad_mode = _AUTO[key]
     if grad_mode == "two_pass":
         prograd_backward(optimizer, ce, kl, all_reduce=all_reduce)
         return
-    g_ce, = torch.autograd.grad(ce, text_features, retain_graph=True)
-    g_kl, = torch.autograd.grad(kl, text_features, retain_graph=True)
-    grad_outputs = torch.stack([g_ce, g_kl])
+    g_ce = torch.autograd.grad(ce, junction, retain_graph=True, allow_unused=True,
+                               materialize_grads=True)
+    g_kl = torch.autograd.grad(kl, junction, retain_graph=True, allow_unused=True,
+                               materialize_grads=True)
+    text_features = junction  # one batched backward from every junction tensor
+    grad_outputs = [torch.stack([a, b]) for a, b in zip(g_ce, g_kl)]
     if probe:
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -126,7 +133,10 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
     another optimiser (e.g. ``torch.optim.SGD``) also gets plain CoOp.  No host sync.
     ``loss_weight`` multiplies both losses before the gradients (data-parallel training
     weighs each process's share of a global batch); ``inputs_are_features``: ``images``
-    are already normalised image features (cached training features).  A learner's own
+    are already normalised image features (cached training features; refused for a
+    learner that prompts the image tower).  An image-conditioned learner (CoCoOp) gets the
+    image features for its prompts; a vision-prompted one (MaPLe) is scored on its prompted
+    image tower, and the teacher on one more no-grad pass of the frozen tower.  A learner's own
     loss (:meth:`PromptedCLIP.extra_loss`, e.g. KgCoOp's) is added to the cross-entropy:
     ``p.grad`` is the gradient of that sum (ProGrad's domain gradient); ``ce`` stays the
     cross-entropy alone.
@@ -136,10 +146,18 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
     ctx = (torch.autocast(images.device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else nullcontext())
     with ctx:
-        image_features = images if inputs_are_features else model.encode_image(images)
-        text_features = model.text_features()
+        vision = model.vision_prompted
+        if inputs_are_features:
+            if vision:
+                raise ValueError(f"{type(model.prompt_learner).__name__} prompts the image "
+                                 f"tower: train on images, not on cached image features")
+            image_features = teacher_features = images
+        else:
+            image_features = model.student_image_features(images)
+            teacher_features = model.encode_image(images) if vision else image_features
+        text_features = model.text_features(image_features)
         logits = model.logits(image_features, text_features)
-        zs = model.zeroshot_logits(image_features)
+        zs = model.zeroshot_logits(teacher_features)
     loss_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
     ce, kl = prograd_losses(logits.to(loss_dtype), zs.to(loss_dtype), labels, temperature)
     extra = model.extra_loss(text_features)  # the learner's own term: part of the domain loss
@@ -148,7 +166,8 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
     scale = scaler.scale if scaler is not None else (lambda x: x)
     weighted = (lambda x: x) if isinstance(loss_weight, (int, float)) and loss_weight == 1 else (
         lambda x: x * loss_weight)
-    compute_grads(optimizer, text_features, scale(weighted(domain)),
+    junction = (text_features, image_features) if vision else text_features
+    compute_grads(optimizer, junction, scale(weighted(domain)),
                   scale(weighted(kl)) if prograd else None, grad_mode)
     if step:
         if scaler is not None:

@@ -83,17 +83,29 @@ def correct_counts(model: PromptedCLIP, loader: Sequence, device: torch.device |
                    zeroshot: bool = False, autocast_dtype: torch.dtype | None = None,
                    inputs_are_features: bool = False) -> torch.Tensor:
     """``[correct, total]`` on the device (no sync), for sums over processes or shards.
-    ``inputs_are_features``: the loader yields normalised image features, not images."""
+    ``inputs_are_features``: the loader yields normalised image features, not images
+    (refused for a learner that prompts the image tower: cached features are the frozen
+    tower's).  An image-conditioned learner's text features are built per batch."""
     device = torch.device(device)
+    if inputs_are_features and not zeroshot and model.vision_prompted:
+        raise ValueError(f"{type(model.prompt_learner).__name__} prompts the image tower: "
+                         f"evaluate it on images, not on cached image features")
     counts = torch.zeros(2, dtype=torch.long, device=device)
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else torch.autocast(device.type, enabled=False))
+    per_batch = not zeroshot and model.image_conditioned
     with ctx:
-        text = None if zeroshot else model.text_features()
+        text = None if zeroshot or per_batch else model.text_features()
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            feats = images if inputs_are_features else model.encode_image(images)
-            logits = model.zeroshot_logits(feats) if zeroshot else model.logits(feats, text)
+            if inputs_are_features:
+                feats = images
+            else:
+                feats = model.encode_image(images) if zeroshot else model.student_image_features(images)
+            if zeroshot:
+                logits = model.zeroshot_logits(feats)
+            else:
+                logits = model.logits(feats, model.text_features(feats) if per_batch else text)
             counts[0] += (logits.argmax(-1) == labels).sum()
             counts[1] += labels.numel()
     return counts
