@@ -364,7 +364,7 @@ def build_ours(method: str, scale: Scale, state: dict,
 class Row:
     method: str
     target: float
-    status: str = "measured"  # or "not registered yet" / "error: ..."
+    status: str = "measured"  # or "not registered yet" / "skipped: ..." / "error: ..."
     official_ms: list[float] = field(default_factory=list)
     ours_ms: list[float] = field(default_factory=list)
 
@@ -398,6 +398,10 @@ def official_memory_gb(method: str, scale: Scale, n_classes: int, size: int) -> 
     per_sequence = 77 * 512 * 4 * SAVED_PER_LAYER * scale.text_layers
     models = 2 * 0.6 * (scale.text_layers + scale.vision_layers) / 24  # official's and ours
     return sequences * per_sequence / 1e9 + models + 0.5  # + the image tower's, the rest
+
+
+#: Memory left to the rest of the machine (a shared one) when an official step runs.
+HEADROOM_GB = 2.0
 
 
 def available_gb() -> float | None:
@@ -436,19 +440,24 @@ def run(args) -> dict:
     rows = {m: Row(m, TARGETS[m]) for m in args.methods}
     todo = [m for m in args.methods if registered(m) is not None]
     for m in args.methods:
-        if m not in todo:
-            rows[m].status = "not registered yet"
+        rows[m].status = "pending (the run stopped before it)" if m in todo else \
+            "not registered yet"
+    facts = report(args, scale, n_classes, size)
+
+    def results() -> dict:
+        return dict(facts, rows=[rows[m].as_dict() for m in args.methods])
+
     official = state = None
     for method in todo:
         row = rows[method]
         need, free = official_memory_gb(method, scale, n_classes, size), available_gb()
-        if args.memory_check and free is not None and need > free:
+        if args.memory_check and free is not None and need > free - HEADROOM_GB:
             row.status = (f"skipped: its official step needs about {need:.0f} GB of memory, "
                           f"{free:.0f} GB available")
             print(f"{method}: {row.status}", flush=True)
             continue
         print(f"{method}: building the official model and ours ...", flush=True)
-        theirs = ours = None
+        row.status, theirs, ours = "measured", None, None
         try:
             if official is None:  # imported once, for the methods to measure
                 official = load_official(args.vendor, args.work, todo)
@@ -468,8 +477,15 @@ def run(args) -> dict:
             row.official_ms, row.ours_ms = [], []
         theirs = ours = None  # this method's models go before the next one's are built
         gc.collect()
-    return dict(report(args, scale, n_classes, size),
-                rows=[rows[m].as_dict() for m in args.methods])
+        save(args.json, results())  # what is measured so far, should the run be stopped
+    return results()
+
+
+def save(path: Path | None, data: dict) -> None:
+    """Write the results as JSON to ``path`` (nothing when None)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def cpu_model() -> str:
@@ -616,9 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         if threads:
             torch.set_num_threads(int(threads))
         data = run(args)
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(data, indent=1) + "\n")
+        save(args.json, data)
     body = render(data)
     print(body)
     if args.write is not None:
