@@ -27,12 +27,15 @@
 #   9. compute-sanitizer memcheck, then racecheck, on every kernel    40+40 s  _MEMCHECK_S,
 #      (benchmarks/sanitize_kernels.py)                                       _RACECHECK_S
 #  10. the other benchmarks/gpu_*.py scripts (hardening, end to end,
-#      shared prefix; the end-to-end ones need open_clip from .whl/)  45 s each _OTHER_S
+#      shared prefix, one ProGrad step of every prompt learner with rows
+#      in $OUT/gpu_learners.jsonl; the end-to-end ones need open_clip
+#      from .whl/)                                                   45 s each _OTHER_S
 #  11. with the time left: tests/test_triton_backend.py on CUDA        the rest _TRITONTESTS_S
 # (overrides are DEVICE_CHECK_<NAME>, e.g. DEVICE_CHECK_BUILD_S.)  Every step prints its
 # outcome line as it ends; the log, the VERDICT lines and the bench rows are in $OUT from the
 # moment they exist (at most 8 files come back from the GPU machine: device_check.log,
-# verdicts.txt, gpu_kernels_bench.jsonl/.json, BENCHMARKS.md, sanitizer_{memcheck,racecheck}.log),
+# verdicts.txt, gpu_kernels_bench.jsonl/.json, BENCHMARKS.md, sanitizer.log (both tools),
+# gpu_learners.jsonl: 7, one to spare),
 # so a call cut short still returns its numbers.  The summary and the VERDICT lines are printed
 # last (also on SIGTERM).  Exit status 0 when every step passed.
 #
@@ -233,20 +236,23 @@ run_step "CUDA kernel tests: tests/test_cuda_build.py (every plan)" \
     "${DEVICE_CHECK_CUDATESTS_S:-60}" $PY -m pytest -q -rs tests/test_cuda_build.py -k "not compile"
 # memcheck sees out-of-bounds accesses inside the caching allocator's blocks only when each
 # tensor is its own allocation: PYTORCH_NO_CUDA_MEMORY_CACHING=1.
-sanitize() {  # sanitize TOOL: the driver under compute-sanitizer, its log in $OUTDIR
-    local log="$OUTDIR/sanitizer_$1.log" rc
+sanitize() {  # sanitize TOOL: the driver under compute-sanitizer, appended to $OUTDIR/sanitizer.log
+    local log rc
+    log=$(mktemp)
     if [ "$REHEARSAL" != "0" ]; then  # no GPU for the tool: the driver alone, up to CUDA
         echo "rehearsal: compute-sanitizer $1 left out, the driver runs alone"
         $PY benchmarks/sanitize_kernels.py > "$log" 2>&1
         rc=$?
         tail -n 5 "$log"
-        return $rc
+    else
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$1" --error-exitcode 3 \
+            --print-limit 20 $PY benchmarks/sanitize_kernels.py > "$log" 2>&1
+        rc=$?
+        tail -n 25 "$log"
+        if [ $rc -eq 0 ] && ! grep -q "sanitize driver done: 0 failed" "$log"; then rc=4; fi
     fi
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$1" --error-exitcode 3 \
-        --print-limit 20 $PY benchmarks/sanitize_kernels.py > "$log" 2>&1
-    rc=$?
-    tail -n 25 "$log"
-    if [ $rc -eq 0 ] && ! grep -q "sanitize driver done: 0 failed" "$log"; then rc=4; fi
+    { echo "=== compute-sanitizer $1 (exit $rc)"; cat "$log"; } >> "$OUTDIR/sanitizer.log"
+    rm -f "$log"
     return $rc
 }
 if [ -n "$SANITIZER" ] || [ "$REHEARSAL" != "0" ]; then

@@ -15,7 +15,8 @@ from .checks import (AT_LEAST_0, AT_LEAST_1, POSITIVE, UNIT, CLIError,  # noqa: 
                      range_error)
 from .checks import check_device as _check_device, one_line as _one_line  # noqa: E402
 from .checks import model_from_args as _load_model  # noqa: E402
-from .cli_help import PRETRAINED_HELP, HelpFormatter, plot_note  # noqa: E402  (no torch: fast --help)
+from .cli_help import (PRETRAINED_HELP, PROGRAD_GROUPS_CHOICES,  # noqa: E402  (no torch: fast --help)
+                       PROGRAD_GROUPS_HELP, HelpFormatter, methods_help, plot_note)
 
 
 # --share-prefix: "auto" / "off" and the shared-prefix encoder's suffix layouts
@@ -66,9 +67,10 @@ def _add_train(sub) -> None:
                         "required)")
     p.add_argument("--pretrained", default="none", help=PRETRAINED_HELP)
     from .methods import METHODS
-    p.add_argument("--method", choices=list(METHODS), default="prograd",
-                   help="zeroshot: hand-crafted template, no training; coop: plain CoOp; "
-                        "prograd: CoOp with ProGrad's prompt-aligned gradient")
+    p.add_argument("--method", choices=list(METHODS), default="prograd", metavar="METHOD",
+                   help="the method, of " + methods_help() + "; a method with an official "
+                        "config gets its prompt (context length, depth) unless --n-ctx / "
+                        "--ctx-init say otherwise; the schedule is this command's options")
     p.add_argument("--shots", type=int, default=16, help="training images per class (<=0: all)")
     p.add_argument("--seed", type=int, default=1,
                    help="seed of the few-shot draw, the context's initialisation and the order")
@@ -93,6 +95,8 @@ def _add_train(sub) -> None:
     p.add_argument("--granularity", choices=["global", "tensor"], default="global",
                    help="project the gradient as one vector over all prompt tensors (global, "
                         "the paper's) or per tensor")
+    p.add_argument("--prograd-groups", choices=PROGRAD_GROUPS_CHOICES, default="together",
+                   help=PROGRAD_GROUPS_HELP)
     p.add_argument("--backend", default="auto",
                    help="ProGradSGD kernel backend: auto, triton, cuda, cpp or torch")
     p.add_argument("--n-ctx", type=int, default=None,
@@ -102,6 +106,9 @@ def _add_train(sub) -> None:
     p.add_argument("--ctx-init", default=None,
                    help="initial context words, e.g. 'a photo of a' (they set the context "
                         "length); default: random N(0, 0.02) context")
+    p.add_argument("--prompt-depth", type=int, default=None,
+                   help="maple, ivlp, vpt: the layers that get deep prompts (default: the "
+                        "method's official config: 9 for MaPLe, 12 for IVLP and VPT)")
     p.add_argument("--kg-weight", type=float, default=8.0,
                    help="kgcoop: weight W of KgCoOp's knowledge-guided loss (default: the "
                         "official 8.0)")
@@ -202,7 +209,9 @@ def _check_train_args(args) -> None:
     if args.data != "digits" and not Path(args.data).exists():
         raise CLIError(f"--data {args.data!r} does not exist (an ImageFolder root, a CoOp "
                        f"split_*.json or a folder holding one, or 'digits')")
-    bad = range_error((("--n-ctx", args.n_ctx, AT_LEAST_1), ("--epochs", args.epochs, AT_LEAST_0),
+    bad = range_error((("--n-ctx", args.n_ctx, AT_LEAST_1),
+                       ("--prompt-depth", args.prompt_depth, AT_LEAST_1),
+                       ("--epochs", args.epochs, AT_LEAST_0),
                        ("--eval-every", args.eval_every, AT_LEAST_0),
                        ("--num-workers", args.num_workers, AT_LEAST_0),
                        ("--batch-size", args.batch_size, AT_LEAST_1), ("--lam", args.lam, UNIT),
@@ -240,7 +249,6 @@ def cmd_train(args) -> int:
     from .clip import parallel
     from .datasets.cli import load_named
     from .methods import get_method
-    from .protocols.config import KGCOOP_METHODS
     from . import runs
 
     typed = dict(vars(args))  # the options as typed: the default folder name
@@ -282,21 +290,19 @@ def cmd_train(args) -> int:
 
         ctx_init = DEMO_DEFAULTS["ctx_init"]  # 16 learned tokens do not fit a 16-token tower
     method = get_method(args.method)
-    prompt = {"n_ctx": 16 if n_ctx is None else n_ctx, "ctx_init": ctx_init}
+    try:
+        prompt = _train_prompt(args, n_ctx, ctx_init, templates)
+    except ValueError as exc:  # an option the method's learner does not take
+        raise CLIError(str(exc)) from None
     if method.learner is not None:
         prompt["learner"] = method.learner
-    if args.method in KGCOOP_METHODS:  # KgCoOp's own prompt ("a photo of a") unless given
-        if n_ctx is None and ctx_init is None:
-            del prompt["n_ctx"], prompt["ctx_init"]
-        prompt.update(kg_weight=args.kg_weight, kg_templates=templates, template_set="kgcoop")
     try:
         model = PromptedCLIP(clip, split.classnames, tokenizer=tokenizer, templates=templates,
                              **prompt,
-                             class_specific=args.class_specific,
-                             class_token_position=args.class_token_position,
                              share_prefix=_SHARE_PREFIX.get(args.share_prefix, args.share_prefix))
     except (ValueError, TypeError) as exc:  # prompts too long, unknown template, refused tower
-        raise CLIError(_one_line(exc)) from exc
+        hint = " (--prompt-depth N)" if "use a depth" in str(exc) else ""
+        raise CLIError(_one_line(exc) + hint) from exc
     from .protocols.features import model_fingerprint
 
     data_id = runs.data_fingerprint(full.train + full.val + full.test, None)
@@ -326,13 +332,16 @@ def cmd_train(args) -> int:
                       lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, lam=args.lam,
                       temperature=args.temperature, granularity=args.granularity,
+                      prograd_groups=args.prograd_groups,
                       backend=args.backend, precision=args.precision, grad_mode=args.grad_mode,
                       seed=args.seed, num_workers=args.num_workers, output_dir=str(out),
                       progress=not args.no_progress, eval_every=args.eval_every,
-                      extra={"prompt": saved_prompt_settings(args, model, split, templates)})
+                      extra={"prompt": saved_prompt_settings(args, model, split, templates,
+                                                             prompt)})
     say(f"{args.method}: {len(split.classnames)} classes, {len(train_items)} training images "
         f"({args.shots} shots, seed {args.seed}), {len(split.test)} test images, "
-        f"prompt length {model.prompt_learner.length} tokens ({_prefix_note(model)}), device {device}, "
+        f"prompt length {getattr(model.prompt_learner, 'length', '?')} tokens "
+        f"({_prefix_note(model)}), device {device}, "
         f"{parallel.world_size()} process(es)")
     val_set = None
     if args.eval_split == "val":
@@ -361,6 +370,30 @@ def cmd_train(args) -> int:
         atomic_write_json(out / "result.json", runs.seal(result))
     say(_result_line(result, out))
     return 0
+
+
+def _train_prompt(args, n_ctx: int | None, ctx_init: str | None, templates) -> dict:
+    """The learner's settings: a method with an official config (MaPLe, CoCoOp, ...) gets
+    its config's prompt with the options given on top (refused where its learner has no
+    such setting); KgCoOp its own; the others CoOp's."""
+    from .protocols.config import KGCOOP_METHODS, PromptOverrides, config_overrides, method_config
+
+    own = method_config(args.method)
+    if own is not None:
+        given = PromptOverrides(n_ctx, ctx_init, args.class_specific, args.class_token_position,
+                                depth=args.prompt_depth)
+        return config_overrides(args.method, dict(own.prompt), given)
+    if args.prompt_depth is not None:
+        raise ValueError(f"--prompt-depth: {args.method} has no deep prompts (maple, ivlp and "
+                         f"vpt have)")
+    prompt = {"n_ctx": 16 if n_ctx is None else n_ctx, "ctx_init": ctx_init,
+              "class_specific": args.class_specific,
+              "class_token_position": args.class_token_position}
+    if args.method in KGCOOP_METHODS:  # KgCoOp's own prompt ("a photo of a") unless given
+        if n_ctx is None and ctx_init is None:
+            del prompt["n_ctx"], prompt["ctx_init"]
+        prompt.update(kg_weight=args.kg_weight, kg_templates=templates, template_set="kgcoop")
+    return prompt
 
 
 def _result_line(result: dict, out: Path) -> str:
@@ -402,17 +435,27 @@ def _claim_folder(out: Path, args, settings: dict) -> tuple[Path, str]:
             raise CLIError(str(exc2)) from None
 
 
-def saved_prompt_settings(args, model, split, templates) -> dict:
+def saved_prompt_settings(args, model, split, templates, prompt: dict | None = None) -> dict:
     """What ``prograd-fast eval`` needs to rebuild this run's prompt (kept in the checkpoint's
-    and log.json's config)."""
+    and log.json's config).  ``prompt``: the settings the model was built with; a method
+    with a learner of its own (KgCoOp, CoCoOp, MaPLe, ...) records them as
+    ``learner_settings`` (its constructor's keywords) and the teacher's ``template_set``."""
+    from .methods import get_method
+
     pl = model.prompt_learner
-    return {"model": args.model or ("digits" if args.data == "digits" else None),
+    own = {}
+    if prompt is not None and get_method(args.method).learner is not None:
+        own = {"template_set": prompt.get("template_set", "coop"),
+               "learner_settings": {k: v for k, v in prompt.items()
+                                    if k not in ("learner", "template_set")}}
+    return {**own, "model": args.model or ("digits" if args.data == "digits" else None),
             "pretrained": args.pretrained, "data": args.data, "shift": args.shift,
             "dataset": args.dataset, "root": args.root,
             "subsample": args.subsample, "classnames": list(split.classnames),
-            "templates": templates, "n_ctx": pl.n_ctx, "ctx_init": pl.ctx_init,
-            "ctx_init_mode": pl.ctx_init_mode, "class_specific": pl.class_specific,
-            "class_token_position": pl.class_token_position,
+            "templates": templates, "n_ctx": getattr(pl, "n_ctx", None),
+            "ctx_init": getattr(pl, "ctx_init", None),
+            "ctx_init_mode": getattr(pl, "ctx_init_mode", None),
+            "class_specific": pl.class_specific, "class_token_position": pl.class_token_position,
             "share_prefix": args.share_prefix}
 
 

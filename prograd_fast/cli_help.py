@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 __all__ = ["HelpFormatter", "available_cores", "default_workers", "plot_note", "PLOT_NEEDS",
-           "PRETRAINED_HELP"]
+           "PRETRAINED_HELP", "PROGRAD_GROUPS_CHOICES", "PROGRAD_GROUPS_HELP", "methods_help"]
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -60,6 +60,19 @@ def default_workers(wanted: int = 4) -> int:
 PRETRAINED_HELP = ("open_clip pretrained tag (e.g. openai) or a state-dict file; 'none': "
                    "random weights (only meaningful for tests)")
 PLOT_NEEDS = "no plot: it needs matplotlib (pip install matplotlib)"
+# --prograd-groups (prograd_fast.clip.trainer.PROGRAD_GROUPS, spelled out: --help needs no torch)
+PROGRAD_GROUPS_CHOICES = ("together", "apart")
+PROGRAD_GROUPS_HELP = ("a learner with prompts in both towers (MaPLe, IVLP): ProGrad projects "
+                       "them as one vector (together, the paper's rule) or each tower's prompt "
+                       "on its own (apart); docs/coop.md, 'Parameter groups'")
+
+
+def methods_help() -> str:
+    """The registered methods, for ``--help`` (the registry is torch-free)."""
+    from .methods import METHODS
+
+    return ("; ".join(f"{name}: {m.title}" for name, m in METHODS.items())
+            + " (NAME+prograd: NAME with ProGrad's projection)")
 
 
 def plot_note(path: str | Path) -> str:

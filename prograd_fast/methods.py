@@ -95,3 +95,15 @@ _COCOOP = LazyLearner("prograd_fast.clip.cocoop:CoCoOpLearner")
 register_method(Method("cocoop", "CoCoOp", learner=_COCOOP, in_default_grid=False))
 register_method(Method("cocoop+prograd", "CoCoOp + ProGrad", prograd=True, learner=_COCOOP,
                        in_default_grid=False))
+_MAPLE = LazyLearner("prograd_fast.clip.maple:MaPLeLearner")
+register_method(Method("maple", "MaPLe", learner=_MAPLE, in_default_grid=False))
+register_method(Method("maple+prograd", "MaPLe + ProGrad", prograd=True, learner=_MAPLE,
+                       in_default_grid=False))
+_IVLP = LazyLearner("prograd_fast.clip.ivlp:IVLPLearner")
+register_method(Method("ivlp", "IVLP", learner=_IVLP, in_default_grid=False))
+register_method(Method("ivlp+prograd", "IVLP + ProGrad", prograd=True, learner=_IVLP,
+                       in_default_grid=False))
+_VPT = LazyLearner("prograd_fast.clip.vpt:VPTLearner")
+register_method(Method("vpt", "VPT", learner=_VPT, in_default_grid=False))
+register_method(Method("vpt+prograd", "VPT + ProGrad", prograd=True, learner=_VPT,
+                       in_default_grid=False))

@@ -145,6 +145,17 @@ class ProGradSGD(Optimizer):
                     group[key] = value
 
     def add_param_group(self, param_group: dict) -> None:
+        """As torch's; a group's own ``lam`` and ``granularity`` are checked as the
+        defaults are (a group may differ: e.g. ``lam=0`` for a part never projected)."""
+        name = param_group.get("name", len(getattr(self, "param_groups", ())))
+        lam = param_group.get("lam")
+        if lam is not None and not 0.0 <= lam <= 1.0:
+            raise ValueError(f"parameter group {name}: lam must be in [0, 1] (1 is ProGrad), "
+                             f"got {lam}")
+        granularity = param_group.get("granularity")
+        if granularity is not None and granularity not in GRANULARITIES:
+            raise ValueError(f"parameter group {name}: granularity must be one of "
+                             f"{GRANULARITIES}, got {granularity!r}")
         super().add_param_group(param_group)
         if hasattr(self, "_stats"):
             self._stats.append(None)

@@ -115,9 +115,9 @@ def test_the_methods_are_listed_once():
     assert trainer.METHODS is methods.METHODS and config.METHODS is methods.METHODS
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     [method] = [a for a in train._actions if a.dest == "method"]
-    assert list(method.choices) == list(methods.METHODS) == ["zeroshot", "coop", "prograd",
-                                                       "kgcoop", "kgcoop+prograd",
-                                                       "cocoop", "cocoop+prograd"]
+    assert list(method.choices) == list(methods.METHODS) == [
+        "zeroshot", "coop", "prograd", "kgcoop", "kgcoop+prograd", "cocoop", "cocoop+prograd",
+        "maple", "maple+prograd", "ivlp", "ivlp+prograd", "vpt", "vpt+prograd"]
     with pytest.raises(ValueError, match="already registered"):
         methods.register_method(methods.Method("coop", "CoOp"))
 

@@ -79,6 +79,7 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor | Sequence[Tensor
     junction = [text_features] if isinstance(text_features, Tensor) else list(text_features)
     # the prompted image tower's batched backward is probed on its own (other layers)
     key = (junction[0].device.type, junction[0].dtype) + (("image",) if len(junction) > 1 else ())
+    junction = [t for t in junction if t.requires_grad]  # fixed text features (VPT) do not join
     probe = grad_mode == "auto" and key not in _AUTO
     if grad_mode == "auto" and not probe:
         grad_mode = _AUTO[key]
@@ -112,8 +113,9 @@ def compute_grads(optimizer: ProGradSGD, text_features: Tensor | Sequence[Tensor
         if g is not None:
             _accumulate(p, g[0])
             general[p] = g[1]
-    optimizer.store_general_grads(
-        [general.get(p) for grp in optimizer.param_groups for p in grp["params"]])
+    optimizer.store_general_grads(  # a group never projected (lam 0) needs none
+        [general.get(p) if grp["lam"] > 0 else None
+         for grp in optimizer.param_groups for p in grp["params"]])
     if all_reduce is None:
         all_reduce = distributed_world() > 1
     if all_reduce:
@@ -179,11 +181,29 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
 
 
 def build_optimizer(model: PromptedCLIP, lr: float = 0.002, momentum: float = 0.9,
-                    weight_decay: float = 5e-4, lam: float = 1.0, **kwargs) -> ProGradSGD:
+                    weight_decay: float = 5e-4, lam: float = 1.0, split_groups: bool = False,
+                    **kwargs) -> ProGradSGD:
     """CoOp's SGD (lr 0.002, momentum 0.9, weight decay 5e-4) on the prompt learner, with
-    ProGrad's projection (``lam=1``) or plain CoOp (``lam=0``)."""
-    params = [p for p in model.prompt_learner.parameters() if p.requires_grad]
-    return ProGradSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, lam=lam,
+    ProGrad's projection (``lam=1``) or plain CoOp (``lam=0``).
+
+    The parameter groups are the learner's ``param_groups(split_groups)``: by default one
+    group, projected as one vector (ProGrad's paper); ``split_groups=True`` lets a learner
+    with prompts in both towers give one group per tower, each projected on its own.  A
+    group's own ``"lam"`` (0 for a part the teacher's loss does not reach) or
+    ``"granularity"`` overrides ``lam`` / ``granularity`` for it; ``lam=0`` is plain CoOp
+    for every group.  Groups left without a parameter that requires grad are dropped."""
+    learner = model.prompt_learner
+    hook = getattr(learner, "param_groups", None)
+    groups = hook(split_groups) if hook is not None else [
+        {"params": [p for p in learner.parameters() if p.requires_grad]}]
+    built = []
+    for group in groups:
+        group = {**group, "params": [p for p in group["params"] if p.requires_grad]}
+        if lam == 0:
+            group["lam"] = 0.0
+        if group["params"]:
+            built.append(group)
+    return ProGradSGD(built, lr=lr, momentum=momentum, weight_decay=weight_decay, lam=lam,
                       **kwargs)
 
 

@@ -20,9 +20,12 @@ from .model import PromptedCLIP
 from .train import build_optimizer, coop_lr_lambda, train_step
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "correct_counts", "transfer_context", "METHODS",
-           "PRECISIONS", "epoch_line"]
+           "PRECISIONS", "PROGRAD_GROUPS", "epoch_line"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``together``: the learner's whole prompt is one projected vector (ProGrad's paper);
+#: ``apart``: a learner with prompts in both towers projects each tower's on its own.
+PROGRAD_GROUPS = ("together", "apart")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class TrainConfig:
     progress: bool = True
     drop_last: bool = False
     inputs: str = "images"
+    prograd_groups: str = "together"
     plot: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -66,6 +70,9 @@ class TrainConfig:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.inputs not in ("images", "features"):
             raise ValueError(f"inputs must be 'images' or 'features', got {self.inputs!r}")
+        if self.prograd_groups not in PROGRAD_GROUPS:
+            raise ValueError(f"prograd_groups must be one of {PROGRAD_GROUPS}, got "
+                             f"{self.prograd_groups!r}")
 
 
 @torch.no_grad()
@@ -162,11 +169,16 @@ class Trainer:
             val_set = Subset(val_set, range(self.rank, len(val_set), self.world))
         self.val_loader = (DataLoader(val_set, batch_size=max(config.batch_size, 100),
                                       num_workers=config.num_workers) if val_set is not None else None)
+        if config.inputs == "features" and model.vision_prompted:
+            raise ValueError(f"{type(model.prompt_learner).__name__} prompts the image tower: "
+                             f"train it on images (inputs='images'), not on cached image "
+                             f"features")
         self.method = get_method(config.method)
         lam = config.lam if self.method.prograd else 0.0
         self.optimizer = build_optimizer(model, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay, lam=lam,
-                                         granularity=config.granularity, backend=config.backend)
+                                         granularity=config.granularity, backend=config.backend,
+                                         split_groups=config.prograd_groups == "apart")
         self._lr_factor = coop_lr_lambda(max(config.epochs, 1), config.warmup_epochs,
                                          config.lr, config.warmup_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -260,10 +272,12 @@ class Trainer:
 
         cfg, dev = self.config, self.device
         self.model.train()
-        sums = torch.zeros(3, device=dev)  # ce, kl, conflict
+        groups = self.optimizer.param_groups
+        projected = [i for i, g in enumerate(groups) if g["lam"] > 0]
+        sums = torch.zeros(3 + len(projected), device=dev)  # ce, kl, conflict, per group
         n = 0
         loader, weights = self._loader()
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        params = [p for g in groups for p in g["params"] if p.requires_grad]
         bar = tqdm(loader, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress or self.rank != 0, leave=False)
         for i, (images, labels) in enumerate(bar):
@@ -279,20 +293,30 @@ class Trainer:
                     self.scaler.update()
                 else:
                     self.optimizer.step()
-            stats = self.optimizer.stats()[0]
-            conflict = (stats["conflict"].float().mean() if stats is not None
-                        else torch.zeros((), device=dev))
             w = weights[i]  # this process's share of the global batch's mean loss
-            sums += torch.stack([out.ce * w, out.kl * w, conflict.to(dev)])
+            sums += torch.stack([out.ce * w, out.kl * w, *self._conflicts(projected)])
             n += 1
             if cfg.progress and (i + 1) % cfg.log_every == 0:  # the only in-epoch sync
-                ce, kl, cf = (sums / n).tolist()
+                ce, kl, cf = (sums[:3] / n).tolist()
                 bar.set_postfix(ce=f"{ce:.3f}", kl=f"{kl:.3f}", conflict=f"{cf:.2f}")
         parallel.all_reduce_sum(sums)  # the global batches' mean losses, as one process logs them
-        ce, kl, cf = (sums / (max(n, 1) * self.world)).tolist()
-        return {"ce": ce, "kl": kl, "conflict_rate": cf if self.method.prograd else None,
-                "images": sum(len(b) for b, w in zip(loader.batch_sampler, weights) if w > 0),
-                "processes": self.world}  # images: this process's share of the epoch
+        ce, kl, cf, *per_group = (sums / (max(n, 1) * self.world)).tolist()
+        row = {"ce": ce, "kl": kl, "conflict_rate": cf if self.method.prograd else None,
+               "images": sum(len(b) for b, w in zip(loader.batch_sampler, weights) if w > 0),
+               "processes": self.world}  # images: this process's share of the epoch
+        if self.method.prograd and len(projected) > 1:  # each projected group's own rate
+            row["conflict_rate_by_group"] = {
+                str(groups[g].get("name", g)): rate for g, rate in zip(projected, per_group)}
+        return row
+
+    def _conflicts(self, projected: list[int]) -> list[torch.Tensor]:
+        """This step's conflict rate over the projected groups (the mean of theirs), then
+        each one's (the share of its tensors in conflict; 0 for a group that did not step)."""
+        stats = self.optimizer.stats()
+        zero = torch.zeros((), device=self.device)
+        rates = [stats[g]["conflict"].float().mean().to(self.device) if stats[g] is not None
+                 else zero for g in projected]
+        return [torch.stack(rates).mean() if rates else zero, *rates]
 
     def fit(self, resume: bool = True, stop_after: int | None = None) -> list[dict]:
         """Train for ``config.epochs`` (resuming from a checkpoint); returns the history.

@@ -37,11 +37,31 @@ Two *settings* (``--setting``), each the official configs of one family of paper
   ViT-B/16 config of the ProGrad-derived KgCoOp code (``vit_b16_ep100_ctxv1``: 100 epochs,
   ``CTX_INIT: True``), keeping ProGrad's 16-token template context.  ``fewshot`` keeps
   CoOp's per-shot schedule in both settings.
+
+Methods with configs of their own (:data:`METHOD_CONFIGS`, from ``multimodal-prompt-learning``'s
+``configs/trainers/`` and ``scripts/``): the method's config fixes its prompt (context length,
+depth, initial words) and its optimiser schedule (lr, batch size, epochs) in every protocol
+and both settings -- they have one config, used for base2new, xd and dg alike (MaPLe also its
+``_cross_datasets`` config for xd and dg; no repository has few-shot configs for them, so
+``fewshot`` uses the same one) --, and the setting fixes what the table compares on: the
+backbone, the shots and zero-shot CLIP's templates, which are also the ProGrad teacher's.
+
+* ``cocoop``: ``CoCoOp/vit_b16_c4_ep10_batch1_ctxv1``: 4 context tokens from "a photo of a",
+  batch 1, lr 0.002, 10 epochs.
+* ``maple``: ``MaPLe/vit_b16_c2_ep5_batch4_2ctx``: 2 tokens from "a photo of a", depth 9,
+  batch 4, lr 0.0035, 5 epochs; xd / dg: ``..._cross_datasets``: depth 3, lr 0.0026, 2 epochs.
+* ``ivlp``: ``IVLP/vit_b16_c2_ep5_batch4_2+2ctx``: 2 text and 2 vision tokens, depth 12 on
+  both towers, text from "a photo of a", batch 4, lr 0.0035, 5 epochs.
+* ``vpt``: ``VPT/vit_b16_c2_ep5_batch4_4``: 8 vision tokens, depth 12, batch 4, lr 0.0025,
+  5 epochs (the text prompt stays "a photo of a {}.").
+
+``<method>+prograd`` runs the method's config with ProGrad's lambda (as ``prograd`` gets it in
+the same run: 1.0, or 0.8 for 8 and 16 shots on Flowers102, DTD and EuroSAT).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..datasets.registry import FEWSHOT_DATASETS, IMAGENET_SHIFTS
 from ..methods import METHODS, get_method
@@ -49,7 +69,10 @@ from ..methods import METHODS, get_method
 __all__ = ["ProtocolError", "PROTOCOLS", "METHODS", "DEFAULT_SHOTS", "SOURCE", "Schedule",
            "official_schedule", "default_datasets", "method_prompt", "N_CTX", "SETTINGS",
            "DEFAULT_SETTING", "SETTING_MODELS", "OFFICIAL_PRECISION", "default_shots",
-           "PromptOverrides"]
+           "PromptOverrides", "MethodConfig", "deep_prompt_keys", "METHOD_CONFIGS",
+           "register_method_config",
+           "method_config", "method_settings", "config_overrides", "zeroshot_template_set",
+           "prompts_image_tower"]
 
 PROTOCOLS = ("base2new", "fewshot", "xd", "dg")
 
@@ -97,10 +120,11 @@ class PromptOverrides:
     ctx_init: str | None = None
     csc: bool = False
     class_token_position: str | None = None
+    depth: int | None = None  # the deep prompts' depth (MaPLe, IVLP, VPT), every tower's
 
     def active(self) -> dict:
         """The overrides given, by their option names."""
-        out = {"n-ctx": self.n_ctx, "ctx-init": self.ctx_init,
+        out = {"n-ctx": self.n_ctx, "ctx-init": self.ctx_init, "prompt-depth": self.depth,
                "csc": True if self.csc else None,
                "class-token-position": (self.class_token_position
                                         if self.class_token_position != "end" else None)}
@@ -125,14 +149,80 @@ class Schedule:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class MethodConfig:
+    """A method's own official config: ``prompt`` (its learner's keywords), lr, batch size
+    and epochs, named by ``config`` (the file it follows).  ``transfer``: the config of xd
+    and dg where the method has a cross-data-set config of its own.  ``init_words_set_length``:
+    the learner takes one context vector per word of ``ctx_init`` (CoCoOp, as CoOp), so
+    ``--n-ctx`` without ``--ctx-init`` starts from a random context, as it does for CoOp."""
+
+    config: str
+    prompt: dict = field(default_factory=dict)
+    lr: float = 0.002
+    batch_size: int = 32
+    epochs: int = 10
+    transfer: "MethodConfig | None" = None
+    init_words_set_length: bool = False
+
+    def for_protocol(self, protocol: str) -> "MethodConfig":
+        """The config a protocol's runs use."""
+        return self.transfer if self.transfer is not None and protocol in ("xd", "dg") else self
+
+
+_PHOTO = "a photo of a"
+#: base method name -> its official config (``<name>+prograd`` uses the same one).
+METHOD_CONFIGS: dict[str, MethodConfig] = {}
+
+
+def register_method_config(name: str, config: MethodConfig) -> MethodConfig:
+    """Give the method ``name`` (and ``name+prograd``) the official ``config``."""
+    METHOD_CONFIGS[name] = config
+    return config
+
+
+def method_config(method: str) -> MethodConfig | None:
+    """The official config of ``method`` (or of the method it adds ProGrad to), else None."""
+    if method in METHOD_CONFIGS:
+        return METHOD_CONFIGS[method]
+    if method.endswith("+prograd"):
+        return METHOD_CONFIGS.get(method[:-len("+prograd")])
+    return None
+
+
+register_method_config("cocoop", MethodConfig(
+    "CoCoOp/vit_b16_c4_ep10_batch1_ctxv1", {"n_ctx": 4, "ctx_init": _PHOTO},
+    lr=0.002, batch_size=1, epochs=10, init_words_set_length=True))
+register_method_config("maple", MethodConfig(
+    "MaPLe/vit_b16_c2_ep5_batch4_2ctx", {"n_ctx": 2, "depth": 9, "ctx_init": _PHOTO},
+    lr=0.0035, batch_size=4, epochs=5,
+    transfer=MethodConfig("MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets",
+                          {"n_ctx": 2, "depth": 3, "ctx_init": _PHOTO},
+                          lr=0.0026, batch_size=4, epochs=2)))
+register_method_config("ivlp", MethodConfig(
+    "IVLP/vit_b16_c2_ep5_batch4_2+2ctx",
+    {"n_ctx_text": 2, "n_ctx_vision": 2, "depth_text": 12, "depth_vision": 12,
+     "ctx_init": _PHOTO}, lr=0.0035, batch_size=4, epochs=5))
+register_method_config("vpt", MethodConfig(
+    "VPT/vit_b16_c2_ep5_batch4_4", {"n_ctx_vision": 8, "depth_vision": 12},
+    lr=0.0025, batch_size=4, epochs=5))
+
+
 def official_schedule(protocol: str, dataset: str, shots: int, method: str,
                       setting: str = DEFAULT_SETTING) -> Schedule:
     """The settings the official configs and scripts of ``setting`` use for this run."""
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {PROTOCOLS}")
     _check_setting(setting)
+    own = method_config(method)
+    if own is not None:  # the method's config; ProGrad's lambda for <method>+prograd
+        own = own.for_protocol(protocol)
+        lam = official_schedule(protocol, dataset, shots, "prograd", setting).lam
+        return Schedule(epochs=own.epochs, lr=own.lr, batch_size=own.batch_size,
+                        lam=lam if _projects(method) else 0.0)
     if method in KGCOOP_METHODS:  # KgCoOp's configs: batch 128; 100 epochs in its tables
-        lam = 1.0 if _projects(method) else 0.0
+        lam = official_schedule(protocol, dataset, shots, "prograd", setting).lam \
+            if _projects(method) else 0.0
         if setting == "cocoop" and protocol != "fewshot":
             return Schedule(epochs=KGCOOP_EPOCHS, batch_size=KGCOOP_BATCH, lam=lam)
         base = official_schedule(protocol, dataset, shots, "coop", setting)
@@ -166,6 +256,12 @@ def _projects(method: str) -> bool:
     return _method(method).prograd
 
 
+def prompts_image_tower(method: str) -> bool:
+    """Whether ``method``'s learner prompts the image tower (its image features are its own:
+    cached ones are not valid for it).  Imports the learner's module (torch)."""
+    return bool(getattr(_method(method).learner, "vision_prompted", False))
+
+
 def default_datasets(protocol: str, source: str = SOURCE) -> tuple[str, ...]:
     """Data sets of the paper tables: the 11 for fewshot / base2new; the targets for xd (the
     other ten) / dg."""
@@ -176,18 +272,30 @@ def default_datasets(protocol: str, source: str = SOURCE) -> tuple[str, ...]:
     return IMAGENET_SHIFTS
 
 
+def zeroshot_template_set(setting: str) -> str:
+    """The templates of the setting's zero-shot CLIP (each family's code has its own)."""
+    return "prograd" if setting == "prograd" else "coop"
+
+
 def method_prompt(method: str, dassl_name: str, setting: str = DEFAULT_SETTING,
-                  overrides: PromptOverrides | None = None) -> dict:
-    """Prompt and teacher settings of a method on a data set in a setting, with the
-    ablation ``overrides`` of the trained methods (keys of ``PromptedCLIP``).  A method
-    registered beside the built-in ones gets CoOp's (its learner takes these keys)."""
+                  overrides: PromptOverrides | None = None, protocol: str = "base2new") -> dict:
+    """Prompt and teacher settings of a method on a data set in a setting and protocol,
+    with the ablation ``overrides`` of the trained methods (keys of ``PromptedCLIP``).  A
+    method with an official config (:func:`method_config`) gets its config's prompt and the
+    setting's zero-shot templates as teacher; one registered beside the built-in ones
+    without a config gets CoOp's (its learner takes these keys)."""
     from ..clip.kgcoop import KGCOOP_CTX_INIT, KGCOOP_N_CTX, KGCOOP_WEIGHT
     from ..clip.teacher import get_templates
 
     _check_setting(setting)
-    if method == "zeroshot":  # each family's zero-shot CLIP uses its own code's templates
+    if method == "zeroshot":
         return {"templates": dassl_name, "n_ctx": N_CTX,
-                "template_set": "prograd" if setting == "prograd" else "coop"}
+                "template_set": zeroshot_template_set(setting)}
+    own = method_config(method)
+    if own is not None:
+        out = {"templates": dassl_name, "template_set": zeroshot_template_set(setting),
+               **own.for_protocol(protocol).prompt}
+        return config_overrides(method, out, overrides or PromptOverrides())
     if method == "coop":
         out = {"templates": dassl_name, "template_set": "coop", "n_ctx": N_CTX}
         if setting == "cocoop":
@@ -223,3 +331,81 @@ def method_prompt(method: str, dassl_name: str, setting: str = DEFAULT_SETTING,
     if o.class_token_position is not None:
         out["class_token_position"] = o.class_token_position
     return out
+
+
+def deep_prompt_keys(prompt: dict) -> list[str]:
+    """The learner keywords of ``prompt`` that set a deep-prompt depth (a tower without
+    prompts, depth 0, has none)."""
+    return [k for k in ("depth", "depth_text", "depth_vision") if prompt.get(k)]
+
+
+def config_overrides(method: str, prompt: dict, o: PromptOverrides) -> dict:
+    """A method's config prompt with the ablation overrides its learner takes; ProtocolError
+    naming the override and the method's keys for one it does not."""
+    keys = ", ".join(k for k in prompt if k not in ("templates", "template_set"))
+    if o.n_ctx is not None:
+        key = next((k for k in ("n_ctx", "n_ctx_text") if k in prompt), None)
+        if key is None:
+            raise ProtocolError(f"--n-ctx: {method} has no text context (its settings: {keys})")
+        prompt[key] = o.n_ctx
+        own = method_config(method)
+        words = prompt.get("ctx_init")
+        if (o.ctx_init is None and own is not None and own.init_words_set_length and words
+                and len(words.split()) != o.n_ctx):
+            prompt["ctx_init"] = None  # a random context of that length, as for CoOp
+    if o.depth is not None:
+        deep = deep_prompt_keys(prompt)
+        if not deep:
+            raise ProtocolError(f"--prompt-depth: {method} has no deep prompts (its settings: "
+                                f"{keys})")
+        for k in deep:  # IVLP: both towers (a tower without prompts keeps none)
+            prompt[k] = o.depth
+    if o.ctx_init is not None:
+        if "ctx_init" not in prompt:
+            raise ProtocolError(f"--ctx-init: {method} has no context words (its settings: "
+                                f"{keys})")
+        none = o.ctx_init.strip().lower() in ("", "none")
+        prompt["ctx_init"] = None if none else o.ctx_init
+    for flag, given in (("--csc", o.csc),
+                        ("--class-token-position", o.class_token_position not in (None, "end"))):
+        if given:
+            raise ProtocolError(f"{flag} applies to CoOp-style prompts, not to {method} "
+                                f"(its settings: {keys})")
+    return prompt
+
+
+#: learner keywords named in a table's caption, and how
+_SHOWN = (("depth", "depth"), ("depth_text", "text depth"), ("depth_vision", "vision depth"),
+          ("n_ctx", "n_ctx"), ("n_ctx_text", "text n_ctx"), ("n_ctx_vision", "vision n_ctx"),
+          ("kg_weight", "W"))
+
+
+def _effective(method: str, prompt: dict) -> dict:
+    """``prompt`` with the context length CoOp's learner gets: its init words set it."""
+    if method_config(method) is None and prompt.get("ctx_init") \
+            and prompt.get("ctx_init_mode", "coop") == "coop":
+        prompt["n_ctx"] = len(prompt["ctx_init"].split())
+    return prompt
+
+
+def method_settings(method: str, protocol: str, setting: str = DEFAULT_SETTING,
+                    shots: tuple[int, ...] | None = None) -> str:
+    """The official settings of ``method`` that differ from CoOp's in this protocol and
+    setting, e.g. ``"depth 9, n_ctx 2, batch 4, lr 0.0035, epochs 5"`` ('' when none): a
+    table's caption names them."""
+    if not _method(method).trains:
+        return ""
+    mine, coop = (_effective(m, method_prompt(m, "ImageNet", setting, protocol=protocol))
+                  for m in (method, "coop"))
+    parts = [f"{label} {mine[key]}" for key, label in _SHOWN
+             if key in mine and mine[key] != coop.get(key)]
+    cells = [(d, k) for d in ("dtd", "imagenet") for k in (shots or default_shots(protocol, setting))]
+    ours = [official_schedule(protocol, d, k, method, setting) for d, k in cells]
+    theirs = [official_schedule(protocol, d, k, "coop", setting) for d, k in cells]
+    for name, label in (("batch_size", "batch"), ("lr", "lr")):
+        values = sorted({getattr(s, name) for s in ours})
+        if values != sorted({getattr(s, name) for s in theirs}):
+            parts.append(f"{label} {'/'.join(map(str, values))}")
+    if [s.epochs for s in ours] != [s.epochs for s in theirs]:
+        parts.append("epochs " + "/".join(map(str, sorted({s.epochs for s in ours}))))
+    return ", ".join(parts)

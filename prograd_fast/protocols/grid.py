@@ -16,6 +16,10 @@ It says which runs it redoes and why.
 Test sets are named ``<data set>/<classes>`` (``oxford_pets/base``, ``imagenet_a/all``)
 and evaluated on cached image features (:mod:`.features`): a test set's images are encoded
 once per model and preprocessing, whatever the number of methods, seeds, shots and epochs.
+A method whose learner prompts the image tower (``vision_prompted``: MaPLe, IVLP, VPT) is
+tested on the images (test transform), since its image features depend on its prompts, and
+trains on images even with ``--cache-train-features`` (the grid says so once).  An
+image-conditioned learner (CoCoOp) keeps the frozen image tower: cached features serve it.
 """
 
 from __future__ import annotations
@@ -38,18 +42,20 @@ from ..clip.data import ImageDataset, coop_transforms
 from ..clip.load import load_model
 from ..clip.trainer import PRECISIONS, TrainConfig, Trainer, correct_counts, transfer_context
 from ..datasets import dataset_folder, few_shot_train, get_spec, read_dataset
-from ..datasets.items import Split, class_subset, few_shot_shortfall, subsample_classes
+from ..datasets.items import (Item, Split, class_subset, few_shot_shortfall,
+                              subsample_classes)
 from ..datasets.registry import DatasetError
 from ..methods import default_grid_methods, get_method
 from .config import (DEFAULT_SETTING, METHODS, PROTOCOLS, SETTING_MODELS, SOURCE,
                      PromptOverrides, ProtocolError, Schedule, default_datasets, default_shots,
-                     method_prompt, official_schedule)
+                     method_prompt, official_schedule, prompts_image_tower)
 from .features import FeatureCache, model_fingerprint
 from .records import check_result, move_aside, seal, why_redone
 
 __all__ = ["Run", "GridOptions", "plan", "GridRunner", "RUN_FORMAT"]
 
 RUN_FORMAT = 3
+TEST_BATCH = 100  # images per test batch (the official configs' DATALOADER.TEST.BATCH_SIZE)
 FEATURES_IN_MEMORY = 4 << 30  # bytes of test features kept between runs (ImageNet ViT-B: 0.1 GB)
 
 
@@ -101,6 +107,7 @@ class GridOptions:
     extra: dict = field(default_factory=dict)
     setting: str = DEFAULT_SETTING
     prompt: PromptOverrides = field(default_factory=PromptOverrides)
+    prograd_groups: str = "together"
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -162,6 +169,12 @@ def _check_options(opts: GridOptions) -> None:
                        ("--n-ctx", opts.prompt.n_ctx, AT_LEAST_1)))
     if bad:
         raise ProtocolError(bad)
+    for method in dict.fromkeys(opts.methods):  # overrides a method's learner does not take
+        if method in METHODS:
+            method_prompt(method, "ImageNet", opts.setting, opts.prompt, opts.protocol)
+    if opts.prograd_groups not in ("together", "apart"):
+        raise ProtocolError(f"--prograd-groups must be together or apart, got "
+                            f"{opts.prograd_groups!r}")
     if opts.prompt.csc and opts.protocol != "fewshot":
         raise ProtocolError(f"--csc: a class-specific context cannot be tested on other classes "
                             f"({opts.protocol} does): use it with fewshot")
@@ -197,6 +210,7 @@ class GridRunner:
         torch.manual_seed(0)  # random weights (--pretrained none, tests) are the same every call
         self.clip, self.tokenizer, size, mean, std = load_model(opts.model, opts.pretrained,
                                                                 self.device)
+        self._check_image_tower()
         self.test_tf = coop_transforms(size, mean, std, augment=False)
         self.train_tf = coop_transforms(size, mean, std, augment=True)
         self.autocast = PRECISIONS[opts.precision]
@@ -208,7 +222,22 @@ class GridRunner:
         self._features: dict[str, tuple] = {}
         self._test_ids: dict[str, str] = {}
         self.trained = 0  # runs that trained at least one epoch in this call
+        on_images = [m for m in dict.fromkeys(opts.methods) if prompts_image_tower(m)]
+        if opts.cache_train_features and on_images:
+            self.log(f"--cache-train-features: {', '.join(on_images)} train on images (they "
+                     f"prompt the image tower: cached image features are not valid for them)")
         self._check_images()
+
+    def _check_image_tower(self) -> None:
+        """A method that prompts the image tower needs a transformer there (ViT): refused
+        before the first run on another one (RN50, the ``prograd`` setting's backbone)."""
+        if getattr(self.clip.visual, "transformer", None) is not None:
+            return
+        bad = [m for m in dict.fromkeys(self.opts.methods) if prompts_image_tower(m)]
+        if bad:
+            raise ProtocolError(f"{', '.join(bad)} prompt(s) the image tower's transformer: "
+                                f"{self.opts.model} has none (use --setting cocoop or a ViT "
+                                f"--model)")
 
     def _check_images(self) -> None:
         """Read the header (and JPEG stream) of every image this call will load, before the
@@ -222,11 +251,19 @@ class GridRunner:
         for i in todo:
             if self.runs[i].trained:
                 check_images(self._few_shot(self.runs[i])[0])
+        on_images = {t.split("/")[0] for i in todo for t in self.runs[i].tests
+                     if self._on_images(self.runs[i])}
         for name in dict.fromkeys(t.split("/")[0] for i in todo for t in self.runs[i].tests):
             _, split, _ = self._split(name)
             key, _ = self.cache.key(self.clip, split.test, self.test_tf)
-            if self.cache.root is None or not (self.cache.root / f"{key}.pt").is_file():
+            if name in on_images or self.cache.root is None \
+                    or not (self.cache.root / f"{key}.pt").is_file():
                 check_images(split.test)
+
+    @staticmethod
+    def _on_images(run: Run) -> bool:
+        """Whether the run is tested on images, not on cached features."""
+        return run.trained and prompts_image_tower(run.method)
 
     # ------------------------------------------------------------------ data
     def _split(self, name: str):
@@ -284,7 +321,8 @@ class GridRunner:
 
     def prompt(self, method: str, dassl_name: str) -> dict:
         """The method's prompt in this grid's setting, with the ablation overrides."""
-        return method_prompt(method, dassl_name, self.opts.setting, self.opts.prompt)
+        return method_prompt(method, dassl_name, self.opts.setting, self.opts.prompt,
+                             self.opts.protocol)
 
     def settings(self, run: Run) -> dict:
         spec = get_spec(run.dataset)
@@ -294,9 +332,15 @@ class GridRunner:
                "precision": self.opts.precision}
         if run.trained:  # the few-shot images (drawn or a cached pickle's) are part of the run
             out.update(shots=run.shots, seed=run.seed, schedule=self.schedule(run).as_dict(),
-                       inputs="features" if self.opts.cache_train_features else "images",
+                       inputs="features" if self._train_on_features(run) else "images",
                        train_items=self._few_shot(run)[2])
+            if self.opts.prograd_groups != "together":  # (absent: the runs made before it)
+                out["prograd_groups"] = self.opts.prograd_groups
         return out
+
+    def _train_on_features(self, run: Run) -> bool:
+        """``--cache-train-features``, except for a learner that prompts the image tower."""
+        return self.opts.cache_train_features and not prompts_image_tower(run.method)
 
     def run_dir(self, run: Run) -> Path:
         settings = self.settings(run)
@@ -344,7 +388,7 @@ class GridRunner:
         except ValueError as exc:
             raise ProtocolError(f"{run.title()}: {exc}") from None
         s = self.schedule(run)
-        if self.opts.cache_train_features:
+        if self._train_on_features(run):
             feats, labels = self.cache.get(self.clip, split.train, self.test_tf)
             train_set, inputs = TensorDataset(feats, labels), "features"
         else:
@@ -356,6 +400,7 @@ class GridRunner:
                           temperature=s.temperature, precision=self.opts.precision,
                           seed=run.seed, num_workers=self.opts.num_workers, drop_last=True,
                           output_dir=str(out), progress=self.opts.progress, inputs=inputs,
+                          prograd_groups=self.opts.prograd_groups,
                           plot=False, extra={"few_shot_source": source})
         trainer = Trainer(model, train_set, None, cfg, self.device)
         try:
@@ -379,10 +424,8 @@ class GridRunner:
     def _test(self, run: Run, model: PromptedCLIP | None, test: str) -> float:
         name, classes = test.split("/")
         spec, full, _ = self._split(name)
-        feats, labels = self._test_features(name)
         n = len(full.classnames)
         keep = torch.tensor(class_subset(n, classes))
-        mask = torch.isin(labels, keep)
         remap = torch.full((n,), -1, dtype=torch.long)
         remap[keep] = torch.arange(len(keep))
         classnames = [full.classnames[i] for i in keep.tolist()]
@@ -396,10 +439,19 @@ class GridRunner:
             tested = transfer_context(model, classnames, templates=spec.dassl,
                                       tokenizer=self.tokenizer, ctx_init=prompt.get("ctx_init"))
         tested.to(self.device)
-        loader = DataLoader(TensorDataset(feats[mask], remap[labels[mask]]), batch_size=1000)
+        on_images = self._on_images(run)
+        if on_images:  # its image features depend on its prompts: the test images themselves
+            kept = set(keep.tolist())
+            items = [Item(it.path, int(remap[it.label])) for it in full.test if it.label in kept]
+            loader = DataLoader(ImageDataset(items, self.test_tf), batch_size=TEST_BATCH,
+                                num_workers=self.opts.num_workers)
+        else:
+            feats, labels = self._test_features(name)
+            mask = torch.isin(labels, keep)
+            loader = DataLoader(TensorDataset(feats[mask], remap[labels[mask]]), batch_size=1000)
         correct, total = correct_counts(tested, loader, self.device, zeroshot=model is None,
                                         autocast_dtype=self.autocast,
-                                        inputs_are_features=True).tolist()
+                                        inputs_are_features=not on_images).tolist()
         return 100.0 * correct / max(total, 1)
 
     def execute(self, run: Run) -> dict:
