@@ -1,7 +1,7 @@
 """One training step of CoCoOp, MaPLe, IVLP and KgCoOp: the official code (vendored) against
 prograd_fast's ``<method>+prograd``, on the same random weights, alternated in one run.
 
-    PROGRAD_BENCH_THREADS=2 python benchmarks/learners_bench.py [--rounds 2]
+    PROGRAD_BENCH_THREADS=1 python benchmarks/learners_bench.py [--rounds 2]
         [--methods cocoop maple ivlp kgcoop] [--json PATH] [--write BENCHMARKS.md]
     python benchmarks/learners_bench.py --tiny --methods kgcoop    # seconds: a smoke run
     python benchmarks/learners_bench.py --render benchmarks/results/learners.json \\
