@@ -218,3 +218,27 @@ def test_the_prompted_image_tower_honours_grad_checkpointing(monkeypatch):
     with torch.no_grad():  # no prompts: the plain tower
         assert torch.allclose(prompted_image_features(clip.visual, images, None),
                               clip.encode_image(images), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ls_init", [None, 0.1])
+def test_the_batch_first_block_equals_open_clip_s_block_in_float64(ls_init):
+    """The prompted image tower runs open_clip's plain blocks through its own contiguous
+    forward (faster with grad); values and gradients are open_clip's own."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from prograd_fast.clip.deep_prompts import _batch_first_block, _block, _plain_block
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(48, 6, ls_init_value=ls_init).double().eval()
+    assert _plain_block(block)
+    x = torch.randn(3, 11, 48, dtype=torch.float64, requires_grad=True)
+    want = block(x)
+    got = _batch_first_block(block, x)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    (gw,), (gg,) = (torch.autograd.grad(y, x, g) for y in (block(x), got))
+    assert torch.allclose(gg, gw, rtol=1e-12, atol=1e-12)
+    assert torch.equal(_block(None, block, x), got)  # the tower's path takes it
+    cross = ResidualAttentionBlock(48, 6, is_cross_attention=True)
+    seq_first = ResidualAttentionBlock(48, 6, batch_first=False)
+    assert not _plain_block(cross) and not _plain_block(seq_first)
