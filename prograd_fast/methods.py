@@ -84,26 +84,20 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}: use one of {', '.join(METHODS)}") from None
 
 
+def _with_prograd(name: str, title: str, learner: str) -> None:
+    """Register the method ``name`` with its learner (``"module:Class"``) and, beside it,
+    ``name+prograd``: the same learner trained with ProGrad's projection."""
+    lazy = LazyLearner(learner)
+    register_method(Method(name, title, learner=lazy, in_default_grid=False))
+    register_method(Method(f"{name}+prograd", f"{title} + ProGrad", prograd=True, learner=lazy,
+                           in_default_grid=False))
+
+
 register_method(Method("zeroshot", "Zero-shot CLIP", trains=False))
 register_method(Method("coop", "CoOp"))
 register_method(Method("prograd", "ProGrad", prograd=True))
-_KGCOOP = LazyLearner("prograd_fast.clip.kgcoop:KgCoOpLearner")
-register_method(Method("kgcoop", "KgCoOp", learner=_KGCOOP, in_default_grid=False))
-register_method(Method("kgcoop+prograd", "KgCoOp + ProGrad", prograd=True, learner=_KGCOOP,
-                       in_default_grid=False))
-_COCOOP = LazyLearner("prograd_fast.clip.cocoop:CoCoOpLearner")
-register_method(Method("cocoop", "CoCoOp", learner=_COCOOP, in_default_grid=False))
-register_method(Method("cocoop+prograd", "CoCoOp + ProGrad", prograd=True, learner=_COCOOP,
-                       in_default_grid=False))
-_MAPLE = LazyLearner("prograd_fast.clip.maple:MaPLeLearner")
-register_method(Method("maple", "MaPLe", learner=_MAPLE, in_default_grid=False))
-register_method(Method("maple+prograd", "MaPLe + ProGrad", prograd=True, learner=_MAPLE,
-                       in_default_grid=False))
-_IVLP = LazyLearner("prograd_fast.clip.ivlp:IVLPLearner")
-register_method(Method("ivlp", "IVLP", learner=_IVLP, in_default_grid=False))
-register_method(Method("ivlp+prograd", "IVLP + ProGrad", prograd=True, learner=_IVLP,
-                       in_default_grid=False))
-_VPT = LazyLearner("prograd_fast.clip.vpt:VPTLearner")
-register_method(Method("vpt", "VPT", learner=_VPT, in_default_grid=False))
-register_method(Method("vpt+prograd", "VPT + ProGrad", prograd=True, learner=_VPT,
-                       in_default_grid=False))
+_with_prograd("kgcoop", "KgCoOp", "prograd_fast.clip.kgcoop:KgCoOpLearner")
+_with_prograd("cocoop", "CoCoOp", "prograd_fast.clip.cocoop:CoCoOpLearner")
+_with_prograd("maple", "MaPLe", "prograd_fast.clip.maple:MaPLeLearner")
+_with_prograd("ivlp", "IVLP", "prograd_fast.clip.ivlp:IVLPLearner")
+_with_prograd("vpt", "VPT", "prograd_fast.clip.vpt:VPTLearner")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .learner import Learner
 from .prompt import _n_tokens, _overflowing, _tokenize, default_tokenizer
 from .tower import TextTower
 
@@ -232,3 +233,33 @@ class DeepTextPrompts(nn.Module):
     @property
     def shared_length(self) -> int:
         return 1 + self.n_ctx + self.fixed_words
+
+
+class DeepTextLearner(Learner):
+    """What MaPLe's and IVLP's learners share: text prompts held in ``self.text``
+    (:class:`DeepTextPrompts`) around the context ``self.ctx``, whose prefix ([SOS], the
+    context and the fixed words of ctx_init) is the same in every prompt, so the shared-prefix
+    encoder applies (the deep text prompts replace context rows, inside it)."""
+
+    text: DeepTextPrompts
+    ctx: nn.Parameter
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """The shallow text prompts (C, length, width) and their end-of-text positions."""
+        return self.text.prompts(self.ctx), self.text.eot
+
+    @property
+    def eot(self) -> Tensor:
+        return self.text.eot
+
+    @property
+    def shared_prefix_length(self) -> int:
+        """[SOS], the context and the fixed words of ctx_init."""
+        return self.text.shared_length
+
+    def prefix_and_suffixes(self) -> tuple[Tensor, Tensor]:
+        return self.text.prefix_and_suffixes(self.ctx)
+
+    @property
+    def length(self) -> int:
+        return self.text.length

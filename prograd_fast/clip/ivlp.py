@@ -15,9 +15,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .deep_prompts import (DeepTextPrompts, check_depth, check_vision_tower, deep_text_features,
-                           prompted_image_features, tower_layers)
-from .learner import Learner
+from .deep_prompts import (DeepTextLearner, DeepTextPrompts, check_depth, check_vision_tower,
+                           deep_text_features, prompted_image_features, tower_layers)
 from .tower import TextTower
 from .vpt import vision_prompts
 
@@ -33,7 +32,7 @@ IVLP_DEPTH_VISION = 12
 IVLP_CTX_INIT = "a photo of a"
 
 
-class IVLPLearner(Learner):
+class IVLPLearner(DeepTextLearner):
     """Independent deep prompts in both towers of an open_clip model (ViT image tower when
     vision prompts are on).
 
@@ -80,27 +79,6 @@ class IVLPLearner(Learner):
         self.depth_text, self.depth_vision = depth_text, depth_vision
         self.ctx_init = ctx_init or None
         self.__dict__["_clip_model"] = clip_model  # not a submodule: its weights stay CLIP's
-
-    def forward(self) -> tuple[Tensor, Tensor]:
-        """The shallow text prompts (C, length, width) and their end-of-text positions."""
-        return self.text.prompts(self.ctx), self.text.eot
-
-    @property
-    def eot(self) -> Tensor:
-        return self.text.eot
-
-    @property
-    def shared_prefix_length(self) -> int:
-        """[SOS], the context and the fixed words of ctx_init: the same in every prompt (the
-        deep text prompts replace context rows, inside it)."""
-        return self.text.shared_length
-
-    def prefix_and_suffixes(self) -> tuple[Tensor, Tensor]:
-        return self.text.prefix_and_suffixes(self.ctx)
-
-    @property
-    def length(self) -> int:
-        return self.text.length
 
     def text_features(self, model, image_features: Tensor | None = None) -> Tensor:
         return deep_text_features(model, self, list(self.deep_text))

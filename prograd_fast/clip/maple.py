@@ -16,9 +16,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .deep_prompts import (DeepTextPrompts, check_depth, check_vision_tower, deep_text_features,
-                           prompted_image_features, tower_layers)
-from .learner import Learner
+from .deep_prompts import (DeepTextLearner, DeepTextPrompts, check_depth, check_vision_tower,
+                           deep_text_features, prompted_image_features, tower_layers)
 from .tower import TextTower
 
 __all__ = ["MaPLeLearner", "MAPLE_N_CTX", "MAPLE_DEPTH", "MAPLE_CTX_INIT"]
@@ -35,7 +34,7 @@ def _param_dtype(tower: TextTower) -> torch.dtype:
     return torch.promote_types(tower.dtype, torch.float32)
 
 
-class MaPLeLearner(Learner):
+class MaPLeLearner(DeepTextLearner):
     """MaPLe's multi-modal prompt learner on an open_clip model with a ViT image tower.
 
     Settings (official defaults): ``n_ctx=2`` context tokens, ``depth=9`` (layers 0 .. 8 of
@@ -88,27 +87,6 @@ class MaPLeLearner(Learner):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # prompts
-    def forward(self) -> tuple[Tensor, Tensor]:
-        """The shallow text prompts (C, length, width) and their end-of-text positions."""
-        return self.text.prompts(self.ctx), self.text.eot
-
-    @property
-    def eot(self) -> Tensor:
-        return self.text.eot
-
-    @property
-    def shared_prefix_length(self) -> int:
-        """[SOS], the context and the fixed words of ctx_init: the same in every prompt (the
-        deep text prompts replace context rows, inside it)."""
-        return self.text.shared_length
-
-    def prefix_and_suffixes(self) -> tuple[Tensor, Tensor]:
-        return self.text.prefix_and_suffixes(self.ctx)
-
-    @property
-    def length(self) -> int:
-        return self.text.length
-
     def deep_text(self) -> list[Tensor]:
         return list(self.compound_prompts_text)
 
