@@ -209,3 +209,32 @@ def official_trainer_steps(trainer_cls, model: nn.Module, cfg, images, labels, l
 
 def copy_of(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
+
+
+def compare_five_steps(official, ref: nn.Module, model, weights: nn.Module, lam: float, lr: float,
+                       trainer_cls, cfg, official_prompts) -> None:
+    """5 steps of prograd_fast's ``train_step`` (float64, ``granularity="tensor"`` as official
+    ProGrad) against 5 of the official trainer's own update (``lam == 0``) or of official
+    ProGrad's rule on the official learner's CE and KL gradients (the teacher: zero-shot CLIP
+    without prompts), labels chosen against the teacher so that the gradients conflict.
+    ``official_prompts(ref)`` gives the official learned tensors under our names; each one's
+    change must equal ours to 1e-9."""
+    from prograd_fast.clip import train_step
+    from prograd_fast.clip.train import build_optimizer
+
+    images, _ = batch(dtype=torch.float64)
+    zs = teacher_logits(official, weights, images)
+    labels = zs.argmin(1)
+    start = {k: v.clone() for k, v in model.prompt_learner.state_dict().items()}
+    opt = build_optimizer(model, lr=lr, lam=lam, granularity="tensor")
+    for _ in range(5):
+        train_step(model, opt, images, labels)
+    if lam == 0:
+        official_trainer_steps(trainer_cls, ref, cfg, images, labels, lr, official)
+    else:
+        params = list(official_prompts(ref).values())
+        conflicts = official_prograd_steps(official, ref, params, images, labels, zs, lr, lam)
+        assert conflicts > 0  # the projection was exercised
+    theirs = official_prompts(ref)
+    for name, p in model.prompt_learner.state_dict().items():
+        assert rel(p - start[name], theirs[name].detach() - start[name]) <= 1e-9, name

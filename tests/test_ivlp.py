@@ -15,12 +15,10 @@ import torch.nn.functional as F
 
 from clip_helpers import CLASSNAMES, tiny_clip
 from deep_official import (  # noqa: F401 (fixtures)
-    NAMES, NARROW, TEMPLATE, batch, copy_of, neutralise_half_and_cuda, official, official_clip,
-    official_prograd_steps, official_trainer_steps, open_clip_of, rel, set_float64,
-    teacher_logits, with_dtype)
-from prograd_fast.clip import PromptedCLIP, TextTower, train_step
+    NAMES, NARROW, TEMPLATE, batch, compare_five_steps, copy_of, neutralise_half_and_cuda,
+    official, official_clip, open_clip_of, rel, set_float64, teacher_logits, with_dtype)
+from prograd_fast.clip import PromptedCLIP, TextTower
 from prograd_fast.clip.ivlp import IVLPLearner
-from prograd_fast.clip.train import build_optimizer
 
 LR = 0.0035
 #: 2 + 2 context tokens (the official default layout) and language prompts only (its
@@ -102,23 +100,8 @@ def test_five_steps_equal_the_official_update(official, pair, lam):
     SGD, lr 0.0035); lam 1: official ProGrad's rule (tensor by tensor) on the official
     learner's CE and KL gradients, the teacher being zero-shot CLIP without prompts."""
     ref, model, weights, s = pair(torch.float64)
-    images, _ = batch(dtype=torch.float64)
-    zs = teacher_logits(official, weights, images)
-    labels = zs.argmin(1)  # against the teacher: the gradients conflict
-    start = {k: v.clone() for k, v in model.prompt_learner.state_dict().items()}
-    opt = build_optimizer(model, lr=LR, lam=lam, granularity="tensor")
-    for _ in range(5):
-        train_step(model, opt, images, labels)
-    if lam == 0:
-        official_trainer_steps(official.ivlp.IVLP, ref, ivlp_cfg(s), images, labels, LR,
-                               official)
-    else:
-        params = list(official_prompts(ref, s).values())
-        conflicts = official_prograd_steps(official, ref, params, images, labels, zs, LR, lam)
-        assert conflicts > 0  # the projection was exercised
-    theirs = official_prompts(ref, s)
-    for name, p in model.prompt_learner.state_dict().items():
-        assert rel(p - start[name], theirs[name].detach() - start[name]) <= 1e-9, name
+    compare_five_steps(official, ref, model, weights, lam, LR, official.ivlp.IVLP, ivlp_cfg(s),
+                       lambda r: official_prompts(r, s))
 
 
 def test_bad_settings_are_refused_and_moved_to_keeps_the_prompts():

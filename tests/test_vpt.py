@@ -14,11 +14,9 @@ import torch.nn.functional as F
 
 from clip_helpers import CLASSNAMES, tiny_clip
 from deep_official import (  # noqa: F401 (fixtures)
-    NAMES, NARROW, TEMPLATE, batch, copy_of, neutralise_half_and_cuda, official, official_clip,
-    official_prograd_steps, official_trainer_steps, open_clip_of, rel, set_float64,
-    teacher_logits, with_dtype)
-from prograd_fast.clip import PromptedCLIP, TextTower, train_step
-from prograd_fast.clip.train import build_optimizer
+    NAMES, NARROW, TEMPLATE, batch, compare_five_steps, copy_of, neutralise_half_and_cuda,
+    official, official_clip, open_clip_of, rel, set_float64, teacher_logits, with_dtype)
+from prograd_fast.clip import PromptedCLIP, TextTower
 from prograd_fast.clip.vpt import VPTLearner
 
 N_CTX, DEPTH, LR = 2, 3, 0.0025  # depth 3 of 4 layers: deep prompts at 1, 2; layer 3 plain
@@ -95,22 +93,8 @@ def test_five_steps_equal_the_official_update(official, pair, lam):
     SGD, lr 0.0025); lam 1: official ProGrad's rule (tensor by tensor) on the official
     learner's CE and KL gradients, the teacher being zero-shot CLIP without prompts."""
     ref, model, weights = pair(torch.float64)
-    images, _ = batch(dtype=torch.float64)
-    zs = teacher_logits(official, weights, images)
-    labels = zs.argmin(1)  # against the teacher: the gradients conflict
-    start = {k: v.clone() for k, v in model.prompt_learner.state_dict().items()}
-    opt = build_optimizer(model, lr=LR, lam=lam, granularity="tensor")
-    for _ in range(5):
-        train_step(model, opt, images, labels)
-    if lam == 0:
-        official_trainer_steps(official.vpt.VPT, ref, vpt_cfg(), images, labels, LR, official)
-    else:
-        params = list(official_prompts(ref).values())
-        conflicts = official_prograd_steps(official, ref, params, images, labels, zs, LR, lam)
-        assert conflicts > 0  # the projection was exercised
-    theirs = official_prompts(ref)
-    for name, p in model.prompt_learner.state_dict().items():
-        assert rel(p - start[name], theirs[name].detach() - start[name]) <= 1e-9, name
+    compare_five_steps(official, ref, model, weights, lam, LR, official.vpt.VPT, vpt_cfg(),
+                       official_prompts)
 
 
 def test_bad_settings_are_refused_and_moved_to_keeps_the_prompts():
