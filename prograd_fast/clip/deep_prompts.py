@@ -10,7 +10,8 @@ MaPLe, IVLP and VPT-deep (the multimodal-prompt-learning code) carry prompts the
 - text tower: the shallow context is part of the prompt embeddings (rows ``1 .. n`` after
   [SOS]); before block ``k`` those rows are replaced by ``deep[k-1]``
   (:meth:`TextTower.encode_embeddings`'s ``deep``).  The rows are the same in every class
-  prompt, so the shared-prefix encoder stays exact (:func:`deep_text_features`).
+  prompt, so the shared-prefix encoder stays exact
+  (:func:`~prograd_fast.clip.learner.encode_prompts`).
 
 :func:`prompted_image_features` runs an open_clip ``VisionTransformer`` that way and
 :func:`check_vision_tower` refuses other image towers with the reason.
@@ -32,7 +33,7 @@ from .prompt import _n_tokens, _overflowing, _tokenize, default_tokenizer
 from .tower import TextTower
 
 __all__ = ["UnsupportedVisionTowerError", "check_vision_tower", "prompted_image_features",
-           "deep_text_features", "DeepTextPrompts", "check_depth", "tower_layers"]
+           "DeepTextPrompts", "check_depth", "tower_layers"]
 
 
 class UnsupportedVisionTowerError(TypeError):
@@ -149,17 +150,6 @@ def prompted_image_features(visual: nn.Module, images: Tensor, shallow: Tensor |
         x = x if batch_first else x.transpose(0, 1)
     pooled, _ = visual._pool(x)
     return pooled @ visual.proj if visual.proj is not None else pooled
-
-
-def deep_text_features(model, learner, deep: Sequence[Tensor]) -> Tensor:
-    """Class text features (C, D) of ``learner``'s prompts with ``deep`` text prompts: the
-    shared-prefix encoder of ``model`` (PromptedCLIP) where it applies (the deep rows lie in
-    the prefix, the same in every prompt), else the (truncated) full encoder."""
-    deep = list(deep) or None
-    shared = getattr(model, "shared_prefix", None)
-    if shared is not None and shared.applies():
-        return shared(*learner.prefix_and_suffixes(), deep=deep)
-    return model.tower.encode_embeddings(*learner(), deep=deep)
 
 
 class DeepTextPrompts(nn.Module):

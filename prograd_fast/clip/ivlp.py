@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .deep_prompts import (DeepTextLearner, DeepTextPrompts, check_depth, check_vision_tower,
-                           deep_text_features, prompted_image_features, tower_layers)
+                           prompted_image_features, tower_layers)
+from .learner import encode_prompts
 from .tower import TextTower
 from .vpt import vision_prompts
 
@@ -81,7 +82,7 @@ class IVLPLearner(DeepTextLearner):
         self.__dict__["_clip_model"] = clip_model  # not a submodule: its weights stay CLIP's
 
     def text_features(self, model, image_features: Tensor | None = None) -> Tensor:
-        return deep_text_features(model, self, list(self.deep_text))
+        return encode_prompts(model, self, list(self.deep_text))
 
     def image_features(self, model, images: Tensor) -> Tensor:
         if not self.vision_prompted:

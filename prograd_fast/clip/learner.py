@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["Learner"]
+__all__ = ["Learner", "encode_prompts"]
 
 
 class Learner(nn.Module):
@@ -71,10 +71,7 @@ class Learner(nn.Module):
         is the :class:`~prograd_fast.clip.PromptedCLIP` (its ``tower``, ``shared_prefix``).
         The default is CoOp's: the shared-prefix encoder where it applies, else the
         (truncated) tower on :meth:`forward`'s prompts."""
-        shared = getattr(model, "shared_prefix", None)
-        if shared is not None and shared.applies():
-            return shared(*self.prefix_and_suffixes())
-        return model.tower.encode_embeddings(*self())
+        return encode_prompts(model, self)
 
     def image_features(self, model: nn.Module, images: Tensor) -> Tensor:
         """Unnormalised image features (B, D) of the prompted image tower, with grad (only
@@ -100,3 +97,18 @@ class Learner(nn.Module):
                  **settings) -> "Learner":
         """A learner with this one's learned state on ``classnames``."""
         raise ValueError(f"{type(self).__name__} cannot be moved to other class names")
+
+
+def encode_prompts(model: nn.Module, learner: nn.Module,
+                   deep: Sequence[Tensor] | None = None) -> Tensor:
+    """Class text features (C, D) of ``learner``'s prompts in ``model`` (the
+    :class:`~prograd_fast.clip.PromptedCLIP`): its shared-prefix encoder where it applies,
+    else the (truncated) tower on ``learner()``'s prompts.  ``deep``: deep text prompts
+    (MaPLe, IVLP), one (n, width) tensor per block from the second on, replacing the context
+    rows (the same in every prompt, inside the shared prefix); none or empty: plain prompts."""
+    deep = list(deep) if deep is not None else []
+    extra = {"deep": deep} if deep else {}  # plain prompts: the encoders' plain calls
+    shared = getattr(model, "shared_prefix", None)
+    if shared is not None and shared.applies():
+        return shared(*learner.prefix_and_suffixes(), **extra)
+    return model.tower.encode_embeddings(*learner(), **extra)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .deep_prompts import (DeepTextLearner, DeepTextPrompts, check_depth, check_vision_tower,
-                           deep_text_features, prompted_image_features, tower_layers)
+                           prompted_image_features, tower_layers)
+from .learner import encode_prompts
 from .tower import TextTower
 
 __all__ = ["MaPLeLearner", "MAPLE_N_CTX", "MAPLE_DEPTH", "MAPLE_CTX_INIT"]
@@ -98,7 +99,7 @@ class MaPLeLearner(DeepTextLearner):
 
     # the contract's hooks
     def text_features(self, model, image_features: Tensor | None = None) -> Tensor:
-        return deep_text_features(model, self, self.deep_text())
+        return encode_prompts(model, self, self.deep_text())
 
     def image_features(self, model, images: Tensor) -> Tensor:
         return prompted_image_features(model.clip.visual, images, *self.vision_prompts())

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .learner import encode_prompts
 from .prompt import PromptLearner
 from .shared_prefix import DEFAULT_LAYOUT, shared_prefix_encoder
 from .teacher import ZeroShotTeacher
@@ -108,6 +109,13 @@ class PromptedCLIP(nn.Module):
         dtype = next(self.clip.visual.parameters()).dtype
         return normalize(self.prompt_learner.image_features(self, images.to(dtype)))
 
+    def student_and_teacher_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised image features of the student and of the zero-shot teacher: one frozen
+        pass serves both, unless the learner prompts the image tower (then the teacher gets
+        one more no-grad pass of the frozen, prompt-free tower)."""
+        student = self.student_image_features(images)
+        return student, (self.encode_image(images) if self.vision_prompted else student)
+
     def text_features(self, image_features: Tensor | None = None) -> Tensor:
         """Unnormalised text features of the learned prompts, with grad: (C, D), or
         (B, C, D) for an image-conditioned learner given normalised ``image_features``."""
@@ -117,10 +125,7 @@ class PromptedCLIP(nn.Module):
                              f"pass the image features")
         hook = getattr(learner, "text_features", None)
         if hook is None:  # a plain nn.Module learner: CoOp's path
-            shared = self.shared_prefix
-            if shared is not None and shared.applies():
-                return shared(*learner.prefix_and_suffixes())
-            return self.tower.encode_embeddings(*learner())
+            return encode_prompts(self, learner)
         return hook(self, image_features)
 
     def extra_loss(self, text_features: Tensor) -> Tensor | None:
@@ -151,7 +156,6 @@ class PromptedCLIP(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits, zeroshot_logits)`` of ``images``."""
-        student = self.student_image_features(images)
-        teacher = self.encode_image(images) if self.vision_prompted else student
+        student, teacher = self.student_and_teacher_features(images)
         return (self.logits(student, self.text_features(student)),
                 self.zeroshot_logits(teacher))

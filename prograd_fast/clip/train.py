@@ -155,8 +155,7 @@ def train_step(model: PromptedCLIP, optimizer: torch.optim.Optimizer, images: Te
                                  f"tower: train on images, not on cached image features")
             image_features = teacher_features = images
         else:
-            image_features = model.student_image_features(images)
-            teacher_features = model.encode_image(images) if vision else image_features
+            image_features, teacher_features = model.student_and_teacher_features(images)
         text_features = model.text_features(image_features)
         logits = model.logits(image_features, text_features)
         zs = model.zeroshot_logits(teacher_features)
