@@ -12,10 +12,7 @@ dtype).
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
 from collections import OrderedDict
-from types import SimpleNamespace as NS
 
 import pytest
 import torch
@@ -23,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import open_clip
-from vendor_sources import PROMPT_ALIGN, unpack, vendor_dir
+from vendor_sources import PROMPT_ALIGN, import_tree, rel, unpack, vendor_dir  # noqa: F401 (rel)
 
 MPL = "multimodal-prompt-learning-69bce21.tar.gz"
 DASSL = "Dassl.pytorch-c61a1b5.tar.gz"
@@ -39,26 +36,6 @@ TINY = dict(embed_dim=24, image_resolution=16, vision_layers=4, vision_width=768
 NARROW = dict(TINY, vision_width=128, transformer_width=128, transformer_heads=2)
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm())
-
-
-def _import_tree(paths: list, names: dict) -> NS:
-    """Import ``names`` (attr -> module) with ``paths`` first on sys.path; the top-level names
-    the official trees define are put back as they were afterwards."""
-    saved = list(sys.path)
-    ours = ("clip", "dassl", "trainers")
-    before = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] in ours}
-    sys.path[:0] = [str(p) for p in paths]
-    try:
-        return NS(**{k: importlib.import_module(v) for k, v in names.items()})
-    finally:
-        sys.path[:] = saved
-        for name in [m for m in sys.modules if m.split(".")[0] in ours]:
-            del sys.modules[name]
-        sys.modules.update(before)
-
-
 @pytest.fixture(scope="session")
 def official(tmp_path_factory):
     """The official trainers, their ``clip``, upstream Dassl's optimiser builder and config,
@@ -71,10 +48,10 @@ def official(tmp_path_factory):
     mpl = unpack(MPL, base / "mpl")
     dassl = unpack(DASSL, base / "dassl")
     fork = unpack(PROMPT_ALIGN, base / "prompt_align") / "Dassl.ProGrad.pytorch"
-    out = _import_tree([mpl, dassl], dict(
+    out = import_tree([mpl, dassl], dict(
         maple="trainers.maple", ivlp="trainers.independentVL", vpt="trainers.vpt",
         model="clip.model", clip="clip.clip", optim="dassl.optim", config="dassl.config"))
-    out.engine = _import_tree([fork], dict(engine="dassl.engine.trainer")).engine
+    out.engine = import_tree([fork], dict(engine="dassl.engine.trainer")).engine
     return out
 
 

@@ -9,8 +9,6 @@ learned state moves to other class names and reloads."""
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
 from collections import OrderedDict
 from types import SimpleNamespace as NS
 
@@ -27,7 +25,7 @@ from prograd_fast.clip.cocoop import CoCoOpLearner
 from prograd_fast.clip.tower import TextTower
 from prograd_fast.clip.train import build_optimizer
 from prograd_fast.methods import get_method
-from vendor_sources import DASSL, PROMPT_ALIGN, unpack, vendor_dir
+from vendor_sources import DASSL, PROMPT_ALIGN, import_tree, rel, unpack, vendor_dir
 
 MPL = "multimodal-prompt-learning-69bce21.tar.gz"
 CONFIG = "configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"
@@ -44,26 +42,6 @@ LEARNED = ["ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.
            "meta_net.linear2.bias"]
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm())
-
-
-def _import_tree(paths: list, names: dict) -> NS:
-    """Import ``names`` (attribute -> module) from source trees on ``paths``; the top-level
-    names the official trees define are put back as they were after."""
-    saved = list(sys.path)
-    ours = ("clip", "dassl", "trainers")
-    before = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] in ours}
-    sys.path[:0] = [str(p) for p in paths]
-    try:
-        return NS(**{k: importlib.import_module(v) for k, v in names.items()})
-    finally:
-        sys.path[:] = saved
-        for name in [m for m in sys.modules if m.split(".")[0] in ours]:
-            del sys.modules[name]
-        sys.modules.update(before)
-
-
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """Official CoCoOp (its trainer, ``clip`` and upstream Dassl's optimiser builder), its
@@ -76,10 +54,10 @@ def official(tmp_path_factory):
     mpl = unpack(MPL, base / "multimodal_prompt_learning")
     dassl = unpack(DASSL, base / "vendor" / "dassl")
     align = unpack(PROMPT_ALIGN, base / "vendor" / "prompt_align")
-    out = _import_tree([mpl, dassl], dict(cocoop="trainers.cocoop", model="clip.model",
+    out = import_tree([mpl, dassl], dict(cocoop="trainers.cocoop", model="clip.model",
                                           clip="clip.clip", optim="dassl.optim",
                                           config="dassl.config"))
-    prograd = _import_tree([align / "ProGrad.public", align / "Dassl.ProGrad.pytorch"],
+    prograd = import_tree([align / "ProGrad.public", align / "Dassl.ProGrad.pytorch"],
                            dict(trainer="trainers.prograd", engine="dassl.engine.trainer"))
     out.prograd, out.engine = prograd.trainer, prograd.engine
     out.optim_cfg = yaml.safe_load((mpl / CONFIG).read_text())["OPTIM"]

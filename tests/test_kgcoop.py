@@ -7,9 +7,7 @@ is exact for it in float64; the registry, the grid and its settings know the met
 from __future__ import annotations
 
 import copy
-import importlib
 import json
-import sys
 from collections import OrderedDict
 from types import SimpleNamespace as NS
 
@@ -24,7 +22,7 @@ from prograd_fast.clip import PromptedCLIP, train_step
 from prograd_fast.clip.kgcoop import KgCoOpLearner
 from prograd_fast.clip.train import build_optimizer
 from prograd_fast.methods import get_method
-from vendor_sources import custom_templates, unpack, vendor_dir
+from vendor_sources import custom_templates, import_tree, rel, unpack, vendor_dir
 
 KGCOOP = "KgCoOp-c43ccc3.tar.gz"
 DATASET = "DescribableTextures"  # its KgCoOp template differs from CoOp's
@@ -37,10 +35,6 @@ W = 8.0
 LR = 0.01
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm())
-
-
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """The official ``trainers/kgcoop.py``, its ``clip`` and Dassl's optimiser builder,
@@ -49,21 +43,10 @@ def official(tmp_path_factory):
     if not (vendor / KGCOOP).is_file():
         pytest.skip(f"{KGCOOP} not found in {vendor}")
     root = unpack(KGCOOP, tmp_path_factory.getbasetemp() / "kgcoop")
-    saved = list(sys.path)
-    ours = ("clip", "dassl", "trainers")  # top-level names the official trees define
-    before = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] in ours}
-    sys.path[:0] = [str(root / "KgCoOp"), str(root / "Dassl.ProGrad.pytorch")]
-    try:
-        out = NS(kgcoop=importlib.import_module("trainers.kgcoop"),
-                 model=importlib.import_module("clip.model"),
-                 optim=importlib.import_module("dassl.optim"),
-                 engine=importlib.import_module("dassl.engine.trainer"),
-                 defaults=importlib.import_module("dassl.config").get_cfg_default())
-    finally:
-        sys.path[:] = saved
-        for name in [m for m in sys.modules if m.split(".")[0] in ours]:
-            del sys.modules[name]
-        sys.modules.update(before)  # whatever another test had imported under these names
+    out = import_tree([root / "KgCoOp", root / "Dassl.ProGrad.pytorch"], dict(
+        kgcoop="trainers.kgcoop", model="clip.model", optim="dassl.optim",
+        engine="dassl.engine.trainer", config="dassl.config"))
+    out.defaults = out.config.get_cfg_default()
     return out
 
 

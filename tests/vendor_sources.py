@@ -9,11 +9,15 @@ elsewhere.  :func:`vendor_tree` is a session fixture holding both, unpacked once
 from __future__ import annotations
 
 import ast
+import importlib
 import os
+import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DASSL = "Dassl.pytorch-c61a1b5.tar.gz"
@@ -56,3 +60,29 @@ def custom_templates(trainer: Path) -> dict:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CUSTOM_TEMPLATES":
             return ast.literal_eval(node.value)
     raise AssertionError(f"no CUSTOM_TEMPLATES in {trainer}")
+
+
+#: top-level package names the official trees define (and other tests may have imported)
+OFFICIAL_PACKAGES = ("clip", "dassl", "trainers")
+
+
+def import_tree(paths: list, names: dict) -> SimpleNamespace:
+    """Import ``names`` (attribute -> module) from source trees put first on ``sys.path``;
+    afterwards ``sys.path`` and the modules under :data:`OFFICIAL_PACKAGES` are put back as
+    they were (another test may have imported its own ``clip`` or ``dassl``)."""
+    saved = list(sys.path)
+    ours = OFFICIAL_PACKAGES
+    before = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] in ours}
+    sys.path[:0] = [str(p) for p in paths]
+    try:
+        return SimpleNamespace(**{k: importlib.import_module(v) for k, v in names.items()})
+    finally:
+        sys.path[:] = saved
+        for name in [m for m in sys.modules if m.split(".")[0] in ours]:
+            del sys.modules[name]
+        sys.modules.update(before)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of ``a`` against the official value ``b`` (Frobenius norms)."""
+    return float((a - b).detach().norm() / b.detach().norm())
