@@ -13,19 +13,15 @@ folder).
 
 from __future__ import annotations
 
-import importlib
-import sys
-from types import SimpleNamespace as NS
 
 import open_clip
 import pytest
 import torch
-from torch import nn
 
 from clip_helpers import tiny_cfg
 from prograd_fast.clip import TextTower
 from prograd_fast.clip.shared_prefix import LAYOUTS, SharedPrefixEncoder
-from vendor_sources import unpack, vendor_dir
+from vendor_sources import import_tree, unpack, vendor_dir
 
 MAPLE = "multimodal-prompt-learning-69bce21.tar.gz"
 TOWERS = {  # both block kinds the shared-prefix encoder runs, and sequence-first blocks
@@ -188,19 +184,7 @@ def official_clip(tmp_path_factory):
             pytest.skip(f"{archive} not found in {vendor}")
     root = unpack(MAPLE, tmp_path_factory.getbasetemp() / "maple")
     dassl = unpack("Dassl.pytorch-c61a1b5.tar.gz", tmp_path_factory.getbasetemp() / "maple_dassl")
-    saved = list(sys.path)
-    ours = ("clip", "dassl", "trainers")
-    before = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] in ours}
-    sys.path[:0] = [str(root), str(dassl)]
-    try:
-        out = NS(model=importlib.import_module("clip.model"),
-                 maple=importlib.import_module("trainers.maple"))
-    finally:
-        sys.path[:] = saved
-        for name in [m for m in sys.modules if m.split(".")[0] in ours]:
-            del sys.modules[name]
-        sys.modules.update(before)
-    return out
+    return import_tree([root, dassl], dict(model="clip.model", maple="trainers.maple"))
 
 
 def test_deep_prompts_equal_the_official_maple_text_encoder(official_clip):
