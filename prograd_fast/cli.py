@@ -100,7 +100,8 @@ def _add_train(sub) -> None:
     p.add_argument("--backend", default="auto",
                    help="ProGradSGD kernel backend: auto, triton, cuda, cpp or torch")
     p.add_argument("--n-ctx", type=int, default=None,
-                   help="context length (default: 16; with the embedded digits model and no "
+                   help="context length (default: 16, or the method's official config; "
+                        "CoOp, ProGrad and KgCoOp with the embedded digits model and no "
                         "--ctx-init: the demo's context, 'a handwritten', which fits its "
                         "16-token text tower)")
     p.add_argument("--ctx-init", default=None,
@@ -284,8 +285,10 @@ def cmd_train(args) -> int:
     templates = args.templates or ("digits" if args.data == "digits" else
                                    named[0].dassl if named else None)
     n_ctx, ctx_init = args.n_ctx, args.ctx_init
+    from .protocols.config import method_config
+
     if args.data == "digits" and (args.model or "digits") == "digits" and n_ctx is None \
-            and ctx_init is None:
+            and ctx_init is None and method_config(args.method) is None:
         from .clip.demo import DEMO_DEFAULTS
 
         ctx_init = DEMO_DEFAULTS["ctx_init"]  # 16 learned tokens do not fit a 16-token tower

@@ -383,3 +383,19 @@ def test_every_registered_method_runs_the_grid(tmp_path):
     for run, res in results:
         assert set(res["tests"]) == {"dtd/base", "dtd/new"}, run.method
         assert all(0 <= acc <= 100 for acc in res["tests"].values()), run.method
+
+
+@pytest.mark.parametrize("method, words", [("cocoop+prograd", "a photo of a"),
+                                           ("prograd", "a handwritten")])
+def test_train_on_the_embedded_digits_keeps_a_method_s_own_prompt(tmp_path, method, words):
+    """The embedded digits model's short context replaces CoOp's 16 random tokens only: a
+    method with an official config (CoCoOp: 4 words of "a photo of a") keeps its prompt
+    (it used to get the demo's 2 words against its 4 tokens and stop with an error)."""
+    from prograd_fast.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", method, "--epochs", "0", "--shots", "1",
+                 "--output-dir", str(out)]) == 0
+    prompt = json.loads((out / "log.json").read_text())["config"]["extra"]["prompt"]
+    got = prompt.get("learner_settings", prompt)["ctx_init"]
+    assert got == words
